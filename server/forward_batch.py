@@ -1,0 +1,51 @@
+"""The contract between the scheduler side and the model runner: what to compute this step.
+
+The scheduler decides *which* tokens of *which* sequences run; the model runner turns a
+`ForwardBatch` into tensors and logits. Nothing here knows about torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """New tokens of one sequence to run through the model in this step.
+
+    The sequence already has `num_cached_tokens` tokens whose K/V sit in the paged cache
+    (positions `0 .. num_cached_tokens-1`); `token_ids` are the next ones, at positions
+    `num_cached_tokens ..`. A prefill chunk has many tokens, a decode chunk one.
+    `block_table[i]` is the physical KV block holding positions `i*block_size .. (i+1)*block_size-1`;
+    it already covers every position of this chunk.
+    """
+
+    seq_id: int
+    token_ids: tuple[int, ...]
+    num_cached_tokens: int
+    block_table: tuple[int, ...]
+    lora_slot: int | None  # GPU slot of the request's adapter, None = base model only
+    needs_logits: bool = True  # False for a prefill chunk that does not reach the prompt's end
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        return self.num_cached_tokens + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """One model step. Chunks may mix prefill and decode, adapters and base-only."""
+
+    chunks: tuple[SequenceChunk, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(chunk.num_tokens for chunk in self.chunks)
+
+    @property
+    def lora_slots(self) -> frozenset[int]:
+        return frozenset(c.lora_slot for c in self.chunks if c.lora_slot is not None)

@@ -1,0 +1,52 @@
+"""What the HTTP layer hands to the engine and what streams back (DESIGN.md §4, §5)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from loraplex.server.sampling_params import SamplingParams
+
+
+class FinishReason(enum.StrEnum):
+    LENGTH = "length"  # max_new_tokens or max total tokens reached
+    EOS = "eos_token"  # the model produced an end-of-sequence token
+    STOP = "stop_sequence"  # a stop string or stop token id matched
+    CANCELLED = "cancelled"  # the client went away or the server is shutting down
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A tokenized request. `adapter` is a served adapter name, None for the base model."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token, or the final event of a request (finish_reason set).
+
+    `text` is the detokenized increment to append to the output so far (may be "" while a
+    multi-byte character is incomplete); the final event's `token_id` may be None when a
+    request ends without a new token (cancelled, error).
+    """
+
+    request_id: str
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
