@@ -30,4 +30,8 @@ def find_packages() -> list[str]:
     return packages
 
 
-setup(package_dir=PACKAGE_DIRS, packages=find_packages(), package_data={"": ["*.json", "*.yaml", "*.sh", "*.jinja"]})
+setup(
+    package_dir=PACKAGE_DIRS,
+    packages=find_packages(),
+    package_data={"": ["*.json", "*.yaml", "*.sh", "*.jinja"]},
+)
