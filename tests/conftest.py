@@ -1,0 +1,18 @@
+"""Session-wide fixtures: generated tiny models/adapters and the local control plane."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loraplex.server.demo_assets import TinyAssets, build_tiny_assets
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
+    """Tiny Llama and Gemma2 checkpoints, a trained BPE tokenizer and three PEFT adapters each.
+
+    Built once per test session from fixed seeds (deterministic), in the session's temp dir.
+    """
+    return build_tiny_assets(Path(tmp_path_factory.mktemp("tiny-assets")))
