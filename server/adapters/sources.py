@@ -1,0 +1,226 @@
+"""Where adapters come from: parse a source URI and fetch it into a local directory.
+
+Schemes (DESIGN.md §2): `file:///abs/dir` or a plain local path, `hf://org/repo[/subdir][@rev]`
+or a bare hub id `org/repo`, `gs://bucket/prefix`, `s3://bucket/prefix` and
+`https://.../adapter.tar.gz`. Remote sources land in a disk cache keyed by source + revision;
+a fetch that finds its cache entry complete does no I/O beyond a stat.
+
+Fetching is blocking I/O: callers run it in a worker thread, never on the decode loop.
+`sha256`, when given, is checked against `adapter_model.safetensors` (or the archive for https).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from loraplex.server.adapters.archive import download_https, extract_tarball
+from loraplex.server.adapters.errors import SourceError
+
+WEIGHT_FILES = ("adapter_model.safetensors",)
+ADAPTER_FILES = ("adapter_config.json", *WEIGHT_FILES)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """A parsed source URI. `location` is a path, a repo id, a bucket/prefix or a URL."""
+
+    scheme: str  # file | hf | gs | s3 | https
+    location: str
+    subdir: str = ""
+    revision: str | None = None
+
+    @property
+    def uri(self) -> str:
+        if self.scheme == "file":
+            return f"file://{self.location}"
+        if self.scheme == "https":
+            return self.location
+        sub = f"/{self.subdir}" if self.subdir else ""
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"{self.scheme}://{self.location}{sub}{rev}"
+
+    def cache_key(self) -> str:
+        digest = hashlib.sha256(f"{self.uri}\0{self.revision or ''}".encode()).hexdigest()[:24]
+        readable = re.sub(r"[^\w.-]+", "_", f"{self.location}/{self.subdir}").strip("_")[-60:]
+        return f"{readable}-{digest}"
+
+
+def parse_source(uri: str, revision: str | None = None) -> AdapterSource:
+    """Parse `uri`; an explicit `revision` wins over one written as `@rev` in an hf URI."""
+    uri = uri.strip()
+    if not uri:
+        raise SourceError("empty adapter source", "validation")
+    if uri.startswith("file://"):
+        return AdapterSource("file", _absolute(urlparse(uri).path or uri[len("file://") :]))
+    if uri.startswith("/") or uri.startswith("./") or uri.startswith("../"):
+        return AdapterSource("file", _absolute(uri))
+    if uri.startswith("https://") or uri.startswith("http://"):
+        return AdapterSource("https", uri, revision=revision)
+    if uri.startswith(("gs://", "s3://")):
+        scheme, rest = uri.split("://", 1)
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise SourceError(f"{uri!r}: missing bucket name", "validation")
+        return AdapterSource(scheme, bucket, prefix.strip("/"), revision)
+    rest = uri[len("hf://") :] if uri.startswith("hf://") else uri
+    rest, _, inline_rev = rest.partition("@")
+    parts = [p for p in rest.split("/") if p]
+    if len(parts) < 2 or not HUB_ID.match("/".join(parts[:2])):
+        raise SourceError(
+            f"{uri!r} is not a known adapter source (file://, hf://, gs://, s3://, https://)", "validation"
+        )
+    return AdapterSource("hf", "/".join(parts[:2]), "/".join(parts[2:]), revision or inline_rev or None)
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    cache_dir: Path
+    token: str | None = None  # hub / bearer token
+    sha256: str | None = None
+    max_bytes: int = 2 << 30
+    progress: Callable[[int, int | None], None] | None = None  # (bytes done, total)
+
+
+def fetch(source: AdapterSource, options: FetchOptions) -> Path:
+    """Return a local directory holding `adapter_config.json` and the weights."""
+    directory = Path(source.location) if source.scheme == "file" else _fetch_cached(source, options)
+    _check_layout(directory, source)
+    if options.sha256 and source.scheme != "https":
+        _verify_sha256(directory / WEIGHT_FILES[0], options.sha256)
+    return directory
+
+
+def _fetch_cached(source: AdapterSource, options: FetchOptions) -> Path:
+    final = Path(options.cache_dir) / source.cache_key()
+    if (final / ".complete").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=final.parent))
+    try:
+        FETCHERS[source.scheme](source, staging, options)
+        (staging / ".complete").write_text(source.uri)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _fetch_hf(source: AdapterSource, staging: Path, options: FetchOptions) -> None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    prefix = f"{source.subdir}/" if source.subdir else ""
+    try:
+        snapshot = snapshot_download(
+            source.location,
+            revision=source.revision,
+            allow_patterns=[prefix + name for name in ADAPTER_FILES],
+            token=options.token,
+            cache_dir=os.environ.get("LORAPLEX_HF_CACHE") or None,
+        )
+    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise SourceError(f"hf://{source.location}: {exc}", "adapter_download") from exc
+    for name in ADAPTER_FILES:
+        found = Path(snapshot) / prefix / name
+        if found.exists():
+            shutil.copyfile(found, staging / name)
+
+
+def _fetch_https(source: AdapterSource, staging: Path, options: FetchOptions) -> None:
+    partial = staging.parent / f".{source.cache_key()}.partial"
+    archive = download_https(source.location, partial, options.max_bytes, options.token, options.progress)
+    if options.sha256:
+        try:
+            _verify_sha256(archive, options.sha256)
+        except SourceError:
+            archive.unlink(missing_ok=True)  # never resume onto bytes that failed the check
+            raise
+    extract_tarball(archive, staging, options.max_bytes)
+    archive.unlink(missing_ok=True)
+    _hoist_single_dir(staging)
+
+
+def _fetch_gs(source: AdapterSource, staging: Path, options: FetchOptions) -> None:
+    try:
+        from google.cloud import storage
+    except ImportError as exc:
+        raise SourceError(
+            "gs:// sources need the `gcs` extra: pip install 'loraplex[gcs]'", "unsupported"
+        ) from exc
+    bucket = storage.Client().bucket(source.location)
+    for name in ADAPTER_FILES:
+        key = f"{source.subdir}/{name}" if source.subdir else name
+        blob = bucket.blob(key)
+        if blob.exists():
+            blob.download_to_filename(str(staging / name))
+
+
+def _fetch_s3(source: AdapterSource, staging: Path, options: FetchOptions) -> None:
+    try:
+        import boto3
+    except ImportError as exc:
+        raise SourceError(
+            "s3:// sources need the `s3` extra: pip install 'loraplex[s3]'", "unsupported"
+        ) from exc
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL"
+    )  # MinIO and friends
+    client = boto3.client("s3", endpoint_url=endpoint or None)
+    for name in ADAPTER_FILES:
+        key = f"{source.subdir}/{name}" if source.subdir else name
+        try:
+            client.download_file(source.location, key, str(staging / name))
+        except Exception as exc:  # botocore raises ClientError subclasses built at run time
+            raise SourceError(f"s3://{source.location}/{key}: {exc}", "adapter_download") from exc
+
+
+FETCHERS: dict[str, Callable[[AdapterSource, Path, FetchOptions], None]] = {
+    "hf": _fetch_hf,
+    "https": _fetch_https,
+    "gs": _fetch_gs,
+    "s3": _fetch_s3,
+}
+
+
+def _hoist_single_dir(staging: Path) -> None:
+    """Archives often wrap the adapter in one top folder: move its files up."""
+    entries = [p for p in staging.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir() and not (staging / "adapter_config.json").exists():
+        for item in entries[0].iterdir():
+            item.rename(staging / item.name)
+        entries[0].rmdir()
+
+
+def _check_layout(directory: Path, source: AdapterSource) -> None:
+    if not directory.is_dir():
+        raise SourceError(f"{source.uri}: no such adapter directory", "adapter_not_found")
+    missing = [name for name in ADAPTER_FILES if not (directory / name).is_file()]
+    if missing:
+        raise SourceError(
+            f"{source.uri}: missing {', '.join(missing)} (not a PEFT LoRA adapter)", "validation"
+        )
+
+
+def _verify_sha256(path: Path, expected: str) -> None:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected.lower().removeprefix("sha256:"):
+        raise SourceError(
+            f"sha256 mismatch for {path.name}: got {digest.hexdigest()}, expected {expected}", "integrity"
+        )
