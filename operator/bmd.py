@@ -1,0 +1,258 @@
+"""BaseModelDeployment (`bmd`): one base model served by N pods that hot-load many adapters.
+
+The spec and status models here are the single source of the CRD schema (`crdgen`); the
+operator parses every event's spec with `BaseModelDeploymentSpec.model_validate`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from loraplex.operator.common import (
+    Condition,
+    K8sModel,
+    LabelSelector,
+    Quantity,
+    SecretKeyRef,
+    list_map,
+    section,
+)
+
+KIND = "BaseModelDeployment"
+PLURAL = "basemodeldeployments"
+
+
+class Dtype(StrEnum):
+    AUTO = "auto"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+class ModelSpec(K8sModel):
+    """The base model. `id`: a hub repo id, `hf://org/repo`, `gs://bucket/path` or `file:///abs/path`."""
+
+    id: str = Field(min_length=1, max_length=1024)
+    revision: str | None = Field(default=None, max_length=256)
+    served_name: str | None = Field(
+        default=None,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9]([A-Za-z0-9._:-]*[A-Za-z0-9])?$",
+        description="Name clients use for the base model; defaults to metadata.name.",
+    )
+    dtype: Dtype = Dtype.AUTO
+
+
+class PullPolicy(StrEnum):
+    ALWAYS = "Always"
+    IF_NOT_PRESENT = "IfNotPresent"
+    NEVER = "Never"
+
+
+class AcceleratorSpec(K8sModel):
+    """GPUs per pod; `type` is the GKE accelerator name (nvidia-l4, nvidia-h100-80gb, ...)."""
+
+    type: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    count: int = Field(default=1, ge=1, le=16)
+
+
+class ResourcesSpec(K8sModel):
+    """Requests (and equal limits) per pod; unset values take the operator's defaults."""
+
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+    ephemeral_storage: Quantity | None = Field(
+        default=None, description="Sizes the model and adapter cache volume, too."
+    )
+
+
+class EngineSpec(K8sModel):
+    """Engine limits, passed to `loraplex serve` as environment variables."""
+
+    max_loras: int = Field(default=8, ge=1, le=256, description="Adapters resident in GPU slots at once.")
+    max_cpu_loras: int = Field(default=64, ge=1, le=4096, description="Adapters kept in host memory.")
+    max_lora_rank: int = Field(default=64, ge=1, le=1024)
+    max_batch_tokens: int = Field(default=8192, ge=16, description="Tokens per prefill step.")
+    max_concurrent_requests: int = Field(default=128, ge=1)
+    max_input_tokens: int | None = Field(default=None, ge=1)
+    max_total_tokens: int | None = Field(default=None, ge=2)
+    kv_cache_memory_fraction: float = Field(default=0.9, gt=0, le=1)
+    cuda_graphs: bool = True
+
+
+class TolerationOperator(StrEnum):
+    EXISTS = "Exists"
+    EQUAL = "Equal"
+
+
+class TaintEffect(StrEnum):
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
+class Toleration(K8sModel):
+    key: str | None = None
+    operator: TolerationOperator = TolerationOperator.EQUAL
+    value: str | None = None
+    effect: TaintEffect | None = None
+    toleration_seconds: int | None = None
+
+
+class SchedulingSpec(K8sModel):
+    spot: bool = Field(default=False, description="Run on Spot capacity (cloud.google.com/gke-spot).")
+    compute_class: str | None = Field(default=None, description="GKE ComputeClass name.")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    priority_class_name: str | None = None
+
+
+class ServiceType(StrEnum):
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
+
+
+class ServiceSpec(K8sModel):
+    type: ServiceType = ServiceType.CLUSTER_IP
+    port: int = Field(default=8080, ge=1, le=65535)
+
+
+class NamespacesFrom(StrEnum):
+    SAME = "Same"
+    ALL = "All"
+    SELECTOR = "Selector"
+
+
+class AdapterNamespaces(K8sModel):
+    """Which namespaces' LoraAdapters may attach (like Gateway API listeners admitting routes)."""
+
+    from_: NamespacesFrom = Field(default=NamespacesFrom.SAME, alias="from")
+    selector: LabelSelector | None = Field(default=None, description="Namespace labels, for from: Selector.")
+
+
+class ScalingMetric(StrEnum):
+    QUEUE_DEPTH = "queueDepth"
+    RUNNING_REQUESTS = "runningRequests"
+    KV_CACHE_USAGE = "kvCacheUsage"
+
+
+class AutoscalingProvider(StrEnum):
+    HPA = "HPA"
+    KEDA = "KEDA"
+
+
+class AutoscalingSpec(K8sModel):
+    """Scales `spec.replicas` through the scale subresource on a per-pod engine metric."""
+
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(ge=1)
+    metric: ScalingMetric = ScalingMetric.QUEUE_DEPTH
+    target: float = Field(default=4.0, gt=0, description="Per-pod target value of the metric.")
+    scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=3600)
+    provider: AutoscalingProvider = AutoscalingProvider.HPA
+
+
+class FailureMode(StrEnum):
+    FAIL_OPEN = "FailOpen"
+    FAIL_CLOSE = "FailClose"
+
+
+class EndpointPickerRef(K8sModel):
+    """The Endpoint Picker (EPP) Service an InferencePool v1 points at."""
+
+    name: str = Field(min_length=1, max_length=253)
+    kind: str = "Service"
+    group: str = ""
+    port: int = Field(default=9002, ge=1, le=65535)
+    failure_mode: FailureMode = FailureMode.FAIL_CLOSE
+
+
+class InferencePoolSpec(K8sModel):
+    enabled: bool = False
+    endpoint_picker_ref: EndpointPickerRef | None = None
+
+
+class RoutingSpec(K8sModel):
+    inference_pool: InferencePoolSpec = section(
+        InferencePoolSpec, "Gateway API Inference Extension InferencePool (v1) over the pods."
+    )
+
+
+class BaseModelDeploymentSpec(K8sModel):
+    model: ModelSpec
+    hf_token_secret_ref: SecretKeyRef | None = None
+    replicas: int = Field(default=1, ge=0)
+    image: str | None = Field(default=None, description="Server image; defaults to the operator's.")
+    image_pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
+    service_account_name: str | None = Field(
+        default=None, description="Pod ServiceAccount, e.g. one bound by Workload Identity for gs://."
+    )
+    accelerator: AcceleratorSpec | None = Field(default=None, description="Absent = CPU pods.")
+    resources: ResourcesSpec = section(ResourcesSpec)
+    engine: EngineSpec = section(EngineSpec)
+    scheduling: SchedulingSpec = section(SchedulingSpec)
+    service: ServiceSpec = section(ServiceSpec)
+    api_key_secret_ref: SecretKeyRef | None = None
+    readiness_gate: bool = Field(
+        default=True, description="A pod takes traffic only once every adapter is loaded on it."
+    )
+    adapter_namespaces: AdapterNamespaces = section(AdapterNamespaces)
+    autoscaling: AutoscalingSpec | None = None
+    routing: RoutingSpec = section(RoutingSpec)
+
+
+class BmdPhase(StrEnum):
+    PENDING = "Pending"
+    PROVISIONING = "Provisioning"
+    LOADING = "Loading"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    FAILED = "Failed"
+
+
+class AdapterCounts(K8sModel):
+    desired: int = 0
+    ready: int = 0
+    failed: int = 0
+
+
+class PodReport(K8sModel):
+    """One server pod as the operator last saw it."""
+
+    name: str
+    ip: str | None = None
+    ready: bool = False
+    engine_epoch: str | None = Field(default=None, description="Changes whenever the container restarts.")
+    adapters_loaded: int = 0
+
+
+class BaseModelDeploymentStatus(K8sModel):
+    observed_generation: int | None = None
+    phase: BmdPhase | None = None
+    conditions: list[Condition] = list_map("type")
+    replicas: int = 0
+    ready_replicas: int = 0
+    selector: str | None = Field(default=None, description="Pod label selector (scale subresource).")
+    endpoint: str | None = None
+    adapters: AdapterCounts = Field(default_factory=AdapterCounts)
+    pods: list[PodReport] = list_map("name")
+
+
+# CEL rules for real clusters (1.25+); the operator enforces the same with conditions.
+SPEC_VALIDATIONS = [
+    {
+        "rule": "!has(self.autoscaling) || self.autoscaling.minReplicas <= self.autoscaling.maxReplicas",
+        "message": "autoscaling.minReplicas must not exceed autoscaling.maxReplicas",
+    },
+    {
+        "rule": "self.adapterNamespaces.from != 'Selector' || has(self.adapterNamespaces.selector)",
+        "message": "adapterNamespaces.selector is required when from is Selector",
+    },
+    {
+        "rule": "!self.routing.inferencePool.enabled || has(self.routing.inferencePool.endpointPickerRef)",
+        "message": "routing.inferencePool.endpointPickerRef is required when the pool is enabled",
+    },
+]
