@@ -1,0 +1,113 @@
+"""One request's life inside the engine: its tokens, KV blocks and progress (pure policy)."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass
+
+from loraplex.server.request import FinishReason
+from loraplex.server.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """The adapter version a sequence runs with. `generation` changes on every (re)load, so
+    cached KV of an older load is never reused (it keys the prefix cache)."""
+
+    name: str
+    generation: int
+
+
+_seq_ids = itertools.count()
+
+
+class Sequence:
+    """Token ids (prompt + generated) and how many of them already have K/V in the cache.
+
+    `num_cached_tokens` counts positions whose K/V are computed; the scheduler asks for the
+    next `num_tokens - num_cached_tokens` (prefill chunks, then one token per decode step).
+    Preemption by recompute simply resets it to 0 and drops the block table.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: tuple[int, ...] | list[int],
+        params: SamplingParams,
+        adapter: AdapterRef | None = None,
+        arrival: float = 0.0,
+    ) -> None:
+        if not prompt_token_ids:
+            raise ValueError("a sequence needs at least one prompt token")
+        self.seq_id = next(_seq_ids)
+        self.request_id = request_id
+        self.params = params
+        self.adapter = adapter
+        self.arrival = arrival
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_cached_tokens = 0
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.lora_slot: int | None = None  # set while the sequence holds an adapter slot
+        self.num_preemptions = 0
+        self.num_prefix_hit_tokens = 0  # tokens served from the prefix cache at last admission
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, request={self.request_id!r}, tokens={len(self)}, "
+            f"cached={self.num_cached_tokens}, status={self.status.name})"
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def generated_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_cached_tokens
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def adapter_name(self) -> str | None:
+        return self.adapter.name if self.adapter else None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def reset_for_recompute(self) -> None:
+        """Preemption: forget cached K/V (the block manager already freed the blocks)."""
+        self.num_cached_tokens = 0
+        self.block_table = []
+        self.status = SequenceStatus.WAITING
+        self.num_preemptions += 1
