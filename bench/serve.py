@@ -1,0 +1,284 @@
+"""HTTP load generator for a running `loraplex serve` (or any TGI / OpenAI compatible server).
+
+Open loop (Poisson arrivals at `--rate` req/s) or closed loop (`--concurrency` clients),
+prompt and output lengths drawn from uniform ranges, adapters chosen uniformly or by Zipf
+popularity, always streaming so time to first token and inter-token latency are measured.
+
+    python bench/serve.py --url http://127.0.0.1:8080 --adapters a,b,c --num-requests 200 \
+        --concurrency 32 --api openai --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import aiohttp
+
+WORDS = [
+    "the",
+    "model",
+    "serves",
+    "many",
+    "tokens",
+    "adapter",
+    "team",
+    "cluster",
+    "request",
+    "batch",
+    "stream",
+    "route",
+    "cache",
+    "queue",
+    "prompt",
+    "answer",
+    "code",
+    "query",
+    "poem",
+    "sea",
+    "data",
+    "fine",
+    "tune",
+    "base",
+    "weights",
+    "kernel",
+    "slot",
+    "pod",
+    "node",
+]
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    url: str
+    api: str  # "openai" (/v1/completions) or "tgi" (/generate_stream)
+    adapters: tuple[str, ...]  # "" = base model
+    num_requests: int
+    concurrency: int | None  # closed loop when set
+    rate: float | None  # Poisson arrivals (req/s) when set
+    prompt_words: tuple[int, int]
+    output_tokens: tuple[int, int]
+    zipf: float | None  # popularity exponent; None = uniform
+    seed: int
+    api_key: str | None = None
+    timeout_s: float = 600.0
+
+
+@dataclass
+class RequestResult:
+    adapter: str
+    ok: bool
+    status: int
+    output_tokens: int = 0
+    latency_s: float = 0.0
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def pick_adapters(spec: LoadSpec, rng: random.Random) -> list[str]:
+    names = list(spec.adapters)
+    if spec.zipf:
+        weights = [1.0 / (rank**spec.zipf) for rank in range(1, len(names) + 1)]
+        return rng.choices(names, weights=weights, k=spec.num_requests)
+    return [rng.choice(names) for _ in range(spec.num_requests)]
+
+
+def _payload(spec: LoadSpec, adapter: str, prompt: str, max_tokens: int) -> tuple[str, dict]:
+    if spec.api == "openai":
+        body = {
+            "model": adapter or None,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        return "/v1/completions", {k: v for k, v in body.items() if v is not None}
+    parameters: dict = {"max_new_tokens": max_tokens, "details": True}
+    if adapter:
+        parameters["adapter_id"] = adapter
+    return "/generate_stream", {"inputs": prompt, "parameters": parameters}
+
+
+def _count_tokens(spec: LoadSpec, data: str) -> int:
+    """Tokens carried by one SSE data line (0 for control lines)."""
+    if data == "[DONE]":
+        return 0
+    event = json.loads(data)
+    if spec.api == "openai":
+        return 1 if event.get("choices") else 0
+    return 1 if event.get("token") else 0
+
+
+async def run_one(
+    session: aiohttp.ClientSession, spec: LoadSpec, adapter: str, prompt: str, max_tokens: int
+) -> RequestResult:
+    path, body = _payload(spec, adapter, prompt, max_tokens)
+    result = RequestResult(adapter=adapter, ok=False, status=0)
+    start = last = time.perf_counter()
+    try:
+        async with session.post(spec.url.rstrip("/") + path, json=body) as response:
+            result.status = response.status
+            if response.status != 200:
+                result.error = (await response.text())[:300]
+                return result
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                tokens = _count_tokens(spec, line[5:].strip())
+                if not tokens:
+                    continue
+                now = time.perf_counter()
+                if result.ttft_s is None:
+                    result.ttft_s = now - start
+                else:
+                    result.itl_s.append(now - last)
+                last = now
+                result.output_tokens += tokens
+        result.ok = True
+    except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        result.latency_s = time.perf_counter() - start
+    return result
+
+
+def make_requests(spec: LoadSpec) -> list[tuple[str, str, int]]:
+    rng = random.Random(spec.seed)
+    requests = []
+    for adapter in pick_adapters(spec, rng):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*spec.prompt_words)))
+        requests.append((adapter, prompt, rng.randint(*spec.output_tokens)))
+    return requests
+
+
+async def run_load(spec: LoadSpec) -> tuple[list[RequestResult], float]:
+    requests = make_requests(spec)
+    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+    timeout = aiohttp.ClientTimeout(total=spec.timeout_s)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
+        start = time.perf_counter()
+        if spec.concurrency:
+            results = await _closed_loop(session, spec, requests)
+        else:
+            results = await _open_loop(session, spec, requests)
+        return results, time.perf_counter() - start
+
+
+async def _closed_loop(session, spec: LoadSpec, requests) -> list[RequestResult]:
+    queue = list(reversed(requests))
+    results: list[RequestResult] = []
+
+    async def client() -> None:
+        while queue:
+            results.append(await run_one(session, spec, *queue.pop()))
+
+    await asyncio.gather(*(client() for _ in range(spec.concurrency or 1)))
+    return results
+
+
+async def _open_loop(session, spec: LoadSpec, requests) -> list[RequestResult]:
+    rng = random.Random(spec.seed + 1)
+    tasks = []
+    for request in requests:
+        tasks.append(asyncio.create_task(run_one(session, spec, *request)))
+        await asyncio.sleep(rng.expovariate(spec.rate or 1.0))
+    return list(await asyncio.gather(*tasks))
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(ordered)}
+
+
+def summarize(spec: LoadSpec, results: list[RequestResult], duration_s: float) -> dict:
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.output_tokens for r in ok)
+    return {
+        "spec": asdict(spec) | {"api_key": None},
+        "duration_s": duration_s,
+        "requests": len(results),
+        "completed": len(ok),
+        "errors": len(results) - len(ok),
+        "error_statuses": sorted({r.status for r in results if not r.ok}),
+        "first_errors": [r.error for r in results if not r.ok][:5],
+        "output_tokens": tokens,
+        "output_tok_s": tokens / duration_s if duration_s else 0.0,
+        "requests_s": len(ok) / duration_s if duration_s else 0.0,
+        "ttft_s": percentiles([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "itl_s": percentiles([gap for r in ok for gap in r.itl_s]),
+        "latency_s": percentiles([r.latency_s for r in ok]),
+    }
+
+
+def _range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    return int(low), int(high or low)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[LoadSpec, str | None]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8080")
+    parser.add_argument("--api", choices=("openai", "tgi"), default="openai")
+    parser.add_argument(
+        "--adapters", default="", help="comma list of adapter names; empty entry = base model"
+    )
+    parser.add_argument("--num-requests", type=int, default=100)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--concurrency", type=int, help="closed loop with this many clients")
+    mode.add_argument("--rate", type=float, help="open loop, Poisson arrivals per second")
+    parser.add_argument("--prompt-words", type=_range, default=(16, 64), help="LOW:HIGH words per prompt")
+    parser.add_argument("--output-tokens", type=_range, default=(32, 128), help="LOW:HIGH new tokens")
+    parser.add_argument("--zipf", type=float, default=None, help="Zipf exponent for adapter popularity")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--json", dest="json_path", default=None, help="write the summary here")
+    args = parser.parse_args(argv)
+    if args.concurrency is None and args.rate is None:
+        args.concurrency = 8
+    spec = LoadSpec(
+        url=args.url,
+        api=args.api,
+        adapters=tuple(args.adapters.split(",")) if args.adapters else ("",),
+        num_requests=args.num_requests,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        prompt_words=args.prompt_words,
+        output_tokens=args.output_tokens,
+        zipf=args.zipf,
+        seed=args.seed,
+        api_key=args.api_key,
+    )
+    return spec, args.json_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec, json_path = parse_args(argv)
+    results, duration = asyncio.run(run_load(spec))
+    summary = summarize(spec, results, duration)
+    text = json.dumps(summary, indent=2)
+    if json_path:
+        with open(json_path, "w") as handle:
+            handle.write(text + "\n")
+    print(text)
+    return 0 if summary["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
