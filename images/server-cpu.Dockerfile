@@ -1,0 +1,30 @@
+# CPU inference server for kind and CPU-only clusters (tiny models, demos, CI-like runs).
+# Build from the repo root: docker build -f images/server-cpu.Dockerfile -t loraplex-server-cpu .
+
+FROM python:3.11.11-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY loraplex loraplex
+COPY server server
+COPY kernels kernels
+COPY operator operator
+COPY e2e/cluster e2e/cluster
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+FROM python:3.11.11-slim-bookworm
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    HF_HOME=/var/cache/loraplex/hf \
+    LORAPLEX_CACHE=/var/cache/loraplex \
+    PORT=8080
+COPY --from=build /wheels /wheels
+# The CPU wheel of torch first, so the package's `torch` requirement is already met.
+RUN pip install --no-cache-dir torch==2.5.1 --index-url https://download.pytorch.org/whl/cpu \
+    && pip install --no-cache-dir /wheels/*.whl \
+    && rm -rf /wheels \
+    && useradd --uid 10001 --create-home --shell /usr/sbin/nologin loraplex \
+    && mkdir -p /var/cache/loraplex \
+    && chown -R 10001:10001 /var/cache/loraplex
+USER 10001
+EXPOSE 8080
+ENTRYPOINT ["loraplex", "serve"]
