@@ -1,0 +1,83 @@
+"""Attention over the paged KV cache: the torch path (CPU, and the fallback on CUDA).
+
+New keys/values are written to their cache slots first; each sequence then attends over
+its whole context (cached + new) gathered from the cache into a padded batch, with torch
+SDPA, or an explicit softmax when Gemma2's logit softcapping is on (SDPA has no softcap).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.server.layers.metadata import ForwardMetadata
+
+
+def store_kv(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Write k, v [T, kv_heads, head_dim] to the flat slots of caches [blocks, block_size, kv_heads, head_dim]."""
+    key_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+    value_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+
+
+def _softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float
+) -> torch.Tensor:
+    """Same order of operations as transformers' eager Gemma2 attention: scale, softcap, mask, fp32 softmax."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+class PagedAttention(nn.Module):
+    """Multi-head attention with grouped KV heads over a paged cache. No parameters."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} heads are not a multiple of {num_kv_heads} KV heads")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.softcap = softcap
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: ForwardMetadata,
+    ) -> torch.Tensor:
+        """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
+        key_cache, value_cache = kv_cache
+        store_kv(key_cache, value_cache, k, v, meta.slot_mapping)
+        num_tokens, B, Q = q.shape[0], meta.num_seqs, meta.max_query_len
+        group = self.num_heads // self.num_kv_heads
+        # [B, S, kv_heads, D] -> [B, heads, S, D]
+        keys = key_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.context_slots]
+        values = value_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.context_slots]
+        keys = keys.transpose(1, 2).repeat_interleave(group, dim=1)
+        values = values.transpose(1, 2).repeat_interleave(group, dim=1)
+        queries = q.new_zeros(B * Q, self.num_heads, self.head_dim)
+        queries[meta.query_rows] = q
+        queries = queries.view(B, Q, self.num_heads, self.head_dim).transpose(1, 2)  # [B, heads, Q, D]
+        mask = meta.masks[self.sliding_window]
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=self.scale)
+        else:
+            out = _softcapped_attention(queries, keys, values, mask, self.scale, self.softcap)
+        out = out.transpose(1, 2).reshape(B * Q, self.num_heads * self.head_dim)
+        return out[meta.query_rows].view(num_tokens, -1)

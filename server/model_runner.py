@@ -1,0 +1,157 @@
+"""Runs one `ForwardBatch` through the model: paged KV cache, LoRA slots, logits of each chunk's last token."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.server.adapters.lora_weights import LoraWeights
+from loraplex.server.forward_batch import ForwardBatch
+from loraplex.server.kv_cache import KVCache, KVCacheSpec
+from loraplex.server.layers.metadata import build_forward_metadata
+from loraplex.server.model_loader import load_config, load_model, resolve_model_path
+from loraplex.server.models import lora_module_shapes
+from loraplex.server.models.llama import head_dim_of
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+# The CPU cache is sized by tokens (tests, demo), capped in bytes so big models stay within RAM.
+_CPU_CACHE_TOKENS = 8192
+_CPU_CACHE_MAX_BYTES = 1 << 30
+# Room left on the GPU for activations and the allocator's own slack.
+_CUDA_ACTIVATION_RESERVE = 1 << 30
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    model_path: str  # local HF checkpoint dir (config.json + *.safetensors, sharded ok) or hub id
+    dtype: str = "auto"  # auto|bfloat16|float16|float32 (auto: checkpoint dtype on GPU, float32 on CPU)
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: from kv_cache_memory_fraction on CUDA, a modest default on CPU
+    kv_cache_memory_fraction: float = 0.9
+    max_loras: int = 4  # slots
+    max_lora_rank: int = 64
+    revision: str | None = None  # hub revision when model_path is a hub id
+
+
+def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+        return DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = DTYPES.get(stored)
+    return stored if isinstance(stored, torch.dtype) else torch.bfloat16
+
+
+class ModelRunner:
+    """Owns the weights, the KV cache and the LoRA slot buffers of one model on one device."""
+
+    def __init__(self, config: RunnerConfig) -> None:
+        if config.max_loras < 1 or config.max_lora_rank < 1:
+            raise ValueError("max_loras and max_lora_rank must be at least 1")
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model_path = resolve_model_path(config.model_path, config.revision)
+        self.hf_config = load_config(self.model_path)
+        self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
+        self.model = load_model(self.model_path, self.hf_config, self.dtype, self.device)
+        self.vocab_size: int = self.hf_config.vocab_size
+        self.block_size = config.block_size
+        self.max_loras = config.max_loras
+        self.max_lora_rank = config.max_lora_rank
+        self.num_layers: int = self.hf_config.num_hidden_layers
+        self._lora_shapes = lora_module_shapes(self.hf_config)
+        for layer in self.model.lora_layers():
+            layer.create_lora_slots(self.max_loras, self.max_lora_rank)
+        self.slot_ranks = torch.zeros(self.max_loras, dtype=torch.int32, device=self.device)
+        spec = KVCacheSpec(
+            num_layers=self.num_layers,
+            num_kv_heads=self.hf_config.num_key_value_heads,
+            head_dim=head_dim_of(self.hf_config),
+            block_size=self.block_size,
+            dtype=self.dtype,
+        )
+        self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks(spec)
+        self.kv_cache = KVCache(spec, self.num_kv_blocks, self.device)
+
+    def _default_num_blocks(self, spec: KVCacheSpec) -> int:
+        if self.device.type != "cuda":
+            by_tokens = math.ceil(_CPU_CACHE_TOKENS / spec.block_size)
+            return max(1, min(by_tokens, spec.num_blocks_for(_CPU_CACHE_MAX_BYTES)))
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * self.config.kv_cache_memory_fraction) - (total - free) - _CUDA_ACTIVATION_RESERVE
+        num_blocks = spec.num_blocks_for(budget)
+        if num_blocks < 1:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB)"
+            )
+        return num_blocks
+
+    @torch.inference_mode()
+    def execute(self, batch: ForwardBatch) -> torch.Tensor:
+        """Float32 logits [len(batch.chunks), vocab] of each chunk's last token (see ForwardBatch)."""
+        for chunk in batch.chunks:
+            if chunk.lora_slot is not None and not 0 <= chunk.lora_slot < self.max_loras:
+                raise ValueError(f"sequence {chunk.seq_id}: LoRA slot {chunk.lora_slot} out of range")
+            if any(block >= self.num_kv_blocks for block in chunk.block_table):
+                raise ValueError(f"sequence {chunk.seq_id}: block table beyond {self.num_kv_blocks} blocks")
+        meta = build_forward_metadata(
+            batch, self.block_size, self.model.attention_windows, self.slot_ranks, self.device
+        )
+        input_ids = torch.tensor(
+            [token for chunk in batch.chunks for token in chunk.token_ids],
+            dtype=torch.long,
+            device=self.device,
+        )
+        hidden = self.model(input_ids, meta.positions, self.kv_cache.layers, meta)
+        return self.model.compute_logits(hidden[meta.logits_indices])
+
+    def load_lora(self, slot: int, weights: LoraWeights) -> None:
+        """Copy an adapter into a slot (zero-padding ranks); ValueError, slot untouched, if it does not fit."""
+        self._check_slot(slot)
+        self._check_fits(weights)
+        self.clear_lora(slot)
+        for (layer_index, module), (a, b) in weights.tensors.items():
+            layer, shard = self.model.lora_target(layer_index, module)
+            layer.set_lora(slot, shard, a.to(self.device, self.dtype), b.to(self.device, self.dtype))
+        self.slot_ranks[slot] = weights.rank
+
+    def clear_lora(self, slot: int) -> None:
+        self._check_slot(slot)
+        for layer in self.model.lora_layers():
+            layer.clear_lora(slot)
+        self.slot_ranks[slot] = 0
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_loras:
+            raise ValueError(f"LoRA slot {slot} out of range 0..{self.max_loras - 1}")
+
+    def _check_fits(self, weights: LoraWeights) -> None:
+        if weights.rank > self.max_lora_rank:
+            raise ValueError(
+                f"adapter {weights.name}: rank {weights.rank} > max_lora_rank {self.max_lora_rank}"
+            )
+        for (layer_index, module), (a, b) in weights.tensors.items():
+            if module not in self._lora_shapes or not 0 <= layer_index < self.num_layers:
+                raise ValueError(f"adapter {weights.name}: no projection {module} in layer {layer_index}")
+            in_features, out_features = self._lora_shapes[module]
+            rank = a.shape[0]
+            if (
+                tuple(a.shape) != (rank, in_features)
+                or tuple(b.shape) != (out_features, rank)
+                or rank > weights.rank
+            ):
+                raise ValueError(
+                    f"adapter {weights.name}: layer {layer_index} {module} A {tuple(a.shape)} B {tuple(b.shape)} "
+                    f"does not fit in={in_features} out={out_features} rank<={weights.rank}"
+                )

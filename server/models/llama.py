@@ -1,0 +1,236 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over the paged KV cache, with batched multi-LoRA.
+
+Module names follow the Hugging Face checkpoints (`model.layers.N.self_attn...`) so weights
+load by name; q/k/v and gate/up are fused (see `PACKED_MODULES`). The forward pass takes
+everything it needs as arguments: token ids, positions, the per-layer caches and the step's
+`ForwardMetadata`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.server.layers.attention import PagedAttention
+from loraplex.server.layers.linear import LoraLinear
+from loraplex.server.layers.metadata import ForwardMetadata
+from loraplex.server.layers.norm import RMSNorm
+from loraplex.server.layers.rotary import RotaryEmbedding, apply_rotary
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+# checkpoint projection -> (fused module, slice); the same names index LoRA targets.
+PACKED_MODULES: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+LORA_TARGETS: dict[str, tuple[str, int]] = {
+    "q_proj": ("self_attn.qkv_proj", 0),
+    "k_proj": ("self_attn.qkv_proj", 1),
+    "v_proj": ("self_attn.qkv_proj", 2),
+    "o_proj": ("self_attn.o_proj", 0),
+    "gate_proj": ("mlp.gate_up_proj", 0),
+    "up_proj": ("mlp.gate_up_proj", 1),
+    "down_proj": ("mlp.down_proj", 0),
+}
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def sliding_window_of(config, layer_index: int) -> int | None:
+    """Per-layer window: `layer_types` where the config has them (Gemma2, Qwen2), else all layers (Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_index] == "sliding_attention" else None
+    return window
+
+
+def activation_of(config) -> Callable[[torch.Tensor], torch.Tensor]:
+    name = getattr(config, "hidden_activation", None) or config.hidden_act
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported (known: {sorted(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        config,
+        layer_index: int,
+        *,
+        qkv_bias: bool,
+        o_bias: bool,
+        scale: float | None = None,
+        softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = LoraLinear(config.hidden_size, (q_size, kv_size, kv_size), bias=qkv_bias)
+        self.o_proj = LoraLinear(q_size, (config.hidden_size,), bias=o_bias)
+        self.attn = PagedAttention(
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            scale=self.head_dim**-0.5 if scale is None else scale,
+            sliding_window=sliding_window_of(config, layer_index),
+            softcap=softcap,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: KVCache,
+        meta: ForwardMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x, meta.lora).split(self.qkv_proj.out_features, dim=-1)
+        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), *rope)
+        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), *rope)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta), meta.lora)
+
+
+class MLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = LoraLinear(config.hidden_size, (inter, inter))
+        self.down_proj = LoraLinear(inter, (config.hidden_size,))
+        self.act = activation_of(config)
+
+    def forward(self, x: torch.Tensor, meta: ForwardMetadata) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, meta.lora).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up, meta.lora)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, config, layer_index: int, attention: Attention, norm_offset: float = 0.0) -> None:
+        super().__init__()
+        self.self_attn = attention
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, norm_offset)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, norm_offset)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: KVCache,
+        meta: ForwardMetadata,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x), meta)
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers, final norm: the `model.` prefix of the checkpoints."""
+
+    def __init__(
+        self, config, layers: Sequence[nn.Module], norm_offset: float, embed_scale: float | None
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, norm_offset)
+        self.rotary = RotaryEmbedding(config, head_dim_of(config))
+        self.embed_scale = embed_scale
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: Sequence[KVCache],
+        meta: ForwardMetadata,
+    ) -> torch.Tensor:
+        """input_ids, positions [T] -> hidden states [T, hidden]."""
+        hidden = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+        rope = self.rotary(positions, hidden.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(hidden, rope, kv_cache, meta)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama and Mistral (Mistral's sliding window comes from its config)."""
+
+    packed_modules_mapping = PACKED_MODULES
+    lora_targets = LORA_TARGETS
+    norm_offset = 0.0
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        layers = [self.make_layer(i) for i in range(config.num_hidden_layers)]
+        self.model = DecoderModel(config, layers, self.norm_offset, self.embed_scale())
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.final_logit_softcap: float | None = None
+
+    def make_layer(self, layer_index: int) -> nn.Module:
+        bias = bool(getattr(self.config, "attention_bias", False))
+        attention = Attention(self.config, layer_index, qkv_bias=bias, o_bias=bias)
+        return LlamaDecoderLayer(self.config, layer_index, attention, self.norm_offset)
+
+    def embed_scale(self) -> float | None:
+        return None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: Sequence[KVCache],
+        meta: ForwardMetadata,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> float32 logits [N, vocab], softcapped where the model says so."""
+        logits = self.lm_head(hidden).float()
+        if self.final_logit_softcap is not None:
+            logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
+        return logits
+
+    @property
+    def attention_windows(self) -> frozenset[int | None]:
+        return frozenset(layer.self_attn.attn.sliding_window for layer in self.model.layers)
+
+    def lora_target(self, layer_index: int, module: str) -> tuple[LoraLinear, int]:
+        """The fused layer and slice that hold the LoRA of checkpoint projection `module`."""
+        path, shard = self.lora_targets[module]
+        return self.model.layers[layer_index].get_submodule(path), shard
+
+    def lora_layers(self) -> list[LoraLinear]:
+        return [m for m in self.modules() if isinstance(m, LoraLinear)]
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: biases on q, k and v, none on o."""
+
+    def make_layer(self, layer_index: int) -> nn.Module:
+        attention = Attention(self.config, layer_index, qkv_bias=True, o_bias=False)
+        return LlamaDecoderLayer(self.config, layer_index, attention, self.norm_offset)
