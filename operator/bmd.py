@@ -6,7 +6,10 @@ operator parses every event's spec with `BaseModelDeploymentSpec.model_validate`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from pydantic import Field
 
@@ -256,3 +259,30 @@ SPEC_VALIDATIONS = [
         "message": "routing.inferencePool.endpointPickerRef is required when the pool is enabled",
     },
 ]
+
+
+@dataclass(frozen=True)
+class BaseModelDeployment:
+    """One BaseModelDeployment object: identity plus the validated spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: BaseModelDeploymentSpec
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> BaseModelDeployment:
+        """Parse a kopf/API body; raises pydantic.ValidationError on a spec the schema let through."""
+        meta = body["metadata"]
+        return cls(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            generation=int(meta.get("generation", 0)),
+            spec=BaseModelDeploymentSpec.model_validate(body.get("spec") or {}),
+        )
+
+    @property
+    def served_name(self) -> str:
+        return self.spec.model.served_name or self.name
