@@ -1,0 +1,76 @@
+"""Adapter admin routes: list and inspect adapters, vLLM-compatible load and unload.
+
+The operator drives hot-loading through these (DESIGN.md §3): it lists what a pod reports
+and loads or unloads the difference. Errors use `{"error", "error_type"}`; validation and
+not-found are 4xx, failures on our side 5xx.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from aiohttp import web
+
+from loraplex.server.api_schemas import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+from loraplex.server.engine_api import AdapterInfo, EngineError, LoadAdapterSpec
+from loraplex.server.routes.context import get_context
+from loraplex.server.routes.errors import read_json
+
+
+def adapter_json(info: AdapterInfo) -> dict[str, Any]:
+    """All AdapterInfo fields, snake_case, tuples as lists."""
+    return {f.name: _plain(getattr(info, f.name)) for f in dataclasses.fields(info)}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+async def list_adapters(http: web.Request) -> web.Response:
+    adapters = get_context(http).engine.list_adapters()
+    return web.json_response({"object": "list", "data": [adapter_json(a) for a in adapters]})
+
+
+async def get_adapter(http: web.Request) -> web.Response:
+    info = get_context(http).engine.get_adapter(http.match_info["name"])
+    return web.json_response(adapter_json(info))
+
+
+async def load_adapter(http: web.Request) -> web.Response:
+    ctx = get_context(http)
+    body = LoadLoraAdapterRequest.model_validate(await read_json(http))
+    spec = LoadAdapterSpec(
+        name=body.lora_name,
+        source=body.lora_path,
+        revision=body.revision,
+        sha256=body.sha256,
+        aliases=tuple(body.aliases),
+        pinned=body.pinned,
+    )
+    try:
+        info = await ctx.engine.load_adapter(spec)
+    except EngineError as exc:
+        ctx.metrics.adapter_loads.labels(exc.error_type).inc()
+        raise
+    ctx.metrics.adapter_loads.labels("ok").inc()
+    return web.json_response(adapter_json(info))
+
+
+async def unload_adapter(http: web.Request) -> web.Response:
+    ctx = get_context(http)
+    body = UnloadLoraAdapterRequest.model_validate(await read_json(http))
+    try:
+        await ctx.engine.unload_adapter(body.lora_name)
+    except EngineError as exc:
+        ctx.metrics.adapter_unloads.labels(exc.error_type).inc()
+        raise
+    ctx.metrics.adapter_unloads.labels("ok").inc()
+    return web.json_response({"lora_name": body.lora_name, "unloaded": True})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/adapters", list_adapters)
+    app.router.add_get("/v1/adapters/{name:.+}", get_adapter)
+    app.router.add_post("/v1/load_lora_adapter", load_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", unload_adapter)

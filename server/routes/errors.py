@@ -1,0 +1,153 @@
+"""One error type for every route, rendered in the caller's dialect by a middleware.
+
+Handlers raise `ApiError` (or let engine and validation errors through); `error_middleware`
+turns them into TGI's `{"error", "error_type"}` or OpenAI's `{"error": {message, type, param,
+code}}` depending on the route family, with TGI's status codes in both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pydantic
+from aiohttp import web
+
+from loraplex.server.engine_api import (
+    AdapterLoadError,
+    EngineError,
+    InvalidRequestError,
+    QueueFullError,
+    ShuttingDownError,
+    UnknownAdapterError,
+)
+
+log = logging.getLogger(__name__)
+
+# Paths answered in OpenAI's error dialect; everything else uses TGI's.
+OPENAI_PATH_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+
+# error_type -> OpenAI `type` (clients switch on the status code, humans read the type)
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+# AdapterLoadError.error_type values that are the caller's fault (4xx), the rest are ours (5xx).
+_LOAD_CLIENT_ERRORS = {
+    "validation": 422,
+    "not_found": 404,
+    "source": 422,
+    "conflict": 409,
+    "name_conflict": 409,
+    "capacity": 507,
+    "rank_exceeds_base": 422,
+    "base_model_mismatch": 422,
+    "integrity": 422,
+}
+
+
+@dataclass
+class ApiError(Exception):
+    status: int
+    message: str
+    error_type: str
+    param: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def from_engine_error(exc: EngineError) -> ApiError:
+    """Map a typed engine error to its HTTP status (DESIGN.md §4)."""
+    message = str(exc) or exc.error_type
+    match exc:
+        case UnknownAdapterError():
+            return ApiError(404, message, exc.error_type, param="adapter")
+        case InvalidRequestError():
+            return ApiError(422, message, exc.error_type)
+        case QueueFullError():
+            retry_after = str(max(1, math.ceil(exc.retry_after_s)))
+            return ApiError(429, message, exc.error_type, headers={"Retry-After": retry_after})
+        case ShuttingDownError():
+            return ApiError(503, message, exc.error_type, headers={"Retry-After": "1"})
+        case AdapterLoadError():
+            return ApiError(_LOAD_CLIENT_ERRORS.get(exc.error_type, 500), message, exc.error_type)
+    return ApiError(500, message, exc.error_type)
+
+
+def from_validation_error(exc: pydantic.ValidationError) -> ApiError:
+    """First problem only, phrased like `parameters.top_p: Input should be ...`."""
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = f"{where}: {first['msg']}" if where else first["msg"]
+    return ApiError(422, message, "validation", param=where or None)
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PATH_PREFIXES)
+
+
+def render(error: ApiError, openai_dialect: bool) -> web.Response:
+    if openai_dialect:
+        body: dict[str, object] = {
+            "error": {
+                "message": error.message,
+                "type": _OPENAI_TYPES.get(error.status, "server_error"),
+                "param": error.param,
+                "code": error.error_type,
+            }
+        }
+    else:
+        body = {"error": error.message, "error_type": error.error_type}
+    return web.json_response(body, status=error.status, headers=error.headers)
+
+
+def _as_api_error(exc: Exception) -> ApiError | None:
+    match exc:
+        case ApiError():
+            return exc
+        case EngineError():
+            return from_engine_error(exc)
+        case pydantic.ValidationError():
+            return from_validation_error(exc)
+        case web.HTTPException() if exc.status >= 400:
+            error_type = "not_found" if exc.status == 404 else "http_error"
+            return ApiError(exc.status, exc.reason, error_type, headers=dict(exc.headers))
+    return None
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Exception as exc:
+        error = _as_api_error(exc)
+        if error is None:
+            if isinstance(exc, web.HTTPException):
+                raise
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            error = ApiError(500, "internal server error", "internal")
+        error.headers.pop("Content-Type", None)
+        return render(error, is_openai_path(request.path))
+
+
+async def read_json(request: web.Request) -> object:
+    """The request body as JSON, or a 422 that says why not."""
+    try:
+        return await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(422, f"request body is not valid JSON: {exc}", "validation") from exc

@@ -1,0 +1,189 @@
+"""What TGI and OpenAI routes share: adapter names, tokenizing, one engine stream per request."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from loraplex.server.engine_api import Engine, EngineError, UnknownAdapterError
+from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
+from loraplex.server.routes.context import ServerContext
+from loraplex.server.routes.errors import ApiError
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # proxies (nginx, GKE L7) must not buffer token streams
+}
+
+
+def resolve_adapter(engine: Engine, name: str | None) -> str | None:
+    """The served adapter name for a name or alias; None means the base model.
+
+    An unknown name is an error (404): a request for a fine-tune must never be answered by the
+    base model.
+    """
+    if not name or name == engine.model_name:
+        return None
+    with contextlib.suppress(UnknownAdapterError):
+        info = engine.get_adapter(name)
+        return _servable(info.name, info.state, info.error)
+    for info in engine.list_adapters():
+        if name in info.aliases:
+            return _servable(info.name, info.state, info.error)
+    raise UnknownAdapterError(f"adapter {name!r} is not loaded on this server")
+
+
+def _servable(name: str, state: str, error: str | None) -> str:
+    if state == "failed":
+        raise UnknownAdapterError(f"adapter {name!r} failed to load: {error}")
+    return name
+
+
+def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def room_left(engine: Engine, num_prompt_tokens: int) -> int:
+    """Tokens that may still be generated after the prompt (>= 1 so the engine explains a 422)."""
+    return max(1, engine.max_total_tokens - num_prompt_tokens)
+
+
+class EngineStream:
+    """One request's token stream: admission errors surface on `open()`, `close()` always runs.
+
+    Closing before the final event (client gone, handler cancelled) closes the engine iterator
+    and aborts the request, which frees its KV blocks. Metrics are recorded here because this is
+    where arrival, first token and each token are seen.
+    """
+
+    def __init__(self, ctx: ServerContext, request: GenerationRequest, route: str) -> None:
+        self._ctx = ctx
+        self.request = request
+        self._route = route
+        self._iterator: AsyncIterator[TokenEvent] | None = None
+        self._first: TokenEvent | None = None
+        self._started = time.perf_counter()
+        self._last_token_at: float | None = None
+        self.final: TokenEvent | None = None
+        self.num_generated = 0
+
+    async def open(self) -> None:
+        metrics = self._ctx.metrics
+        try:
+            self._iterator = aiter(self._ctx.engine.generate(self.request))
+            self._first = await anext(self._iterator)
+        except EngineError as exc:
+            metrics.rejected.labels(exc.error_type).inc()
+            raise
+        except StopAsyncIteration as exc:
+            raise ApiError(500, "the engine ended the request without a result", "generation") from exc
+        metrics.in_flight.inc()
+        metrics.prompt_tokens.inc(len(self.request.prompt_token_ids))
+        metrics.prompt_length.observe(len(self.request.prompt_token_ids))
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        assert self._iterator is not None and self._first is not None, "open() first"
+        event: TokenEvent | None = self._first
+        while event is not None:
+            self._observe(event)
+            yield event
+            if event.finish_reason is not None:
+                self.final = event
+                return
+            event = await anext(self._iterator, None)
+        raise ApiError(500, "the engine stream ended without a finish reason", "generation")
+
+    def _observe(self, event: TokenEvent) -> None:
+        if event.token_id is None:
+            return
+        now = time.perf_counter()
+        if self._last_token_at is None:
+            self._ctx.metrics.time_to_first_token.observe(now - self._started)
+        else:
+            self._ctx.metrics.inter_token_latency.observe(now - self._last_token_at)
+        self._last_token_at = now
+        self.num_generated += 1
+
+    async def close(self) -> None:
+        if self._iterator is None or self._first is None:
+            return
+        metrics = self._ctx.metrics
+        if self.final is None:
+            with contextlib.suppress(Exception):
+                await self._iterator.aclose()  # type: ignore[attr-defined]
+            with contextlib.suppress(Exception):
+                await self._ctx.engine.abort(self.request.request_id)
+        finish = self.final.finish_reason if self.final else FinishReason.CANCELLED
+        metrics.in_flight.dec()
+        metrics.generation_tokens.inc(self.num_generated)
+        metrics.generation_length.observe(self.num_generated)
+        metrics.request_duration.labels(self._route).observe(time.perf_counter() - self._started)
+        metrics.adapter_requests.labels(self.request.adapter or "", str(finish)).inc()
+        self._iterator = None
+
+
+@contextlib.asynccontextmanager
+async def engine_stream(
+    ctx: ServerContext, request: GenerationRequest, route: str
+) -> AsyncIterator[EngineStream]:
+    stream = EngineStream(ctx, request, route)
+    await stream.open()
+    try:
+        yield stream
+    finally:
+        await stream.close()
+
+
+def raise_if_failed(event: TokenEvent) -> None:
+    if event.finish_reason is FinishReason.ERROR:
+        raise ApiError(500, event.error or "generation failed", "generation")
+    if event.finish_reason is FinishReason.CANCELLED:
+        raise ApiError(503, event.error or "the request was cancelled", "cancelled")
+
+
+class StopTextFilter:
+    """Holds back text that may begin a stop string, so a matched stop string is never sent.
+
+    OpenAI semantics: the stop sequence is not part of the output, also when streaming.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self._pending += text
+        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self._pending = self._pending[: min(hits)], ""
+            return out
+        keep = self._longest_stop_prefix_suffix()
+        out = self._pending[: len(self._pending) - keep]
+        self._pending = self._pending[len(self._pending) - keep :]
+        return out
+
+    def flush(self) -> str:
+        out, self._pending = ("" if self.stopped else self._pending), ""
+        return out
+
+    def _longest_stop_prefix_suffix(self) -> int:
+        best = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(self._pending)), best, -1):
+                if self._pending.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+
+async def write_sse(response: web.StreamResponse, payload: bytes) -> None:
+    await response.write(b"data: " + payload + b"\n\n")

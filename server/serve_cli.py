@@ -1,0 +1,216 @@
+"""`loraplex serve`: TGI-style flags (each with its environment variable), JSON logs, graceful stop.
+
+    loraplex serve --model-id google/gemma-2-2b-it --lora-adapters "org/a,b=hf://org/b@v2"
+    loraplex serve --demo        # the generated tiny model and its three demo adapters, on CPU
+
+SIGTERM or SIGINT: stop accepting connections, let in-flight requests finish for up to
+`--shutdown-timeout` seconds (then cancel them, which aborts them in the engine), stop the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from loraplex.server.engine_api import Engine, LoadAdapterSpec
+from loraplex.server.routes.context import ServerSettings
+
+log = logging.getLogger("loraplex.serve")
+
+# flag, env, type, default, help
+_FLAGS: tuple[tuple[str, str, type, Any, str], ...] = (
+    ("--model-id", "MODEL_ID", str, None, "hub id, hf://org/repo, file:///dir or a local dir"),
+    ("--revision", "REVISION", str, None, "model revision (branch, tag or commit)"),
+    ("--served-model-name", "SERVED_MODEL_NAME", str, None, "name clients use for the base model"),
+    ("--lora-adapters", "LORA_ADAPTERS", str, "", "comma list of `id`, `id@rev` or `name=source[@rev]`"),
+    (
+        "--adapters-file",
+        "ADAPTERS_FILE",
+        str,
+        None,
+        "YAML/JSON list of {name, source, revision, sha256, ...}",
+    ),
+    ("--hostname", "HOSTNAME", str, "0.0.0.0", "address to listen on"),
+    ("--port", "PORT", int, 8080, "port to listen on"),
+    ("--max-input-tokens", "MAX_INPUT_TOKENS", int, None, "longest prompt accepted"),
+    ("--max-total-tokens", "MAX_TOTAL_TOKENS", int, None, "prompt + generated tokens, per request"),
+    ("--max-batch-prefill-tokens", "MAX_BATCH_PREFILL_TOKENS", int, None, "token budget of one step"),
+    ("--max-concurrent-requests", "MAX_CONCURRENT_REQUESTS", int, None, "more get 429"),
+    ("--max-loras", "MAX_LORAS", int, None, "adapters in GPU slots at once"),
+    ("--max-cpu-loras", "MAX_CPU_LORAS", int, None, "adapters kept in host memory"),
+    ("--max-lora-rank", "MAX_LORA_RANK", int, None, "largest adapter rank accepted"),
+    ("--dtype", "DTYPE", str, "auto", "auto, bfloat16, float16 or float32"),
+    ("--device", "DEVICE", str, None, "cuda or cpu (default: cuda when available)"),
+    ("--hf-token", "HF_TOKEN", str, None, "token for gated or private hub repos"),
+    ("--api-key", "API_KEY", str, None, "require `Authorization: Bearer <key>`"),
+    ("--shutdown-timeout", "SHUTDOWN_TIMEOUT", float, 30.0, "seconds in-flight requests get on SIGTERM"),
+    ("--log-level", "LOG_LEVEL", str, "info", "debug, info, warning or error"),
+    ("--log-format", "LOG_FORMAT", str, "json", "json or text"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag, env, kind, default, help_text in _FLAGS:
+        # argparse converts string defaults with `type`, so an env value is parsed like a flag.
+        parser.add_argument(
+            flag, type=kind, default=os.environ.get(env, default), help=f"{help_text} [env {env}]"
+        )
+    parser.add_argument(
+        "--demo", action="store_true", help="serve the generated tiny model and its demo adapters"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, args.log_format)
+    if args.hf_token:
+        os.environ["HF_TOKEN"] = args.hf_token  # huggingface_hub reads it for every download
+    try:
+        model_id, adapters = _demo_assets() if args.demo else (args.model_id, ())
+        if not model_id:
+            log.error("no model: pass --model-id (or MODEL_ID), or --demo")
+            return 2
+        adapters += parse_lora_adapters(args.lora_adapters)
+        if args.adapters_file:
+            adapters += read_adapters_file(Path(args.adapters_file))
+    except ValueError as exc:
+        log.error("invalid adapter list: %s", exc)
+        return 2
+    engine = build_engine(args, model_id)
+    settings = ServerSettings(
+        api_key=args.api_key or None,
+        startup_adapters=adapters,
+        model_id=model_id,
+        info={"model_dtype": args.dtype, "model_device_type": args.device or "auto"},
+    )
+    asyncio.run(serve(engine, settings, args.hostname, args.port, args.shutdown_timeout))
+    return 0
+
+
+def parse_lora_adapters(value: str) -> tuple[LoadAdapterSpec, ...]:
+    """`id`, `id@rev` or `name=source[@rev]`, comma separated (TGI's LORA_ADAPTERS, plus names)."""
+    specs = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        name, _, source = item.rpartition("=") if "=" in item else ("", "", item)
+        source, _, revision = source.partition("@") if "://" not in source else (source, "", "")
+        if not source:
+            raise ValueError(f"adapter {item!r} has no source")
+        specs.append(LoadAdapterSpec(name=name or source, source=source, revision=revision or None))
+    return tuple(specs)
+
+
+def read_adapters_file(path: Path) -> tuple[LoadAdapterSpec, ...]:
+    """A YAML or JSON list (or `{adapters: [...]}`) of {name, source|uri, revision, sha256, aliases, pinned}."""
+    data = yaml.safe_load(path.read_text()) or []
+    entries = data.get("adapters", []) if isinstance(data, dict) else data
+    specs = []
+    for entry in entries:
+        source = entry.get("source") or entry.get("uri")
+        if not entry.get("name") or not source:
+            raise ValueError(f"{path}: every adapter needs `name` and `source`: {entry!r}")
+        specs.append(
+            LoadAdapterSpec(
+                name=str(entry["name"]),
+                source=str(source),
+                revision=entry.get("revision"),
+                sha256=entry.get("sha256"),
+                aliases=tuple(entry.get("aliases") or ()),
+                pinned=bool(entry.get("pinned", False)),
+            )
+        )
+    return tuple(specs)
+
+
+def _demo_assets() -> tuple[str, tuple[LoadAdapterSpec, ...]]:
+    from loraplex.server.demo_assets import build_tiny_assets
+
+    root = Path(os.environ.get("LORAPLEX_DEMO_DIR", Path(tempfile.gettempdir()) / "loraplex-demo"))
+    log.info("building demo assets", extra={"root": str(root)})
+    assets = build_tiny_assets(root)
+    adapters = tuple(
+        LoadAdapterSpec(name=name, source=str(path)) for name, path in assets.adapters["llama"].items()
+    )
+    return str(assets.models["llama"]), adapters
+
+
+def build_engine(args: argparse.Namespace, model_id: str) -> Engine:
+    from loraplex.server.async_engine import AsyncEngine, EngineConfig
+
+    limits = {
+        "max_input_tokens": args.max_input_tokens,
+        "max_total_tokens": args.max_total_tokens,
+        "max_batch_prefill_tokens": args.max_batch_prefill_tokens,
+        "max_concurrent_requests": args.max_concurrent_requests,
+        "max_loras": args.max_loras,
+        "max_cpu_loras": args.max_cpu_loras,
+        "max_lora_rank": args.max_lora_rank,
+        "device": args.device,
+    }
+    config = EngineConfig(model=model_id, revision=args.revision, served_model_name=args.served_model_name)
+    config = replace(config, dtype=args.dtype, **{k: v for k, v in limits.items() if v is not None})
+    log.info("loading model", extra={"model": model_id})
+    return AsyncEngine.from_config(config)
+
+
+async def serve(
+    engine: Engine, settings: ServerSettings, host: str, port: int, shutdown_timeout: float
+) -> None:
+    from loraplex.server.app import create_app
+
+    app = create_app(engine, settings)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("serving", extra={"host": host, "port": port, "model": engine.model_name})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", extra={"timeout_s": shutdown_timeout})
+    await runner.cleanup()  # stops listening, waits for handlers up to shutdown_timeout, then cancels
+    await engine.shutdown(timeout_s=shutdown_timeout)
+    log.info("stopped")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; `extra={...}` fields become keys."""
+
+    _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in record.__dict__.items() if k not in self._STANDARD})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        formatter: logging.Formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
