@@ -145,6 +145,7 @@ def build_env(bmd: BaseModelDeployment) -> list[dict[str, Any]]:
         "REVISION": spec.model.revision,
         "SERVED_MODEL_NAME": bmd.served_name,
         "DTYPE": spec.model.dtype.value,
+        "DEVICE": "cpu" if spec.accelerator is None else "cuda",
         "PORT": CONTAINER_PORT,
         "ADAPTERS_FILE": f"{ADAPTERS_DIR}/{ADAPTERS_KEY}",
         "MAX_LORAS": engine.max_loras,

@@ -39,6 +39,8 @@ def test_engine_settings_become_server_env(bmd, make_bmd) -> None:
     assert "MAX_TOTAL_TOKENS" not in env  # unset: the server picks from the model config
     assert env["CUDA_GRAPHS"] == "false"
     assert env["PORT"] == "8080"
+    assert env["DEVICE"] == "cpu"
+    assert _env(build_deployment(make_bmd(accelerator={"type": "nvidia-l4"}), OPTIONS))["DEVICE"] == "cuda"
     assert env["ADAPTERS_FILE"] == "/etc/loraplex/adapters/adapters.json"
     assert all(
         isinstance(item.get("value", ""), str) for item in _container(build_deployment(tuned, OPTIONS))["env"]
