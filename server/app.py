@@ -47,13 +47,13 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> web.Ap
     for routes in (tgi, openai, admin, health):
         routes.add_routes(app)
     openapi_document = build_openapi()
-    app.router.add_get("/openapi.json", lambda _: _json(openapi_document))
+
+    async def openapi_json(_: web.Request) -> web.Response:
+        return web.json_response(openapi_document)
+
+    app.router.add_get("/openapi.json", openapi_json)
     app.cleanup_ctx.append(_startup_adapters)
     return app
-
-
-async def _json(document: dict[str, Any]) -> web.Response:
-    return web.json_response(document)
 
 
 @web.middleware

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,6 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -147,22 +147,45 @@ def _demo_assets() -> tuple[str, tuple[LoadAdapterSpec, ...]]:
     return str(assets.models["llama"]), adapters
 
 
-def build_engine(args: argparse.Namespace, model_id: str) -> Engine:
-    from loraplex.server.async_engine import AsyncEngine, EngineConfig
+# flag attribute -> EngineConfig field
+_ENGINE_FIELDS = {
+    "revision": "revision",
+    "served_model_name": "served_model_name",
+    "dtype": "dtype",
+    "max_input_tokens": "max_input_tokens",
+    "max_total_tokens": "max_total_tokens",
+    "max_batch_prefill_tokens": "max_batch_tokens",
+    "max_concurrent_requests": "max_concurrent_requests",
+    "max_loras": "max_loras",
+    "max_cpu_loras": "max_cpu_loras",
+    "max_lora_rank": "max_lora_rank",
+}
 
-    limits = {
-        "max_input_tokens": args.max_input_tokens,
-        "max_total_tokens": args.max_total_tokens,
-        "max_batch_prefill_tokens": args.max_batch_prefill_tokens,
-        "max_concurrent_requests": args.max_concurrent_requests,
-        "max_loras": args.max_loras,
-        "max_cpu_loras": args.max_cpu_loras,
-        "max_lora_rank": args.max_lora_rank,
-        "device": args.device,
-    }
-    config = EngineConfig(model=model_id, revision=args.revision, served_model_name=args.served_model_name)
-    config = replace(config, dtype=args.dtype, **{k: v for k, v in limits.items() if v is not None})
-    log.info("loading model", extra={"model": model_id})
+
+def engine_config_kwargs(args: argparse.Namespace, known_fields: set[str]) -> dict[str, Any]:
+    """EngineConfig arguments from the flags that were set; flags the engine lacks are logged."""
+    kwargs: dict[str, Any] = {}
+    for attr, name in _ENGINE_FIELDS.items():
+        value = getattr(args, attr)
+        if value is None:
+            continue
+        if name in known_fields:
+            kwargs[name] = value
+        else:
+            log.warning("flag not supported by this engine, ignored", extra={"flag": attr})
+    return kwargs
+
+
+def build_engine(args: argparse.Namespace, model_id: str) -> Engine:
+    import torch
+
+    from loraplex.server.async_engine import AsyncEngine
+    from loraplex.server.engine import EngineConfig
+
+    known = {f.name for f in dataclasses.fields(EngineConfig)}
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = EngineConfig(model_path=model_id, device=device, **engine_config_kwargs(args, known))
+    log.info("loading model", extra={"model": model_id, "device": device})
     return AsyncEngine.from_config(config)
 
 

@@ -236,7 +236,7 @@ async def info(http: web.Request) -> web.Response:
         "version": __version__,
         "sha": None,
         "docker_label": None,
-        "adapters": [adapter.name for adapter in engine.list_adapters()],
+        "adapters": [a.name for a in engine.list_adapters() if a.state != "failed"],
         **ctx.settings.info,
     }
     return web.json_response(body)
