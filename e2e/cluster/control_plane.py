@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from loraplex.localcluster import flags
-from loraplex.localcluster.binaries import Binaries
+from loraplex.localcluster.binaries import Binaries, find_binary
 from loraplex.localcluster.certs import generate_pki
-from loraplex.localcluster.processes import ManagedProcess, free_port, wait_until
+from loraplex.localcluster.processes import ManagedProcess, free_ports, wait_until
 
 if TYPE_CHECKING:
     import kubernetes.client
@@ -83,7 +83,7 @@ class LocalCluster:
         )
         layout = flags.Layout(workdir)
         layout.logs.mkdir(parents=True, exist_ok=True)
-        ports = flags.Ports(free_port(), free_port(), free_port(), free_port())
+        ports = flags.Ports(*free_ports(4))
         token = secrets.token_hex(16)
         cluster = cls(workdir, f"https://127.0.0.1:{ports.apiserver}", token, {}, owns_workdir)
         try:
@@ -166,7 +166,7 @@ class LocalCluster:
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
         """Run the provisioned kubectl against this cluster; raises with its stderr on failure."""
-        argv = [str(Binaries.find(with_controllers=False).kubectl), f"--kubeconfig={self.kubeconfig}", *args]
+        argv = [str(find_binary("kubectl")), f"--kubeconfig={self.kubeconfig}", *args]
         result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise RuntimeError(

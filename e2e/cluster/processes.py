@@ -16,11 +16,16 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 
 
-def free_port() -> int:
-    """A loopback TCP port that is free now (the kernel's pick, so parallel clusters don't collide)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback TCP ports that are free now (the kernel's pick, so parallel
+    clusters don't collide; all held open together so none is handed out twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)
+        ]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def _die_with_parent() -> None:
