@@ -22,6 +22,7 @@ class PodObservation:
     name: str
     ip: str | None = None
     running: bool = False  # server container running and the pod not terminating
+    terminating: bool = False
     ready: bool = False  # the pod's Ready condition (includes our readiness gate)
     epoch: str | None = None  # changes whenever the server container (re)starts
     unschedulable: str | None = None  # the scheduler's message while the pod cannot be placed
@@ -44,13 +45,13 @@ def observe_pod(pod: Mapping[str, Any]) -> PodObservation:
     """Kubernetes' side of the observation; `with_reports` adds the engine's."""
     meta, status = pod.get("metadata", {}), pod.get("status", {}) or {}
     container = _server_status(status)
-    running = bool(container and "running" in (container.get("state") or {})) and not meta.get(
-        "deletionTimestamp"
-    )
+    terminating = bool(meta.get("deletionTimestamp"))
+    running = bool(container and "running" in (container.get("state") or {})) and not terminating
     return PodObservation(
         name=meta["name"],
         ip=status.get("podIP"),
         running=running,
+        terminating=terminating,
         ready=_condition(status, "Ready").get("status") == "True",
         epoch=engine_epoch(container) if running else None,
         unschedulable=_unschedulable(status),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from loraplex.operator.desired import DesiredAdapter
 from loraplex.operator.engine_client import AdapterReport
@@ -42,6 +43,7 @@ class Attempt:
     attempts: int = 0
     next_attempt_at: float = 0.0  # unix seconds
     last_error: str | None = None
+    error_type: str | None = None  # the engine's, when it refused the load
 
     def applies_to(self, epoch: str | None, adapter: DesiredAdapter) -> bool:
         """A new process or a changed adapter starts over without waiting."""
@@ -53,10 +55,15 @@ def backoff_s(attempts: int) -> float:
 
 
 def record_failure(
-    previous: Attempt | None, epoch: str | None, adapter: DesiredAdapter, error: str, now: float
+    previous: Attempt | None,
+    epoch: str | None,
+    adapter: DesiredAdapter,
+    error: str,
+    now: float,
+    error_type: str | None = None,
 ) -> Attempt:
     count = previous.attempts + 1 if previous and previous.applies_to(epoch, adapter) else 1
-    return Attempt(epoch, adapter, count, now + backoff_s(count), error)
+    return Attempt(epoch, adapter, count, now + backoff_s(count), error, error_type)
 
 
 def matches(adapter: DesiredAdapter, report: AdapterReport) -> bool:
@@ -131,3 +138,29 @@ def plan_pod(
             actions.append(Unload(name))
         actions.append(Load(adapter))
     return actions
+
+
+def readiness_gate(
+    pod: PodObservation, desired: Mapping[str, DesiredAdapter], current: Mapping[str, Any] | None
+) -> dict[str, str] | None:
+    """The pod condition to write for the readiness gate, or None when it should stay as it is.
+
+    The gate opens once per engine epoch, when every desired adapter settled on the pod; adapters
+    added later never close it again (the pod keeps serving the others while they hot-load). The
+    epoch is recorded in the message, so a restarted engine closes the gate until it reloads.
+    """
+    if not pod.running or pod.epoch is None:
+        return None
+    epoch_note = f"engine epoch {pod.epoch}"
+    is_open = current is not None and current.get("status") == "True"
+    if is_open and current.get("message") == epoch_note:
+        return None
+    settled = pod.reports is not None and is_settled(desired, pod.reports)
+    wanted = {
+        "status": "True" if settled else "False",
+        "reason": "AdaptersLoaded" if settled else "AdaptersLoading",
+        "message": epoch_note,
+    }
+    if current is not None and all(current.get(key) == value for key, value in wanted.items()):
+        return None
+    return wanted

@@ -53,7 +53,7 @@ def test_terminating_pod_is_not_running() -> None:
     body = pod_body(podIP="10.1.2.3", containerStatuses=[RUNNING])
     body["metadata"]["deletionTimestamp"] = "2026-11-22T10:06:00Z"
     observed = observe_pod(body)
-    assert observed.running is False and observed.epoch is None
+    assert observed.running is False and observed.epoch is None and observed.terminating
 
 
 def test_unschedulable_pod_carries_the_scheduler_message() -> None:
