@@ -41,12 +41,14 @@ class ShrinkConfig:
     block_k: int  # power of two, >= 16
     split_k: int  # K splits; > 1 accumulates into y with atomics
     num_warps: int = 4
+    num_stages: int = 3
 
 
 @dataclass(frozen=True)
 class ExpandConfig:
     block_n: int  # power of two, >= 16
     num_warps: int = 4
+    num_stages: int = 3
 
 
 def _shrink_kernel(
@@ -207,7 +209,8 @@ def lora_shrink(
             in_features, k_per_split, x.stride(0), chunk[0].stride(0), chunk[0].stride(1),
             y.stride(0), y.stride(1),
             BLOCK_M=TOKEN_BLOCK, BLOCK_R=BLOCK_R, BLOCK_K=config.block_k, EVEN_K=in_features % config.block_k == 0,
-            ATOMIC=split_k > 1, PRECISION=_precision(x.dtype), num_warps=config.num_warps,
+            ATOMIC=split_k > 1, PRECISION=_precision(x.dtype),
+            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
         )  # fmt: skip
     return y
 
@@ -246,7 +249,8 @@ def lora_expand(
             widths[0], widths[1], widths[2], widths[0], widths[0] + widths[1],
             blocks[0], blocks[0] + blocks[1], max_rank, y.stride(0), y.stride(1), out.stride(0),
             BLOCK_M=TOKEN_BLOCK, BLOCK_N=config.block_n, BLOCK_R=BLOCK_R, RANK_ALIGN=_rank_align(max_rank, out),
-            PRECISION=_precision(out.dtype), num_warps=config.num_warps,
+            PRECISION=_precision(out.dtype),
+            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
         )  # fmt: skip
         column += sum(widths)
     return out
