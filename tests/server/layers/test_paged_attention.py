@@ -31,11 +31,8 @@ def test_matches_dense_attention_over_cached_and_new_tokens(window, softcap) -> 
     gen = torch.Generator().manual_seed(0)
     cache = (torch.zeros(8, BLOCK, KV_HEADS, DIM), torch.zeros(8, BLOCK, KV_HEADS, DIM))
     # sequence 0: 5 tokens already cached in blocks (6, 1), 3 new; sequence 1: a fresh 2-token prefill
-    contexts = (
-        [torch.randn(8, KV_HEADS, DIM, generator=gen) for _ in range(2)],
-        [torch.randn(8, KV_HEADS, DIM, generator=gen) for _ in range(2)],
-    )
-    keys, values = contexts
+    keys = [torch.randn(8, KV_HEADS, DIM, generator=gen) for _ in range(2)]
+    values = [torch.randn(8, KV_HEADS, DIM, generator=gen) for _ in range(2)]
     cache[0].view(-1, KV_HEADS, DIM)[torch.tensor([24, 25, 26, 27, 4])] = keys[0][:5]
     cache[1].view(-1, KV_HEADS, DIM)[torch.tensor([24, 25, 26, 27, 4])] = values[0][:5]
     chunks = (SequenceChunk(0, (0,) * 3, 5, (6, 1), None), SequenceChunk(1, (0,) * 2, 0, (3,), None))
