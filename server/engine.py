@@ -1,0 +1,310 @@
+"""LLMEngine: the synchronous core. `step()` = schedule, run the model, sample, report.
+
+Single-threaded by design: `AsyncEngine` owns it from one background thread. Everything
+here is called from that thread only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from loraplex.server.adapters.registry import AdapterEntry, AdapterRegistry
+from loraplex.server.block_manager import BlockManager
+from loraplex.server.detokenizer import IncrementalDetokenizer, OutputText
+from loraplex.server.engine_api import (
+    EngineStats,
+    InvalidRequestError,
+    LoadAdapterSpec,
+    UnknownAdapterError,
+)
+from loraplex.server.forward_batch import ForwardBatch, SequenceChunk
+from loraplex.server.model_runner import ModelRunner, RunnerConfig
+from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
+from loraplex.server.sampler import SampledToken, Sampler, SamplingRow
+from loraplex.server.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from loraplex.server.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything needed to build an engine; validated once, never mutated."""
+
+    model_path: str
+    served_model_name: str | None = None  # default: the model path's last component
+    dtype: str = "auto"
+    device: str = "cpu"
+    revision: str | None = None
+    max_loras: int = 4  # adapter slots on the device
+    max_lora_rank: int = 64
+    max_batch_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
+    max_num_seqs: int = 64  # sequences running at once (the rest wait in the queue)
+    max_concurrent_requests: int = 128  # in flight, waiting included; more -> QueueFullError
+    max_input_tokens: int = 1024
+    max_total_tokens: int = 2048  # prompt + generated
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized by the model runner
+    kv_cache_memory_fraction: float = 0.9
+    enable_prefix_caching: bool = True
+    adapters: tuple[LoadAdapterSpec, ...] = ()  # loaded at start
+    adapter_cache_dir: str | None = None  # where remote adapter sources are cached
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.max_input_tokens < 1 or self.max_total_tokens <= self.max_input_tokens:
+            raise ValueError("need 1 <= max_input_tokens < max_total_tokens")
+        if self.max_concurrent_requests < 1:
+            raise ValueError("max_concurrent_requests must be >= 1")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_path.rstrip("/").rsplit("/", 1)[-1]
+
+    def runner_config(self) -> RunnerConfig:
+        return RunnerConfig(
+            model_path=self.model_path,
+            dtype=self.dtype,
+            device=self.device,
+            block_size=self.block_size,
+            num_kv_blocks=self.num_kv_blocks,
+            kv_cache_memory_fraction=self.kv_cache_memory_fraction,
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
+            revision=self.revision,
+        )
+
+
+@dataclass
+class _RequestState:
+    request: GenerationRequest
+    seq: Sequence
+    output: OutputText
+
+
+def eos_token_ids(hf_config: Any, tokenizer: Any, model_path: str) -> frozenset[int]:
+    """EOS ids from the generation config, the model config and the tokenizer, together."""
+    ids: set[int] = set()
+    try:
+        from transformers import GenerationConfig
+
+        sources = [GenerationConfig.from_pretrained(model_path).eos_token_id]
+    except (OSError, ValueError):
+        sources = []
+    sources += [getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, runner: ModelRunner, tokenizer: Any) -> None:
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.block_manager = BlockManager(
+            runner.num_kv_blocks, runner.block_size, config.enable_prefix_caching
+        )
+        self.registry = AdapterRegistry(runner.max_loras)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_batch_tokens=config.max_batch_tokens),
+            self.block_manager,
+            self.registry,
+        )
+        self.sampler = Sampler()
+        self.eos_token_ids = eos_token_ids(runner.hf_config, tokenizer, str(runner.model_path))
+        self._requests: dict[str, _RequestState] = {}
+        self.num_steps = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        from transformers import AutoTokenizer
+
+        runner = ModelRunner(config.runner_config())
+        return cls(config, runner, AutoTokenizer.from_pretrained(str(runner.model_path)))
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise the typed error a request deserves before it is queued."""
+        num_prompt = len(request.prompt_token_ids)
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt is empty")
+        if num_prompt > self.config.max_input_tokens:
+            raise InvalidRequestError(
+                f"the prompt has {num_prompt} tokens, more than max_input_tokens={self.config.max_input_tokens}"
+            )
+        if num_prompt + request.params.max_new_tokens > self.config.max_total_tokens:
+            raise InvalidRequestError(
+                f"prompt tokens ({num_prompt}) + max_new_tokens ({request.params.max_new_tokens}) must be "
+                f"<= max_total_tokens={self.config.max_total_tokens}"
+            )
+        vocab = self.runner.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if request.adapter is not None and request.adapter not in self.registry:
+            raise UnknownAdapterError(f"adapter {request.adapter!r} is not loaded")
+        if request.request_id in self._requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+
+    def add_request(self, request: GenerationRequest) -> None:
+        self.validate(request)
+        ref = self.registry.retain(request.adapter) if request.adapter is not None else None
+        seq = Sequence(request.request_id, request.prompt_token_ids, request.params, ref, time.monotonic())
+        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
+        self._requests[request.request_id] = _RequestState(
+            request, seq, OutputText(detokenizer, request.params.stop)
+        )
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED, error: str | None = None):
+        """End a request now; returns its final event (None if it is not in the engine)."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return None
+        return self._finish(state, reason, error=error)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        step = self.scheduler.schedule()
+        if step.is_empty:
+            return []
+        self.apply_slot_updates()
+        logits = self.runner.execute(self._forward_batch(step))
+        self.scheduler.update_after_step(step)
+        self.num_steps += 1
+        return self._postprocess(step, logits)
+
+    def apply_slot_updates(self) -> None:
+        """Copy adapters the scheduler brought in into their slots; clear freed ones."""
+        for update in self.registry.take_slot_updates():
+            if update.weights is None:
+                self.runner.clear_lora(update.slot)
+            else:
+                self.runner.load_lora(update.slot, update.weights)
+
+    def _forward_batch(self, step: ScheduledStep) -> ForwardBatch:
+        chunks = []
+        for seq, num_new in step.chunks:
+            start = seq.num_cached_tokens
+            chunks.append(
+                SequenceChunk(
+                    seq_id=seq.seq_id,
+                    token_ids=tuple(seq.token_ids[start : start + num_new]),
+                    num_cached_tokens=start,
+                    block_table=tuple(seq.block_table),
+                    lora_slot=seq.lora_slot,
+                    needs_logits=start + num_new == seq.num_tokens,
+                )
+            )
+        return ForwardBatch(tuple(chunks))
+
+    def _postprocess(self, step: ScheduledStep, logits: torch.Tensor) -> list[TokenEvent]:
+        rows = [i for i, (seq, _) in enumerate(step.chunks) if seq.num_cached_tokens == seq.num_tokens]
+        if not rows:
+            return []
+        seqs = [step.chunks[i][0] for i in rows]
+        sampling_rows = [
+            SamplingRow(seq.seq_id, seq.params, seq.prompt_token_ids, seq.generated_token_ids) for seq in seqs
+        ]
+        sampled = self.sampler(logits[rows], sampling_rows)
+        return [
+            self._accept(self._requests[seq.request_id], token)
+            for seq, token in zip(seqs, sampled, strict=True)
+        ]
+
+    def _accept(self, state: _RequestState, token: SampledToken) -> TokenEvent:
+        seq, params = state.seq, state.seq.params
+        seq.append_token(token.token_id)
+        reason = None
+        if token.token_id in params.stop_token_ids:
+            reason = FinishReason.STOP
+        elif token.token_id in self.eos_token_ids and not params.ignore_eos:
+            reason = FinishReason.EOS
+        text = state.output.append(token.token_id) if reason is None else ""
+        if state.output.stopped:
+            reason = FinishReason.STOP
+        elif reason is None and (
+            seq.num_generated_tokens >= params.max_new_tokens
+            or seq.num_tokens >= self.config.max_total_tokens
+        ):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            return self._finish(state, reason, token=token, text=text)
+        return self._event(state, token=token, text=text)
+
+    def _finish(
+        self,
+        state: _RequestState,
+        reason: FinishReason,
+        token: SampledToken | None = None,
+        text: str = "",
+        error: str | None = None,
+    ) -> TokenEvent:
+        seq = state.seq
+        self.scheduler.finish(seq, reason)
+        self.sampler.free(seq.seq_id)
+        if seq.adapter is not None:
+            self.registry.release(seq.adapter)
+        del self._requests[seq.request_id]
+        if reason is not FinishReason.CANCELLED:
+            text += state.output.finish()
+        return self._event(state, token=token, text=text, finish_reason=reason, error=error)
+
+    def _event(
+        self,
+        state: _RequestState,
+        token: SampledToken | None,
+        text: str,
+        finish_reason: FinishReason | None = None,
+        error: str | None = None,
+    ) -> TokenEvent:
+        return TokenEvent(
+            request_id=state.request.request_id,
+            token_id=token.token_id if token else None,
+            text=text,
+            logprob=token.logprob if token else None,
+            top_logprobs=token.top_logprobs if token else (),
+            finish_reason=finish_reason,
+            error=error,
+            num_prompt_tokens=state.seq.num_prompt_tokens,
+            num_generated_tokens=state.seq.num_generated_tokens,
+        )
+
+    def abort_all(self, reason: FinishReason, error: str | None = None) -> list[TokenEvent]:
+        """End every request (shutdown; or a failed step, rather than hang them all)."""
+        return [self._finish(s, reason, error=error) for s in list(self._requests.values())]
+
+    # -- adapters and stats ------------------------------------------------------------------
+
+    def add_adapter(self, entry: AdapterEntry) -> AdapterEntry:
+        return self.registry.add(entry)
+
+    def remove_adapter(self, name: str) -> AdapterEntry:
+        return self.registry.remove(name)
+
+    def stats(self) -> EngineStats:
+        running = self.scheduler.running
+        waiting = self.scheduler.waiting
+        return EngineStats(
+            num_running=len(running),
+            num_waiting=len(waiting),
+            kv_cache_usage=self.block_manager.usage,
+            max_loras=self.registry.max_loras,
+            running_adapters=tuple(sorted({s.adapter_name for s in running if s.adapter_name})),
+            waiting_adapters=tuple(sorted({s.adapter_name for s in waiting if s.adapter_name})),
+            extra={
+                "num_preemptions": self.scheduler.num_preemptions,
+                "num_prefix_hit_tokens": self.block_manager.num_prefix_hit_tokens,
+                "num_steps": self.num_steps,
+            },
+        )
