@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from loraplex.operator.engine_client import AdapterReport
+from loraplex.operator.engine_client import AdapterReport, pod_url
 
-SERVER_CONTAINER = "server"
+SERVER_CONTAINER = "server"  # names set by render.deployment
+HTTP_PORT_NAME = "http"
 # Waiting reasons that do not fix themselves: the deployment is Failed until someone acts.
 STUCK_REASONS = frozenset(
     {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError"}
@@ -21,6 +22,7 @@ class PodObservation:
 
     name: str
     ip: str | None = None
+    port: int | None = None  # the server container's `http` port
     running: bool = False  # server container running and the pod not terminating
     terminating: bool = False
     ready: bool = False  # the pod's Ready condition (includes our readiness gate)
@@ -33,6 +35,13 @@ class PodObservation:
     @property
     def reachable(self) -> bool:
         return self.reports is not None
+
+    @property
+    def url(self) -> str | None:
+        """Where to reach the engine; None until the pod runs with an IP."""
+        if not self.running or not self.ip or not self.port:
+            return None
+        return pod_url(self.ip, self.port)
 
     def with_reports(self, reports: list[AdapterReport]) -> PodObservation:
         return replace(self, reports=tuple(reports), error=None)
@@ -50,6 +59,7 @@ def observe_pod(pod: Mapping[str, Any]) -> PodObservation:
     return PodObservation(
         name=meta["name"],
         ip=status.get("podIP"),
+        port=_http_port(pod.get("spec", {}) or {}),
         running=running,
         terminating=terminating,
         ready=_condition(status, "Ready").get("status") == "True",
@@ -72,6 +82,15 @@ def readiness_condition(pod: Mapping[str, Any], condition_type: str) -> bool | N
     """The current value of a pod condition (e.g. our readiness gate), None when unset."""
     status = _condition(pod.get("status", {}) or {}, condition_type).get("status")
     return None if status is None else status == "True"
+
+
+def _http_port(spec: Mapping[str, Any]) -> int | None:
+    for container in spec.get("containers") or ():
+        if container.get("name") == SERVER_CONTAINER:
+            for port in container.get("ports") or ():
+                if port.get("name") == HTTP_PORT_NAME:
+                    return int(port["containerPort"])
+    return None
 
 
 def _server_status(status: Mapping[str, Any]) -> Mapping[str, Any] | None:

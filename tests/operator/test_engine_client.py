@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from loraplex.operator.desired import DesiredAdapter
 from loraplex.operator.engine_client import (
@@ -24,81 +21,10 @@ from loraplex.operator.engine_client import (
 KEY = "secret-key"
 
 
-class FakePod:
-    """Just enough of the server's admin API: adapters in a dict, errors in the server's shape."""
-
-    def __init__(self) -> None:
-        self.adapters: dict[str, dict[str, Any]] = {}
-        self.loads: list[dict[str, Any]] = []
-        self.busy = False
-        self.delay_s = 0.0
-        self.garbage = False
-
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth])
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/v1/adapters", self._list)
-        app.router.add_post("/v1/load_lora_adapter", self._load)
-        app.router.add_post("/v1/unload_lora_adapter", self._unload)
-        return app
-
-    @web.middleware
-    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path != "/health" and request.headers.get("Authorization") != f"Bearer {KEY}":
-            return web.json_response(
-                {"error": "missing or bad API key", "error_type": "unauthorized"}, status=401
-            )
-        if self.busy:
-            return web.json_response(
-                {"error": "queue full", "error_type": "overloaded"}, status=429, headers={"Retry-After": "2"}
-            )
-        await asyncio.sleep(self.delay_s)
-        return await handler(request)
-
-    async def _health(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def _list(self, request: web.Request) -> web.Response:
-        if self.garbage:
-            return web.Response(text="<html>a proxy page</html>")
-        return web.json_response({"object": "list", "data": list(self.adapters.values())})
-
-    async def _load(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.loads.append(body)
-        if body["lora_path"].startswith("hf://missing"):
-            return web.json_response({"error": "repository not found", "error_type": "source"}, status=422)
-        info = {
-            "name": body["lora_name"],
-            "source": body["lora_path"],
-            "state": "ready",
-            "rank": 8,
-            "alpha": 16.0,
-            "target_modules": ["q_proj", "v_proj"],
-            "aliases": body["aliases"],
-            "pinned": body["pinned"],
-            "load_generation": len(self.loads),
-            "future_field": "ignored",
-        }
-        self.adapters[info["name"]] = info
-        return web.json_response(info)
-
-    async def _unload(self, request: web.Request) -> web.Response:
-        name = (await request.json())["lora_name"]
-        if self.adapters.pop(name, None) is None:
-            return web.json_response(
-                {"error": f"adapter {name!r} not found", "error_type": "adapter_not_found"}, status=404
-            )
-        return web.json_response({"status": "ok"})
-
-
 @pytest.fixture
-async def pod() -> Any:
-    fake = FakePod()
-    server = TestServer(fake.app(), host="127.0.0.1")
-    await server.start_server()
-    yield fake, pod_url("127.0.0.1", server.port)
-    await server.close()
+async def pod(start_fake_pod) -> Any:
+    fake = await start_fake_pod(api_key=KEY)
+    return fake, fake.url
 
 
 @pytest.fixture

@@ -9,7 +9,9 @@ from loraplex.operator.pods import engine_epoch, observe_pod, readiness_conditio
 
 
 def pod_body(**status: Any) -> dict[str, Any]:
-    return {"metadata": {"name": "gemma-abc"}, "status": status}
+    ports = [{"name": "metrics", "containerPort": 9090}, {"name": "http", "containerPort": 8080}]
+    spec = {"containers": [{"name": "server", "ports": ports}]}
+    return {"metadata": {"name": "gemma-abc"}, "spec": spec, "status": status}
 
 
 RUNNING = {
@@ -37,6 +39,7 @@ def test_running_ready_pod() -> None:
         True,
     )
     assert observed.epoch == "2@2026-11-22T10:00:00Z"
+    assert observed.url == "http://10.1.2.3:8080"
     assert observed.reports is None and not observed.reachable
     assert readiness_condition(body, "loraplex.dev/adapters-ready") is False
     assert readiness_condition(body, "Other") is None
@@ -54,6 +57,7 @@ def test_terminating_pod_is_not_running() -> None:
     body["metadata"]["deletionTimestamp"] = "2026-11-22T10:06:00Z"
     observed = observe_pod(body)
     assert observed.running is False and observed.epoch is None and observed.terminating
+    assert observed.url is None
 
 
 def test_unschedulable_pod_carries_the_scheduler_message() -> None:

@@ -1,0 +1,121 @@
+"""A fake server pod speaking the adapter admin API over real HTTP, for engine_client and cycle tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from loraplex.operator.engine_client import pod_url
+
+
+class FakePod:
+    """Just enough of the server's admin API: adapters in a dict, errors in the server's shape."""
+
+    def __init__(self, api_key: str | None = None) -> None:
+        self.api_key = api_key
+        self.url = ""
+        self.port = 0
+        self.server: TestServer | None = None
+        self.adapters: dict[str, dict[str, Any]] = {}
+        self.loads: list[dict[str, Any]] = []
+        self.busy = False
+        self.delay_s = 0.0
+        self.garbage = False
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/adapters", self._list)
+        app.router.add_post("/v1/load_lora_adapter", self._load)
+        app.router.add_post("/v1/unload_lora_adapter", self._unload)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        wanted = f"Bearer {self.api_key}" if self.api_key else None
+        if request.path != "/health" and request.headers.get("Authorization") != wanted:
+            return web.json_response(
+                {"error": "missing or bad API key", "error_type": "unauthorized"}, status=401
+            )
+        if self.busy:
+            return web.json_response(
+                {"error": "queue full", "error_type": "overloaded"}, status=429, headers={"Retry-After": "2"}
+            )
+        await asyncio.sleep(self.delay_s)
+        return await handler(request)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _list(self, request: web.Request) -> web.Response:
+        if self.garbage:
+            return web.Response(text="<html>a proxy page</html>")
+        return web.json_response({"object": "list", "data": list(self.adapters.values())})
+
+    async def _load(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.loads.append(body)
+        if body["lora_path"].startswith("hf://missing"):
+            return web.json_response({"error": "repository not found", "error_type": "source"}, status=422)
+        if "rank-128" in body["lora_path"]:
+            error = {"error": "rank 128 exceeds max_lora_rank 64", "error_type": "rank_exceeds_max"}
+            return web.json_response(error, status=422)
+        if body["lora_name"] in self.adapters:
+            error = {"error": f"adapter {body['lora_name']!r} already loaded", "error_type": "conflict"}
+            return web.json_response(error, status=409)
+        info = {
+            "name": body["lora_name"],
+            "source": body["lora_path"],
+            "state": "ready",
+            "rank": 8,
+            "alpha": 16.0,
+            "target_modules": ["q_proj", "v_proj"],
+            "aliases": body["aliases"],
+            "pinned": body["pinned"],
+            "load_generation": len(self.loads),
+            "future_field": "ignored",
+        }
+        self.adapters[info["name"]] = info
+        return web.json_response(info)
+
+    async def _unload(self, request: web.Request) -> web.Response:
+        name = (await request.json())["lora_name"]
+        if self.adapters.pop(name, None) is None:
+            return web.json_response(
+                {"error": f"adapter {name!r} not found", "error_type": "adapter_not_found"}, status=404
+            )
+        return web.json_response({"status": "ok"})
+
+
+@pytest.fixture
+async def pod() -> Any:
+    fake = FakePod()
+    server = TestServer(fake.app(), host="127.0.0.1")
+    await server.start_server()
+    yield fake, pod_url("127.0.0.1", server.port)
+    await server.close()
+
+
+@pytest.fixture
+async def start_fake_pod() -> AsyncIterator[Callable[..., Awaitable[FakePod]]]:
+    """`await start_fake_pod(api_key=None)`: a running FakePod on 127.0.0.1 (stopped at teardown)."""
+    servers: list[TestServer] = []
+
+    async def start(api_key: str | None = None) -> FakePod:
+        fake = FakePod(api_key)
+        server = TestServer(fake.app(), host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        fake.port = server.port
+        fake.server = server
+        fake.url = pod_url("127.0.0.1", server.port)
+        return fake
+
+    yield start
+    for server in servers:
+        await server.close()
