@@ -1,0 +1,98 @@
+"""Adapter admin API: list, inspect, hot-load with aliases, unload (then 404, never the base)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from http_server_support import LiveServer, Reference, call
+
+from loraplex.server.engine_api import AdapterInfo
+
+FIELDS = {f.name for f in dataclasses.fields(AdapterInfo)}
+
+
+def _generate(server: LiveServer, adapter: str | None) -> tuple[int, dict]:
+    body = {"inputs": "the model serves", "parameters": {"adapter_id": adapter, "max_new_tokens": 6}}
+    status, _, out = call("POST", f"{server.url}/generate", body)
+    return status, out
+
+
+def test_list_and_get_adapters(live_server: LiveServer) -> None:
+    status, _, out = call("GET", f"{live_server.url}/v1/adapters")
+    assert status == 200 and out["object"] == "list"
+    by_name = {a["name"]: a for a in out["data"] if a["state"] != "failed"}
+    assert set(by_name) == set(live_server.adapters)
+    for name, info in by_name.items():
+        assert set(info) == FIELDS  # every AdapterInfo field, snake_case
+        assert info["state"] == "ready"
+        assert info["source"] == str(live_server.adapters[name])
+    assert by_name["b8"]["rank"] == 8 and by_name["c16"]["rank"] == 16
+    status, _, one = call("GET", f"{live_server.url}/v1/adapters/c16")
+    assert status == 200 and one["name"] == "c16" and one["rank"] == 16
+
+
+def test_get_unknown_adapter_is_404(live_server: LiveServer) -> None:
+    status, _, out = call("GET", f"{live_server.url}/v1/adapters/nope")
+    assert status == 404
+    assert out["error_type"] == "adapter_not_found"
+
+
+def test_hot_load_alias_then_unload(live_server: LiveServer, reference: Reference, tiny_assets) -> None:
+    url = live_server.url
+    body = {
+        "lora_name": "team/zed",
+        "lora_path": str(tiny_assets.adapters["llama"]["b8"]),
+        "aliases": ["zed"],
+    }
+    status, _, info = call("POST", f"{url}/v1/load_lora_adapter", body)
+    assert status == 200, info
+    assert set(info) == FIELDS
+    assert (info["name"], info["state"], info["rank"], info["aliases"]) == ("team/zed", "ready", 8, ["zed"])
+    try:
+        expected = reference.text("b8", "the model serves", 6)  # same weights as b8
+        for name in ("team/zed", "zed"):
+            status, out = _generate(live_server, name)
+            assert (status, out["generated_text"]) == (200, expected)
+        assert call("GET", f"{url}/v1/adapters/team/zed")[2]["name"] == "team/zed"
+        assert "team/zed" in {m["id"] for m in call("GET", f"{url}/v1/models")[2]["data"]}
+    finally:
+        status, _, out = call("POST", f"{url}/v1/unload_lora_adapter", {"lora_name": "team/zed"})
+    assert status == 200 and out == {"lora_name": "team/zed", "unloaded": True}
+    for name in ("team/zed", "zed"):
+        status, out = _generate(live_server, name)
+        assert status == 404 and out["error_type"] == "adapter_not_found"
+    assert call("GET", f"{url}/v1/adapters/team/zed")[0] == 404
+
+
+def test_load_errors_are_4xx_with_error_type(live_server: LiveServer, tiny_assets, tmp_path: Path) -> None:
+    url = f"{live_server.url}/v1/load_lora_adapter"
+    status, _, out = call("POST", url, {"lora_name": "ghost", "lora_path": str(tmp_path / "missing")})
+    assert status == 422 and out["error_type"] == "source"
+    status, _, out = call("POST", url, {"lora_name": "bad name!", "lora_path": "/x"})
+    assert status == 422 and out["error_type"] == "validation" and "lora_name" in out["error"]
+    status, _, out = call("POST", url, {"lora_name": "x", "lora_path": "/x", "sha256": "abc"})
+    assert status == 422 and "sha256" in out["error"]
+    status, _, out = call("POST", url, {"lora_path": "/x"})
+    assert status == 422 and "lora_name" in out["error"]
+    # a real PEFT directory that is not plain LoRA (DoRA) is refused by validation
+    dora = tmp_path / "dora"
+    shutil.copytree(tiny_assets.adapters["llama"]["a4"], dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    status, _, out = call("POST", url, {"lora_name": "dora", "lora_path": str(dora)})
+    assert status == 422 and out["error_type"] == "validation", out
+    # failed loads are reported, and never served
+    status, _, listed = call("GET", f"{live_server.url}/v1/adapters/dora")
+    assert status == 200 and listed["state"] == "failed" and listed["error"]
+    status, out = _generate(live_server, "dora")
+    assert status == 404 and out["error_type"] == "adapter_not_found"
+    for name in ("ghost", "dora"):  # forget the failures: the shared server's list stays clean
+        assert call("POST", f"{live_server.url}/v1/unload_lora_adapter", {"lora_name": name})[0] == 200
+
+
+def test_unload_unknown_is_404(live_server: LiveServer) -> None:
+    status, _, out = call("POST", f"{live_server.url}/v1/unload_lora_adapter", {"lora_name": "nope"})
+    assert status == 404 and out["error_type"] == "adapter_not_found"
