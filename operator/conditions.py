@@ -13,6 +13,10 @@ def timestamp(unix_s: float) -> str:
     return datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_timestamp(value: str) -> float:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
 def condition(
     type_: str, ok: bool, reason: str, message: str = "", generation: int | None = None
 ) -> Condition:

@@ -106,6 +106,7 @@ class AdapterInstance(K8sModel):
     loaded_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     attempts: int = 0
     last_error: str | None = None
+    error_type: str | None = Field(default=None, description="The engine's error type for last_error.")
     next_attempt_at: str | None = Field(
         default=None, json_schema_extra={"format": "date-time"}, description="Backoff after failures."
     )

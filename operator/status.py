@@ -13,7 +13,7 @@ from loraplex.operator.bmd import (
     PodReport,
 )
 from loraplex.operator.common import Condition
-from loraplex.operator.conditions import condition, merge_conditions, timestamp
+from loraplex.operator.conditions import condition, merge_conditions, parse_timestamp, timestamp
 from loraplex.operator.desired import DesiredAdapter
 from loraplex.operator.engine_client import AdapterReport
 from loraplex.operator.lora import (
@@ -55,16 +55,19 @@ def instance(
     """The adapter on one pod. A refused load the pod did not keep shows as Failed from our record."""
     attempt = attempt if attempt is not None and attempt.applies_to(pod.epoch, adapter) else None
     report = _report(pod, adapter.name)
+    error_type = None
     if not pod.reachable:
         state, error = InstanceState.PENDING, pod.stuck or pod.error
     elif report is None:
         state = InstanceState.FAILED if attempt else InstanceState.PENDING
-        error = attempt.last_error if attempt else None
+        error, error_type = (attempt.last_error, attempt.error_type) if attempt else (None, None)
     elif report.state == "ready":
         state = InstanceState.READY if matches(adapter, report) else InstanceState.LOADING
         error = None
     elif report.state == "failed":
-        state, error = InstanceState.FAILED, report.error or (attempt.last_error if attempt else None)
+        state, error, error_type = InstanceState.FAILED, report.error, report.error_type
+        if attempt is not None:
+            error, error_type = error or attempt.last_error, error_type or attempt.error_type
     else:
         state, error = InstanceState.LOADING, None
     return AdapterInstance(
@@ -73,10 +76,31 @@ def instance(
         loaded_at=timestamp(report.loaded_at) if report and report.loaded_at else None,
         attempts=attempt.attempts if attempt else 0,
         last_error=error,
+        error_type=error_type,
         next_attempt_at=timestamp(attempt.next_attempt_at)
         if attempt and attempt.next_attempt_at > now
         else None,
     )
+
+
+def attempts_from_status(
+    adapter: DesiredAdapter, status: LoraAdapterStatus, pods: Sequence[PodObservation]
+) -> dict[tuple[str, str], Attempt]:
+    """Backoff records as a restarted operator finds them in status (assumes the same engine epoch:
+    a pod that restarted meanwhile is retried at once anyway, its epoch differs)."""
+    epochs = {pod.name: pod.epoch for pod in pods}
+    return {
+        (item.pod, adapter.name): Attempt(
+            epoch=epochs.get(item.pod),
+            adapter=adapter,
+            attempts=item.attempts,
+            next_attempt_at=parse_timestamp(item.next_attempt_at) if item.next_attempt_at else 0.0,
+            last_error=item.last_error,
+            error_type=item.error_type,
+        )
+        for item in status.instances
+        if item.state == InstanceState.FAILED and item.attempts > 0 and item.pod in epochs
+    }
 
 
 def lora_phase(instances: Sequence[AdapterInstance]) -> LoraPhase:

@@ -12,7 +12,7 @@ from loraplex.operator.engine_client import AdapterReport
 from loraplex.operator.lora import InstanceState, LoraAdapterStatus, LoraPhase
 from loraplex.operator.pods import PodObservation
 from loraplex.operator.reconcile import readiness_gate, record_failure
-from loraplex.operator.status import bmd_status, lora_status
+from loraplex.operator.status import attempts_from_status, bmd_status, lora_status
 
 SQL = DesiredAdapter(name="sql", source="hf://org/sql")
 CHAT = DesiredAdapter(name="chat", source="hf://org/chat")
@@ -174,3 +174,13 @@ def test_readiness_gate_opens_once_per_epoch() -> None:
     restarted = PodObservation(name="a", running=True, epoch="1@t2").with_reports([])
     assert readiness_gate(restarted, desired, opened)["status"] == "False"
     assert readiness_gate(PodObservation(name="a"), desired, opened) is None  # not running: kubelet decides
+
+
+def test_backoff_survives_an_operator_restart_through_status() -> None:
+    attempt = record_failure(None, "0@t", SQL, "rank too high", NOW - 5, error_type="rank_exceeds_max")
+    written = lora_status(SQL, 1, [pod("a")], {"a": attempt}, LoraAdapterStatus(), NOW)
+    stored = LoraAdapterStatus.model_validate(written.to_k8s())  # through the API server and back
+    restored = attempts_from_status(SQL, stored, [pod("a")])
+    assert restored == {("a", "sql"): attempt}
+    assert stored.instances[0].error_type == "rank_exceeds_max"
+    assert attempts_from_status(SQL, stored, [pod("b")]) == {}  # the pod is gone
