@@ -71,6 +71,7 @@ class ModelRunner:
         self.max_lora_rank = config.max_lora_rank
         self.num_layers: int = self.hf_config.num_hidden_layers
         self._lora_shapes = lora_module_shapes(self.hf_config)
+        self._attention_windows = self.model.attention_windows
         for layer in self.model.lora_layers():
             layer.create_lora_slots(self.max_loras, self.max_lora_rank)
         self.slot_ranks = torch.zeros(self.max_loras, dtype=torch.int32, device=self.device)
@@ -100,13 +101,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits [len(batch.chunks), vocab] of each chunk's last token (see ForwardBatch)."""
-        for chunk in batch.chunks:
-            if chunk.lora_slot is not None and not 0 <= chunk.lora_slot < self.max_loras:
-                raise ValueError(f"sequence {chunk.seq_id}: LoRA slot {chunk.lora_slot} out of range")
-            if any(block >= self.num_kv_blocks for block in chunk.block_table):
-                raise ValueError(f"sequence {chunk.seq_id}: block table beyond {self.num_kv_blocks} blocks")
+        self._check_batch(batch)
         meta = build_forward_metadata(
-            batch, self.block_size, self.model.attention_windows, self.slot_ranks, self.device
+            batch, self.block_size, self._attention_windows, self.slot_ranks, self.device
         )
         input_ids = torch.tensor(
             [token for chunk in batch.chunks for token in chunk.token_ids],
@@ -131,6 +128,14 @@ class ModelRunner:
         for layer in self.model.lora_layers():
             layer.clear_lora(slot)
         self.slot_ranks[slot] = 0
+
+    def _check_batch(self, batch: ForwardBatch) -> None:
+        for chunk in batch.chunks:
+            if chunk.lora_slot is not None and not 0 <= chunk.lora_slot < self.max_loras:
+                raise ValueError(f"sequence {chunk.seq_id}: LoRA slot {chunk.lora_slot} out of range")
+            table = chunk.block_table
+            if table and not 0 <= min(table) <= max(table) < self.num_kv_blocks:
+                raise ValueError(f"sequence {chunk.seq_id}: block table outside 0..{self.num_kv_blocks - 1}")
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_loras:

@@ -35,12 +35,13 @@ class RotaryEmbedding(nn.Module):
             inv_freq, scaling = 1.0 / (params["rope_theta"] ** exponents), 1.0
         else:
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        # Built on the CPU (as transformers does), kept on the device the model is being built on.
+        self.register_buffer("inv_freq", inv_freq.float().to(torch.empty(0).device), persistent=False)
         self.scaling = float(scaling)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> (cos, sin), each [T, head_dim]."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
 

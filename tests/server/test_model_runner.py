@@ -198,8 +198,10 @@ def test_execute_rejects_bad_chunks(setup: Setup) -> None:
         runner.execute(ForwardBatch((SequenceChunk(1, (5,) * 9, 0, (0, 1), None),)))
     with pytest.raises(ValueError, match="slot"):
         runner.execute(ForwardBatch((SequenceChunk(1, (5,), 0, (0,), runner.max_loras),)))
-    with pytest.raises(ValueError, match="beyond"):
+    with pytest.raises(ValueError, match="outside"):
         runner.execute(ForwardBatch((SequenceChunk(1, (5,), 0, (runner.num_kv_blocks,), None),)))
+    with pytest.raises(ValueError, match="outside"):
+        runner.execute(ForwardBatch((SequenceChunk(1, (5,), 0, (-1,), None),)))
 
 
 def test_runner_config_defaults_on_cpu(tiny_assets: TinyAssets) -> None:
