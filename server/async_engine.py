@@ -168,8 +168,15 @@ class AsyncEngine:
                 stream = self._streams.get(event.request_id)
                 if event.finish_reason is not None:
                     self._streams.pop(event.request_id, None)
-            if stream is not None:
+            if stream is None:
+                continue
+            try:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
+            except RuntimeError:  # the consumer's event loop is closed: nobody will read this
+                if event.finish_reason is None:
+                    self._engine.abort(event.request_id)
+                    with self._lock:
+                        self._streams.pop(event.request_id, None)
 
     # -- requests ----------------------------------------------------------------------------
 

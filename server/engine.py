@@ -144,6 +144,14 @@ class LLMEngine:
                 f"prompt tokens ({num_prompt}) + max_new_tokens ({request.params.max_new_tokens}) must be "
                 f"<= max_total_tokens={self.config.max_total_tokens}"
             )
+        if (
+            self.block_manager.num_blocks_for(num_prompt + request.params.max_new_tokens)
+            > self.block_manager.num_blocks
+        ):
+            raise InvalidRequestError(
+                f"prompt + max_new_tokens ({num_prompt + request.params.max_new_tokens} tokens) cannot fit in "
+                f"the KV cache ({self.block_manager.num_blocks * self.block_manager.block_size} tokens)"
+            )
         vocab = self.runner.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from loraplex.server.adapters.peft_format import load_peft_adapter
 from loraplex.server.adapters.registry import AdapterEntry
 from loraplex.server.engine import EngineConfig, LLMEngine
+from loraplex.server.engine_api import InvalidRequestError, UnknownAdapterError
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
 from loraplex.server.sampling_params import SamplingParams
 from loraplex.server.sequence import AdapterRef
@@ -240,3 +241,12 @@ def test_abort_frees_blocks_and_slot(tiny_assets, prompts) -> None:
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert engine.registry.slot_users() == {engine.registry.get("c16").ref: 0}
     assert not engine.has_unfinished() and engine.abort("x") is None
+
+
+def test_request_that_can_never_fit_the_kv_cache_is_refused(tiny_assets, prompts) -> None:
+    engine = make_engine(tiny_assets, "llama", num_kv_blocks=4)
+    with pytest.raises(InvalidRequestError, match="KV cache"):
+        engine.add_request(request("big", prompts[0], None))
+    with pytest.raises(UnknownAdapterError):
+        engine.add_request(request("ghost", prompts[0], "ghost", max_new_tokens=2))
+    assert not engine.has_unfinished()
