@@ -35,7 +35,9 @@ class Setup:
     def __init__(self, assets: TinyAssets, kind: str) -> None:
         model_dir = assets.models[kind]
         self.runner = ModelRunner(
-            RunnerConfig(model_path=str(model_dir), block_size=BLOCK_SIZE, num_kv_blocks=96, max_lora_rank=16)
+            RunnerConfig(
+                model_path=str(model_dir), block_size=BLOCK_SIZE, num_kv_blocks=256, max_lora_rank=16
+            )
         )
         self.references: dict[int | None, torch.nn.Module] = {None: self._base(model_dir)}
         for slot, name in enumerate(ADAPTERS):
@@ -51,6 +53,7 @@ class Setup:
 
     def block_table(self, num_tokens: int) -> tuple[int, ...]:
         count = -(-num_tokens // BLOCK_SIZE)
+        assert count <= len(self.free_blocks), "test setup: raise num_kv_blocks"
         table, self.free_blocks = self.free_blocks[:count], self.free_blocks[count:]
         return tuple(table)
 
@@ -90,9 +93,14 @@ def test_adapters_change_the_output(setup: Setup) -> None:
         assert (setup.reference_logits(slot, ids)[-1] - base).abs().max() > 0.1
 
 
-def test_mixed_batch_with_chunked_prefill(setup: Setup) -> None:
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_mixed_batch_with_chunked_prefill(
+    setup: Setup, kernels: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Base and three adapters in one batch, prompts of different lengths, one prefill split over two steps,
-    decodes running next to prefills; every row matches its own reference."""
+    decodes running next to prefills; every row matches its own reference. `triton` runs the Triton LoRA
+    kernels in Triton's interpreter on these CPU tensors."""
+    monkeypatch.setenv("LORAPLEX_KERNELS", kernels)
     runner = setup.runner
     slots = [None, 0, 1, 2]
     prompts = [_tokens(n, runner.vocab_size, seed=10 + n) for n in (5, 17, 11, 23)]
