@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
-from loraplex.server.adapters.registry import AdapterEntry
-from loraplex.server.async_engine import AsyncEngine, load_local_adapter
-from loraplex.server.engine import EngineConfig, LLMEngine
+from loraplex.server.async_engine import AsyncEngine
+from loraplex.server.engine import EngineConfig
 from loraplex.server.engine_api import (
     AdapterLoadError,
     Engine,
@@ -23,7 +24,6 @@ from loraplex.server.engine_api import (
 )
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
 from loraplex.server.sampling_params import SamplingParams
-from loraplex.server.sequence import AdapterRef
 
 PROMPTS = ((5, 17, 42, 99, 7, 300, 12), (9, 8, 7), (100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110))
 
@@ -68,20 +68,30 @@ async def collect(engine: AsyncEngine, request: GenerationRequest) -> list[Token
     return [event async for event in engine.generate(request)]
 
 
+_REFERENCE: dict[tuple, list[int]] = {}
+
+
+def peft_tokens(assets, adapter: str | None, prompt: tuple[int, ...], num_new: int) -> list[int]:
+    """Greedy tokens from transformers (+ peft for an adapter), independent of the engine."""
+    key = (adapter, prompt, num_new)
+    if key not in _REFERENCE:
+        model = AutoModelForCausalLM.from_pretrained(assets.models["llama"], dtype=torch.float32)
+        model.generation_config.eos_token_id = None
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, assets.adapters["llama"][adapter])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=torch.tensor([prompt]), max_new_tokens=num_new, do_sample=False, pad_token_id=0
+            )
+        _REFERENCE[key] = out[0, len(prompt) :].tolist()
+    return _REFERENCE[key]
+
+
 def sync_tokens(assets, requests: list[GenerationRequest]) -> dict[str, list[int]]:
-    """The same requests through a plain LLMEngine, one at a time (test_engine checks it against peft)."""
-    engine = LLMEngine.from_config(config(assets, adapters=()))
-    for spec in config(assets).adapters:
-        weights = load_local_adapter(spec, engine.runner.hf_config, engine.runner.max_lora_rank)
-        engine.add_adapter(AdapterEntry(AdapterRef(spec.name, 0), weights, source=spec.source))
-    out = {}
-    for request in requests:
-        engine.add_request(request)
-        tokens: list[int] = []
-        while engine.has_unfinished():
-            tokens += [e.token_id for e in engine.step() if e.token_id is not None]
-        out[request.request_id] = tokens
-    return out
+    return {
+        r.request_id: peft_tokens(assets, r.adapter, r.prompt_token_ids, r.params.max_new_tokens)
+        for r in requests
+    }
 
 
 async def test_implements_the_engine_protocol(engine) -> None:
@@ -95,7 +105,7 @@ async def test_implements_the_engine_protocol(engine) -> None:
 async def test_concurrent_streams_match_sequential_runs(engine, tiny_assets) -> None:
     requests = [req(f"r{i}", PROMPTS[i % 3], (None, "a4", "b8", "c16")[i % 4]) for i in range(6)]
     results = await asyncio.gather(*(collect(engine, r) for r in requests))
-    expected = sync_tokens(tiny_assets, requests)
+    expected = sync_tokens(tiny_assets, requests)  # transformers + peft
     for request, events in zip(requests, results, strict=True):
         assert [e.token_id for e in events] == expected[request.request_id]
         assert events[-1].finish_reason is FinishReason.LENGTH and events[-1].num_generated_tokens == 24
@@ -208,3 +218,19 @@ async def test_shutdown_refuses_new_work_and_cancels_the_rest(tiny_assets) -> No
     assert rest[-1].finish_reason is FinishReason.CANCELLED
     with pytest.raises(ShuttingDownError):
         engine.generate(req("t", PROMPTS[0]))
+
+
+async def test_slot_churn_many_adapters_two_slots(tiny_assets) -> None:
+    """Nine served adapters over two slots: every request still gets its own adapter's tokens."""
+    paths = tiny_assets.adapters["llama"]
+    specs = tuple(LoadAdapterSpec(f"{base}-{i}", str(paths[base])) for i in range(3) for base in paths)
+    engine = AsyncEngine.from_config(config(tiny_assets, adapters=specs))
+    requests = [req(f"r{i}", PROMPTS[i % 3], specs[i % len(specs)].name, max_new_tokens=8) for i in range(27)]
+    results = await asyncio.gather(*(collect(engine, r) for r in requests))
+    await engine.shutdown(timeout_s=0)
+    underlying = [req(f"{p}-{n}", PROMPTS[n], p, max_new_tokens=8) for p in paths for n in range(3)]
+    expected = sync_tokens(tiny_assets, underlying)
+    for request, events in zip(requests, results, strict=True):
+        base = request.adapter.rsplit("-", 1)[0]  # type: ignore[union-attr]
+        prompt_index = PROMPTS.index(request.prompt_token_ids)
+        assert [e.token_id for e in events] == expected[f"{base}-{prompt_index}"], request.request_id

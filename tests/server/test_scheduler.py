@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from loraplex.server.adapters.lora_weights import LoraWeights
 from loraplex.server.adapters.registry import AdapterEntry, AdapterRegistry
 from loraplex.server.block_manager import BlockManager
@@ -144,3 +147,11 @@ def test_repeated_prompt_hits_prefix_cache() -> None:
     step = fake_step(sched)
     assert {s.request_id: n for s, n in step.chunks} == {"again": 1, "other": 9}
     assert again.num_prefix_hit_tokens == 8 and other.num_prefix_hit_tokens == 0
+
+
+def test_pure_policy_modules_import_no_torch() -> None:
+    code = (
+        "import sys, loraplex.server.scheduler, loraplex.server.block_manager, loraplex.server.adapters.registry;"
+        "assert 'torch' not in sys.modules and 'aiohttp' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
