@@ -11,7 +11,7 @@ from torch import nn
 
 from loraplex.server.layers.metadata import ForwardMetadata
 from loraplex.server.layers.norm import RMSNorm
-from loraplex.server.models.llama import MLP, Attention, KVCache, LlamaForCausalLM
+from loraplex.server.models.llama import MLP, Attention, LayerKVCache, LlamaForCausalLM
 
 
 class Gemma2DecoderLayer(nn.Module):
@@ -31,7 +31,7 @@ class Gemma2DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: KVCache,
+        kv_cache: LayerKVCache,
         meta: ForwardMetadata,
     ) -> torch.Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, kv_cache, meta))

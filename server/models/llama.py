@@ -21,7 +21,7 @@ from loraplex.server.layers.metadata import ForwardMetadata
 from loraplex.server.layers.norm import RMSNorm
 from loraplex.server.layers.rotary import RotaryEmbedding, apply_rotary
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+LayerKVCache = tuple[torch.Tensor, torch.Tensor]
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -99,7 +99,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: KVCache,
+        kv_cache: LayerKVCache,
         meta: ForwardMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -137,7 +137,7 @@ class LlamaDecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: KVCache,
+        kv_cache: LayerKVCache,
         meta: ForwardMetadata,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
@@ -161,7 +161,7 @@ class DecoderModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: Sequence[KVCache],
+        kv_caches: Sequence[LayerKVCache],
         meta: ForwardMetadata,
     ) -> torch.Tensor:
         """input_ids, positions [T] -> hidden states [T, hidden]."""
@@ -203,7 +203,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: Sequence[KVCache],
+        kv_caches: Sequence[LayerKVCache],
         meta: ForwardMetadata,
     ) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)

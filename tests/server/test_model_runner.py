@@ -221,3 +221,20 @@ def test_runner_config_defaults_on_cpu(tiny_assets: TinyAssets) -> None:
     assert runner.slot_ranks.tolist() == [0, 0]
     with pytest.raises(ValueError, match="dtype"):
         ModelRunner(RunnerConfig(model_path=str(tiny_assets.models["llama"]), dtype="int8"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_stays_close_to_float32(tiny_assets: TinyAssets, dtype: str) -> None:
+    model_dir, adapter_dir = tiny_assets.models["gemma2"], tiny_assets.adapters["gemma2"]["c16"]
+    runner = ModelRunner(
+        RunnerConfig(model_path=str(model_dir), dtype=dtype, num_kv_blocks=4, max_lora_rank=16)
+    )
+    runner.load_lora(1, load_peft_adapter(adapter_dir, "c16", runner.hf_config, 16))
+    ids = _tokens(20, runner.vocab_size, seed=4)
+    logits = runner.execute(ForwardBatch((SequenceChunk(0, tuple(ids), 0, (0, 1), 1),)))
+    reference = PeftModel.from_pretrained(Setup._base(model_dir), adapter_dir)
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0, -1]
+    assert runner.kv_cache.layers[0][0].dtype == getattr(torch, dtype)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits[0], expected, atol=0.15, rtol=0)
