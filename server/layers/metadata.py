@@ -61,6 +61,15 @@ def _attention_masks(
     return masks
 
 
+def _lora_meta(
+    token_slots: torch.Tensor, slot_ranks: torch.Tensor, device: torch.device
+) -> LoraBatchMeta | None:
+    """None when no token uses an adapter: the layers then skip LoRA entirely (no kernel launch)."""
+    if not bool((token_slots != _NO_ADAPTER).any()):
+        return None
+    return LoraBatchMeta.build(token_slots.to(device), slot_ranks.to(device))
+
+
 def build_forward_metadata(
     batch: ForwardBatch,
     block_size: int,
@@ -88,10 +97,6 @@ def build_forward_metadata(
         query_rows.append(b * max_query_len + torch.arange(chunk.num_tokens))
         lora_slot = _NO_ADAPTER if chunk.lora_slot is None else chunk.lora_slot
         token_slots.append(torch.full((chunk.num_tokens,), lora_slot, dtype=torch.int32))
-    token_slots_t = torch.cat(token_slots)
-    lora = None
-    if bool((token_slots_t != _NO_ADAPTER).any()):
-        lora = LoraBatchMeta.build(token_slots_t.to(device), slot_ranks.to(device))
     ends = torch.tensor([c.num_tokens for c in chunks]).cumsum(0) - 1
     masks = _attention_masks(query_positions, max_context_len, windows)
     return ForwardMetadata(
@@ -101,7 +106,7 @@ def build_forward_metadata(
         context_slots=context_slots.to(device),
         masks={w: m.to(device) for w, m in masks.items()},
         logits_indices=ends.to(device),
-        lora=lora,
+        lora=_lora_meta(torch.cat(token_slots), slot_ranks, device),
         num_seqs=num_seqs,
         max_query_len=max_query_len,
     )
