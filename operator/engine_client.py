@@ -101,7 +101,12 @@ class EngineClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> EngineClient:
-        self._session = aiohttp.ClientSession(headers=self._headers, raise_for_status=False)
+        return self.open()
+
+    def open(self) -> EngineClient:
+        """Start the HTTP session (what `async with` does); pair with `close()`."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers=self._headers, raise_for_status=False)
         return self
 
     async def __aexit__(

@@ -1,0 +1,130 @@
+"""Kubernetes I/O for the operator: apply rendered children, patch status and pod conditions,
+read Secrets. A thin async facade over the `kubernetes` client; calls run in worker threads.
+
+Children are written with server-side apply (field manager `loraplex-operator`, forced), so a
+reconcile both creates and corrects drift on the fields we own, and leaves others' fields alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import kubernetes
+from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
+
+from loraplex.operator.common import GROUP, VERSION
+
+FIELD_MANAGER = "loraplex-operator"
+T = TypeVar("T")
+
+
+class Kube:
+    def __init__(self, api_client: ApiClient, field_manager: str = FIELD_MANAGER) -> None:
+        self._api_client = api_client
+        self._field_manager = field_manager
+        self._core = CoreV1Api(api_client)
+        self._custom = CustomObjectsApi(api_client)
+        self._dynamic: DynamicClient | None = None
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        """In-cluster service account when running in a pod, else KUBECONFIG / ~/.kube/config."""
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config()
+        return cls(ApiClient())
+
+    async def _run(self, call: Callable[[], T]) -> T:
+        return await asyncio.to_thread(call)
+
+    def _resources(self) -> Any:
+        if self._dynamic is None:  # discovery: once, lazily, in the worker thread
+            self._dynamic = DynamicClient(self._api_client)
+        return self._dynamic.resources
+
+    async def served(self, api_version: str, kind: str) -> bool:
+        """Whether the API server knows this kind (policy/v1 on 1.21+, InferencePool if installed)."""
+
+        def lookup() -> bool:
+            try:
+                self._resources().get(api_version=api_version, kind=kind)
+                return True
+            except ResourceNotFoundError:
+                return False
+
+        return await self._run(lookup)
+
+    async def apply(self, body: dict[str, Any]) -> None:
+        def call() -> None:
+            resource = self._resources().get(api_version=body["apiVersion"], kind=body["kind"])
+            resource.server_side_apply(body=body, field_manager=self._field_manager, force_conflicts=True)
+
+        await self._run(call)
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        """Delete if present; an absent object or an unknown kind is already the desired state."""
+
+        def call() -> None:
+            try:
+                resource = self._resources().get(api_version=api_version, kind=kind)
+                resource.delete(name=name, namespace=namespace)
+            except (NotFoundError, ResourceNotFoundError):
+                pass
+
+        await self._run(call)
+
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Merge-patch one of our resources' status subresource (lists are replaced whole)."""
+        await self._run(
+            lambda: self._custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, plural, name, {"status": status}
+            )
+        )
+
+    async def patch_annotations(
+        self, plural: str, namespace: str, name: str, annotations: dict[str, str]
+    ) -> None:
+        body = {"metadata": {"annotations": annotations}}
+        await self._run(
+            lambda: self._custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, body)
+        )
+
+    async def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        def call() -> dict[str, Any] | None:
+            try:
+                return self._custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+            except ApiException as error:
+                if error.status == 404:
+                    return None
+                raise
+
+        return await self._run(call)
+
+    async def set_pod_condition(self, namespace: str, name: str, condition: dict[str, Any]) -> None:
+        """Strategic merge on pods/status: conditions merge by type, others stay untouched."""
+        body = {"status": {"conditions": [condition]}}
+        await self._run(
+            lambda: self._core.patch_namespaced_pod_status(
+                name, namespace, body, _content_type="application/strategic-merge-patch+json"
+            )
+        )
+
+    async def read_secret_key(self, namespace: str, name: str, key: str) -> str | None:
+        def call() -> str | None:
+            try:
+                secret = self._core.read_namespaced_secret(name, namespace)
+            except ApiException as error:
+                if error.status == 404:
+                    return None
+                raise
+            value = (secret.data or {}).get(key)
+            return base64.b64decode(value).decode() if value is not None else None
+
+        return await self._run(call)

@@ -1,0 +1,42 @@
+"""`loraplex operator`: run the kopf operator (standalone: one replica, no peering).
+
+loraplex operator --all-namespaces
+loraplex operator --namespace llm --namespace team-a
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import kopf
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)"
+    )
+    scope.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="watch the whole cluster [default]"
+    )
+    parser.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8080/healthz",
+        help="liveness endpoint for the operator's pod probe [%(default)s]",
+    )
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def run(args: argparse.Namespace) -> int:
+    from loraplex.operator import handlers  # noqa: F401 - registers the handlers with kopf
+
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    kopf.run(
+        standalone=True,
+        liveness_endpoint=args.liveness,
+        namespaces=args.namespace,
+        clusterwide=not args.namespace,
+    )
+    return 0
