@@ -4,16 +4,18 @@ Decode-sized LoRA is a memory-bound batched GEMV: each distinct adapter's A and 
 streamed once, and there is almost no arithmetic to hide latency behind. So the work is cut
 into many small, independent programs that all stream adapter bytes at once:
 
-- shrink: grid (token tile, K split, slice). Each program multiplies one tile of one slot's
-  tokens by a BLOCK_K-wide strip of that slot's A and adds its partial sums into float32 y
-  (atomics when K is split). Splitting K is what spreads a 32-adapter decode step over all SMs.
+- shrink: grid (token tile, K split x rank step, slice). Each program multiplies one tile of
+  one slot's tokens by a [BLOCK_R, k_per_split] block of that slot's A and adds its partial
+  sums into float32 y (atomics when K is split). Splitting K and rank is what spreads a
+  32-adapter decode step over all SMs; rank steps beyond a slot's rank exit at once.
 - expand: grid (token tile, output block over all slices). Each (token, column) has exactly
   one writer, so out is read, added to and written without atomics.
 
 The token-tile axis is the fixed-size tile table of `LoraBatchMeta`: its length depends only
 on T and the slot count, idle entries exit at once, so one launch shape serves every batch
-composition (CUDA-graph safe, no host sync). Both kernels loop over a slot's own rank in
-BLOCK_R steps: a rank-8 adapter next to a rank-64 one reads and multiplies 8 rows, not 64.
+composition (CUDA-graph safe, no host sync). Both kernels cover a slot's own rank in
+BLOCK_R steps (shrink: one program per step; expand: a pipelined loop): a rank-8 adapter
+next to a rank-64 one reads and multiplies 16 rows of which 8 are loaded, not 64.
 Up to three slices share a launch (q/k/v of different widths, gate/up); more are chunked.
 """
 
@@ -54,17 +56,20 @@ class ExpandConfig:
 def _shrink_kernel(
     x_ptr, a0_ptr, a1_ptr, a2_ptr, y_ptr,
     sorted_ids_ptr, slot_ranks_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
-    in_features, k_per_split, stride_xt, stride_a_slot, stride_a_rank, stride_ys, stride_yt,
+    in_features, k_per_split, rank_steps, stride_xt, stride_a_slot, stride_a_rank, stride_ys, stride_yt,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
-    split = tl.program_id(1)
+    split = tl.program_id(1) // rank_steps
+    r0 = (tl.program_id(1) % rank_steps) * BLOCK_R
     s = tl.program_id(2)
     slot = tl.load(tile_slots_ptr + tile)
     if slot < 0:
         return  # idle entry of the fixed-size tile table
     rank = tl.load(slot_ranks_ptr + slot)
+    if r0 >= rank:
+        return  # this slot's adapter has a smaller rank than the buffers
     offs_m = tl.load(tile_starts_ptr + tile) + tl.arange(0, BLOCK_M)
     mask_m = offs_m < tl.load(tile_ends_ptr + tile)
     tokens = tl.load(sorted_ids_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -74,29 +79,27 @@ def _shrink_kernel(
     if s == 2:
         a_ptr = a2_ptr
     a_ptr += slot.to(tl.int64) * stride_a_slot
-    offs_r = tl.arange(0, BLOCK_R)
+    rows = r0 + tl.arange(0, BLOCK_R)
+    mask_r = rows < rank
     offs_k = tl.arange(0, BLOCK_K)
     k_begin = split * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, in_features)
-    for r0 in range(0, rank, BLOCK_R):
-        rows = r0 + offs_r
-        mask_r = rows < rank
-        acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            ks = k0 + offs_k
-            # Masks constant along K let Triton vectorise the loads (16 bytes a thread)
-            mask_x = mask_m[:, None] if EVEN_K else mask_m[:, None] & (ks[None, :] < in_features)
-            mask_a = mask_r[None, :] if EVEN_K else mask_r[None, :] & (ks[:, None] < in_features)
-            x = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :], mask=mask_x, other=0.0)
-            # A^T strip [BLOCK_K, BLOCK_R]; rows beyond the rank are never read
-            a = tl.load(a_ptr + rows[None, :] * stride_a_rank + ks[:, None], mask=mask_a, other=0.0)
-            acc = tl.dot(x, a, acc, input_precision=PRECISION)
-        y_ptrs = y_ptr + s * stride_ys + tokens[:, None] * stride_yt + rows[None, :]
-        mask_y = mask_m[:, None] & mask_r[None, :]
-        if ATOMIC:
-            tl.atomic_add(y_ptrs, acc, mask=mask_y, sem="relaxed")
-        else:
-            tl.store(y_ptrs, acc, mask=mask_y)
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        # Masks constant along K let Triton vectorise the loads (16 bytes a thread)
+        mask_x = mask_m[:, None] if EVEN_K else mask_m[:, None] & (ks[None, :] < in_features)
+        mask_a = mask_r[None, :] if EVEN_K else mask_r[None, :] & (ks[:, None] < in_features)
+        x = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :], mask=mask_x, other=0.0)
+        # A^T strip [BLOCK_K, BLOCK_R]; rows beyond the rank are never read
+        a = tl.load(a_ptr + rows[None, :] * stride_a_rank + ks[:, None], mask=mask_a, other=0.0)
+        acc = tl.dot(x, a, acc, input_precision=PRECISION)
+    y_ptrs = y_ptr + s * stride_ys + tokens[:, None] * stride_yt + rows[None, :]
+    mask_y = mask_m[:, None] & mask_r[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=mask_y, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc, mask=mask_y)
 
 
 def _expand_kernel(
@@ -159,7 +162,7 @@ def _expand_kernel(
 
 # Block counts are often 1, which Triton would turn into a constant and compile a variant for;
 # widths and strides keep their specialisation (divisibility by 16 enables vector loads).
-_NO_SPECIALIZE = {_shrink_kernel: (), _expand_kernel: ("blocks0", "blocks01")}
+_NO_SPECIALIZE = {_shrink_kernel: ("rank_steps",), _expand_kernel: ("blocks0", "blocks01")}
 
 
 @functools.cache
@@ -191,9 +194,12 @@ def lora_shrink(
     assert all(a.is_contiguous() for a in a_slots), "A slot buffers must be contiguous"
     num_tokens, in_features = x.shape
     max_rank = a_slots[0].shape[1]
-    config = config or shrink_config(num_tokens, meta.num_slots, in_features, len(a_slots), x.device)
+    config = config or shrink_config(
+        num_tokens, meta.num_slots, in_features, max_rank, len(a_slots), x.device
+    )
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.block_k), config.split_k) * config.block_k
     split_k = triton.cdiv(in_features, k_per_split)
+    rank_steps = triton.cdiv(max_rank, BLOCK_R)
     alloc = torch.zeros if split_k > 1 else torch.empty
     y = alloc((len(a_slots), num_tokens, max_rank), dtype=torch.float32, device=x.device)
     if num_tokens == 0:
@@ -202,11 +208,11 @@ def lora_shrink(
     for first in range(0, len(a_slots), MAX_SLICES):
         chunk = list(a_slots[first : first + MAX_SLICES])
         padded = chunk + [chunk[0]] * (MAX_SLICES - len(chunk))
-        grid = (max_tiles(num_tokens, meta.num_slots), split_k, len(chunk))
+        grid = (max_tiles(num_tokens, meta.num_slots), split_k * rank_steps, len(chunk))
         kernel[grid](
             x, *padded, y[first:],
             *_tile_args(meta),
-            in_features, k_per_split, x.stride(0), chunk[0].stride(0), chunk[0].stride(1),
+            in_features, k_per_split, rank_steps, x.stride(0), chunk[0].stride(0), chunk[0].stride(1),
             y.stride(0), y.stride(1),
             BLOCK_M=TOKEN_BLOCK, BLOCK_R=BLOCK_R, BLOCK_K=config.block_k, EVEN_K=in_features % config.block_k == 0,
             ATOMIC=split_k > 1, PRECISION=_precision(x.dtype),
@@ -234,7 +240,7 @@ def lora_expand(
     num_tokens, max_rank = out.shape[0], y.shape[2]
     if num_tokens == 0:
         return out
-    config = config or expand_config(max_rank, out.device)
+    config = config or expand_config(num_tokens, meta.num_slots, out.shape[1], out.device)
     kernel = _kernel(_expand_kernel, out.device.type == "cpu")
     column = 0
     for first in range(0, len(b_slots), MAX_SLICES):
@@ -257,22 +263,25 @@ def lora_expand(
 
 
 def shrink_config(
-    num_tokens: int, num_slots: int, in_features: int, num_slices: int, device: torch.device
+    num_tokens: int, num_slots: int, in_features: int, max_rank: int, num_slices: int, device: torch.device
 ) -> ShrinkConfig:
-    """Split K into BLOCK_K strips, one per program, while the grid stays a few waves deep.
+    """Split K into BLOCK_K strips, one per program, until the grid is a few waves deep.
 
     Depends on shapes only, never on the batch composition (a captured graph stays valid).
     """
     block_k = min(256, max(16, triton.next_power_of_2(in_features)))
-    programs = max_tiles(num_tokens, num_slots) * min(num_slices, MAX_SLICES)
-    most = 16 * _num_sms(device)  # about four waves of resident programs
+    programs = max_tiles(num_tokens, num_slots) * min(num_slices, MAX_SLICES) * triton.cdiv(max_rank, BLOCK_R)
+    most = 16 * _num_sms(device)  # a few waves of resident programs (about 8 fit on an SM)
     split_k = max(1, min(triton.cdiv(in_features, block_k), most // max(1, programs)))
     return ShrinkConfig(block_k=block_k, split_k=split_k)
 
 
-def expand_config(max_rank: int, device: torch.device) -> ExpandConfig:
-    """About 8 KB of B per program and rank step: enough bytes in flight, many programs."""
-    block_n = max(16, min(256, 4096 // max(BLOCK_R, triton.next_power_of_2(max_rank))))
+def expand_config(num_tokens: int, num_slots: int, width: int, device: torch.device) -> ExpandConfig:
+    """The widest output block (8 KB of 16-bit B per rank step) that still fills the SMs twice."""
+    tiles = max_tiles(num_tokens, num_slots)
+    for block_n in (256, 128, 64):
+        if tiles * triton.cdiv(width, block_n) >= 2 * _num_sms(device):
+            break
     return ExpandConfig(block_n=block_n)
 
 

@@ -118,8 +118,13 @@ def test_launcher_rejects_bad_layouts(lora_checks):
 
 def test_launch_shape_depends_on_batch_size_only():
     # one captured CUDA graph per batch size must serve every batch composition
+    cpu = torch.device("cpu")
     shapes = {
-        (triton_lora.shrink_config(32, 16, 2304, 3, torch.device("cpu")), meta.tile_slots.shape)
+        (
+            triton_lora.shrink_config(32, 16, 2304, 16, 3, cpu),
+            triton_lora.expand_config(32, 16, 4096, cpu),
+            meta.tile_slots.shape,
+        )
         for meta in (
             LoraBatchMeta.build(torch.full((32,), -1), torch.full((16,), 16, dtype=torch.int32)),
             LoraBatchMeta.build(torch.arange(32) % 16, torch.full((16,), 16, dtype=torch.int32)),
