@@ -64,20 +64,23 @@ class PagedAttention(nn.Module):
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
         key_cache, value_cache = kv_cache
         store_kv(key_cache, value_cache, k, v, meta.slot_mapping)
-        num_tokens, B, Q = q.shape[0], meta.num_seqs, meta.max_query_len
-        group = self.num_heads // self.num_kv_heads
-        # [B, S, kv_heads, D] -> [B, heads, S, D]
-        keys = key_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.context_slots]
-        values = value_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.context_slots]
-        keys = keys.transpose(1, 2).repeat_interleave(group, dim=1)
-        values = values.transpose(1, 2).repeat_interleave(group, dim=1)
-        queries = q.new_zeros(B * Q, self.num_heads, self.head_dim)
+        B, Q, kv_heads, D = meta.num_seqs, meta.max_query_len, self.num_kv_heads, self.head_dim
+        group = self.num_heads // kv_heads
+        # Every context position of every sequence: [B, kv_heads, S, D]
+        keys = key_cache.view(-1, kv_heads, D)[meta.context_slots].transpose(1, 2)
+        values = value_cache.view(-1, kv_heads, D)[meta.context_slots].transpose(1, 2)
+        # Queries padded per sequence, the `group` heads that share a KV head stacked along the query
+        # axis: [B, kv_heads, group * Q, D], so grouped-query attention never copies K/V per head.
+        queries = q.new_zeros(B * Q, self.num_heads, D)
         queries[meta.query_rows] = q
-        queries = queries.view(B, Q, self.num_heads, self.head_dim).transpose(1, 2)  # [B, heads, Q, D]
-        mask = meta.masks[self.sliding_window]
+        queries = (
+            queries.view(B, Q, kv_heads, group, D).permute(0, 2, 3, 1, 4).reshape(B, kv_heads, group * Q, D)
+        )
+        mask = meta.masks[self.sliding_window]  # [B, 1, Q, S]
+        mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(B, 1, group * Q, mask.shape[-1])
         if self.softcap is None:
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=self.scale)
         else:
             out = _softcapped_attention(queries, keys, values, mask, self.scale, self.softcap)
-        out = out.transpose(1, 2).reshape(B * Q, self.num_heads * self.head_dim)
-        return out[meta.query_rows].view(num_tokens, -1)
+        out = out.view(B, kv_heads, group, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, self.num_heads * D)
+        return out[meta.query_rows]
