@@ -168,10 +168,11 @@ build_kube_binaries() {
   tree="$(fetch_kubernetes_source)"
   version="$(basename "$tree" | sed -E 's/^kubernetes-.*really//; s/^kubernetes-//')"
   log "kube-apiserver, kube-controller-manager: building v$version from $tree (~5 min cold)"
-  # Build and module caches live in the cache dir so a rebuild is incremental.
+  # kube's build keeps its Go build cache in _output/local/go/cache, inside the cached source
+  # tree, so a rebuild is incremental.
   (
     cd "$tree"
-    export GOCACHE="$K8S_DIR/go-build" GOPATH="$K8S_DIR/gopath" GOTOOLCHAIN=local
+    export GOTOOLCHAIN=local
     export KUBE_GIT_VERSION="v$version" KUBE_GIT_TREE_STATE=clean
     make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >&2
   )
@@ -187,10 +188,10 @@ check_binaries() {
   for b in "${BINARIES[@]}"; do
     have "$b" || die "$b missing from $BIN_DIR after provisioning"
   done
-  log "etcd: $("$BIN_DIR/etcd" --version | head -n1)"
+  log "etcd: $("$BIN_DIR/etcd" --version | sed -n 1p)"
   log "kube-apiserver: $("$BIN_DIR/kube-apiserver" --version)"
   log "kube-controller-manager: $("$BIN_DIR/kube-controller-manager" --version)"
-  log "kubectl: $("$BIN_DIR/kubectl" version --client 2>/dev/null | head -n1)"
+  log "kubectl: $("$BIN_DIR/kubectl" version --client 2>/dev/null | sed -n 1p)"
   log "helm: $("$BIN_DIR/helm" version --short)"
 }
 

@@ -7,8 +7,10 @@ the envtest tier must not turn green without having run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -29,13 +31,27 @@ def local_cluster() -> Iterator[LocalCluster]:
             f"{exc}\nThe envtest tests need the local control plane: run `{PROVISION_COMMAND}`.",
             pytrace=False,
         )
-    previous = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
+    with _kubeconfig_env(cluster.kubeconfig):
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+@contextlib.contextmanager
+def _kubeconfig_env(path: Path) -> Iterator[None]:
+    """Point KUBECONFIG at `path`, including for a `kubernetes` package imported earlier."""
+    from kubernetes.config import kube_config
+
+    # kube_config reads $KUBECONFIG once, at import (before any fixture runs), so kopf's
+    # `login_via_client` would otherwise miss the local cluster.
+    saved = os.environ.get("KUBECONFIG"), kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+    os.environ["KUBECONFIG"] = kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(path)
     try:
-        yield cluster
+        yield
     finally:
-        if previous is None:
+        if saved[0] is None:
             os.environ.pop("KUBECONFIG", None)
         else:
-            os.environ["KUBECONFIG"] = previous
-        cluster.stop()
+            os.environ["KUBECONFIG"] = saved[0]
+        kube_config.KUBE_CONFIG_DEFAULT_LOCATION = saved[1]
