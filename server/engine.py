@@ -7,7 +7,7 @@ here is called from that thread only.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,8 +50,6 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.9
     enable_prefix_caching: bool = True
     adapters: tuple[LoadAdapterSpec, ...] = ()  # loaded at start
-    adapter_cache_dir: str | None = None  # where remote adapter sources are cached
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if self.max_input_tokens < 1 or self.max_total_tokens <= self.max_input_tokens:
