@@ -19,9 +19,10 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     import kubernetes.client
 
 STATE_FILE = "state.json"
+MIN_SCRATCH_BYTES = 1 << 30
 
 
 class ClusterStartError(RuntimeError):
@@ -41,9 +43,13 @@ class ClusterStartError(RuntimeError):
 
 
 def _scratch_root() -> str | None:
-    # etcd fsyncs on every write; tmpfs makes that free, which keeps tests fast.
+    # etcd fsyncs every write; on tmpfs that is free, which keeps tests fast. etcd preallocates
+    # 64 MB WAL segments, so a container's small default /dev/shm (64 MB) won't do.
     shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        return None
+    stats = os.statvfs(shm)
+    return str(shm) if stats.f_bavail * stats.f_frsize >= MIN_SCRATCH_BYTES else None
 
 
 class LocalCluster:
@@ -189,7 +195,7 @@ class LocalCluster:
         log = self.layout.logs / f"{name}.log"
         self.processes[name] = ManagedProcess.spawn(name, argv, log, tie_to_parent)
 
-    def _await(self, name: str, ready: Any, timeout: float) -> None:
+    def _await(self, name: str, ready: Callable[[], bool], timeout: float) -> None:
         process = self.processes[name]
         if (
             not wait_until(lambda: ready() or not process.is_alive(), timeout, interval=0.2)

@@ -69,13 +69,14 @@ link_kubebuilder_assets() {
 
 provision_etcd() {
   have etcd && return 0
-  log "etcd: installing Debian package etcd-server"
+  log "etcd: from Debian package etcd-server"
   apt_install etcd-server
   # The package enables a system etcd on :2379; we run our own on free ports, so stop it.
   if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
     as_root systemctl disable --now etcd >/dev/null 2>&1 || true
   fi
-  ln -sfn /usr/bin/etcd "$BIN_DIR/etcd"
+  # A copy, not a link: a restored cache then works without the package installed.
+  install -m 0755 /usr/bin/etcd "$BIN_DIR/etcd"
 }
 
 provision_kubectl_helm() {
@@ -163,11 +164,12 @@ replace_reflect2() {
 
 build_kube_binaries() {
   have kube-apiserver && have kube-controller-manager && return 0
-  apt_install golang-go golang-github-modern-go-reflect2-dev rsync jq dpkg-dev make
+  # gcc: Go 1.19 needs a C toolchain for cgo packages of the build tools.
+  apt_install golang-go golang-github-modern-go-reflect2-dev rsync jq dpkg-dev make gcc libc6-dev
   local tree version
   tree="$(fetch_kubernetes_source)"
   version="$(basename "$tree" | sed -E 's/^kubernetes-.*really//; s/^kubernetes-//')"
-  log "kube-apiserver, kube-controller-manager: building v$version from $tree (~5 min cold)"
+  log "kube-apiserver, kube-controller-manager: building v$version from $tree (5-10 min cold on 2 cores)"
   # kube's build keeps its Go build cache in _output/local/go/cache, inside the cached source
   # tree, so a rebuild is incremental.
   (
