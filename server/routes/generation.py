@@ -82,6 +82,9 @@ class EngineStream:
             raise
         except StopAsyncIteration as exc:
             raise ApiError(500, "the engine ended the request without a result", "generation") from exc
+        except BaseException:  # cancelled while queued (client gone): the engine must forget it
+            await self._abandon()
+            raise
         metrics.in_flight.inc()
         metrics.prompt_tokens.inc(len(self.request.prompt_token_ids))
         metrics.prompt_length.observe(len(self.request.prompt_token_ids))
@@ -109,15 +112,20 @@ class EngineStream:
         self._last_token_at = now
         self.num_generated += 1
 
+    async def _abandon(self) -> None:
+        """Close the engine iterator and abort the request (both are no-ops once it finished)."""
+        if self._iterator is not None:
+            with contextlib.suppress(Exception):
+                await self._iterator.aclose()  # type: ignore[attr-defined]
+        with contextlib.suppress(Exception):
+            await self._ctx.engine.abort(self.request.request_id)
+
     async def close(self) -> None:
         if self._iterator is None or self._first is None:
             return
         metrics = self._ctx.metrics
         if self.final is None:
-            with contextlib.suppress(Exception):
-                await self._iterator.aclose()  # type: ignore[attr-defined]
-            with contextlib.suppress(Exception):
-                await self._ctx.engine.abort(self.request.request_id)
+            await self._abandon()
         finish = self.final.finish_reason if self.final else FinishReason.CANCELLED
         metrics.in_flight.dec()
         metrics.generation_tokens.inc(self.num_generated)
