@@ -190,14 +190,20 @@ def test_prefix_cache_is_per_adapter_and_reused(kind, tiny_assets, reference, pr
     assert tokens(again) == reference.generate(kind, "a4", prompt)[0]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_preemption_under_tiny_kv_budget_keeps_tokens_correct(kind, tiny_assets, reference, prompts) -> None:
-    engine = make_engine(tiny_assets, kind, num_kv_blocks=24, enable_prefix_caching=False)
+@pytest.mark.parametrize(("kind", "prefix_caching"), [("llama", False), ("gemma2", False), ("llama", True)])
+def test_preemption_under_tiny_kv_budget_keeps_tokens_correct(
+    kind, prefix_caching, tiny_assets, reference, prompts
+) -> None:
+    """Recompute after preemption, from scratch or from the blocks the prefix cache kept."""
+    engine = make_engine(tiny_assets, kind, num_kv_blocks=24, enable_prefix_caching=prefix_caching)
     batch = [(f"r{i}", prompts[i % len(prompts)], ADAPTERS[i % 4]) for i in range(5)]
     for rid, prompt, adapter in batch:
         engine.add_request(request(rid, prompt, adapter))
     events = run(engine)
     assert engine.scheduler.num_preemptions > 0
+    assert (
+        engine.block_manager.num_prefix_hit_tokens > 0
+    ) is prefix_caching  # cache on: cached blocks were reused
     for rid, prompt, adapter in batch:
         assert tokens(events[rid]) == reference.generate(kind, adapter, prompt)[0], rid
 
