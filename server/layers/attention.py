@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.server.layers.metadata import ForwardMetadata
+from loraplex.server.layers.metadata import AttentionGroup, ForwardMetadata
 
 
 def store_kv(
@@ -62,25 +62,35 @@ class PagedAttention(nn.Module):
         meta: ForwardMetadata,
     ) -> torch.Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
+        store_kv(*kv_cache, k, v, meta.slot_mapping)
+        if len(meta.attention_groups) == 1:
+            return self._attend(q, kv_cache, meta.attention_groups[0])
+        out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
+        for group in meta.attention_groups:
+            out[group.token_indices] = self._attend(q[group.token_indices], kv_cache, group)
+        return out
+
+    def _attend(
+        self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], group: AttentionGroup
+    ) -> torch.Tensor:
+        """The group's queries q [n, heads, D] over their sequences' cached context -> [n, heads * D]."""
         key_cache, value_cache = kv_cache
-        store_kv(key_cache, value_cache, k, v, meta.slot_mapping)
-        B, Q, kv_heads, D = meta.num_seqs, meta.max_query_len, self.num_kv_heads, self.head_dim
-        group = self.num_heads // kv_heads
+        B, Q, kv_heads, D = group.num_seqs, group.max_query_len, self.num_kv_heads, self.head_dim
+        heads_per_kv = self.num_heads // kv_heads
         # Every context position of every sequence: [B, kv_heads, S, D]
-        keys = key_cache.view(-1, kv_heads, D)[meta.context_slots].transpose(1, 2)
-        values = value_cache.view(-1, kv_heads, D)[meta.context_slots].transpose(1, 2)
-        # Queries padded per sequence, the `group` heads that share a KV head stacked along the query
-        # axis: [B, kv_heads, group * Q, D], so grouped-query attention never copies K/V per head.
+        keys = key_cache.view(-1, kv_heads, D)[group.context_slots].transpose(1, 2)
+        values = value_cache.view(-1, kv_heads, D)[group.context_slots].transpose(1, 2)
+        # Queries padded per sequence, the heads that share a KV head stacked along the query axis
+        # ([B, kv_heads, heads_per_kv * Q, D]) so grouped-query attention never copies K/V per head.
         queries = q.new_zeros(B * Q, self.num_heads, D)
-        queries[meta.query_rows] = q
-        queries = (
-            queries.view(B, Q, kv_heads, group, D).permute(0, 2, 3, 1, 4).reshape(B, kv_heads, group * Q, D)
-        )
-        mask = meta.masks[self.sliding_window]  # [B, 1, Q, S]
-        mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(B, 1, group * Q, mask.shape[-1])
+        queries[group.query_rows] = q
+        queries = queries.view(B, Q, kv_heads, heads_per_kv, D).permute(0, 2, 3, 1, 4)
+        queries = queries.reshape(B, kv_heads, heads_per_kv * Q, D)
+        mask = group.masks[self.sliding_window]  # [B, 1, Q, S]
+        mask = mask.unsqueeze(2).expand(-1, -1, heads_per_kv, -1, -1).reshape(B, 1, heads_per_kv * Q, -1)
         if self.softcap is None:
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=self.scale)
         else:
             out = _softcapped_attention(queries, keys, values, mask, self.scale, self.softcap)
-        out = out.view(B, kv_heads, group, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, self.num_heads * D)
-        return out[meta.query_rows]
+        out = out.view(B, kv_heads, heads_per_kv, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, -1)
+        return out[group.query_rows]

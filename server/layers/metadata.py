@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,22 +15,29 @@ _NO_ADAPTER = -1
 
 
 @dataclass(frozen=True)
-class ForwardMetadata:
-    """Where each new token goes and what it attends to, in the padded per-sequence layout.
-
-    `T` new tokens from `B` sequences. Attention runs on queries padded to `[B, max_query_len]`
-    against keys gathered from the paged cache into `[B, max_context_len]`.
+class AttentionGroup:
+    """Sequences whose attention runs as one padded batch: queries `[B, max_query_len]` against
+    keys gathered from the paged cache into `[B, max_context_len]`. Decodes (one query each) and
+    prefills form separate groups so a long prefill chunk does not pad every decode to its length.
     """
+
+    token_indices: torch.Tensor  # [n] which of the step's T tokens belong to this group
+    query_rows: torch.Tensor  # [n] their rows in the padded [B * max_query_len] layout
+    context_slots: torch.Tensor  # [B, max_context_len] flat cache slot of every context position (padding: 0)
+    masks: dict[int | None, torch.Tensor]  # sliding window (None: full) -> [B, 1, max_q, max_ctx] bool
+    num_seqs: int
+    max_query_len: int
+
+
+@dataclass(frozen=True)
+class ForwardMetadata:
+    """Where each of the step's T new tokens goes and what it attends to."""
 
     positions: torch.Tensor  # [T] position of each new token in its sequence
     slot_mapping: torch.Tensor  # [T] flat KV-cache slot (block * block_size + offset) of each new token
-    query_rows: torch.Tensor  # [T] row of each new token in the padded [B * max_query_len] layout
-    context_slots: torch.Tensor  # [B, max_context_len] flat slot of every context position (padding: 0)
-    masks: dict[int | None, torch.Tensor]  # sliding window (None: full) -> [B, 1, max_q, max_ctx] bool
-    logits_indices: torch.Tensor  # [B] index into the T tokens of each sequence's last token
+    attention_groups: tuple[AttentionGroup, ...]
+    logits_indices: torch.Tensor  # [num chunks] index into the T tokens of each chunk's last token
     lora: LoraBatchMeta | None  # None when no token of this step uses an adapter
-    num_seqs: int
-    max_query_len: int
 
 
 def _chunk_slots(chunk: SequenceChunk, block_size: int) -> torch.Tensor:
@@ -61,6 +68,34 @@ def _attention_masks(
     return masks
 
 
+def _attention_group(
+    chunks: Sequence[SequenceChunk],
+    first_tokens: Sequence[int],
+    context_slots: Sequence[torch.Tensor],
+    windows: Iterable[int | None],
+    device: torch.device,
+) -> AttentionGroup:
+    """One padded attention batch over `chunks`; `first_tokens[i]` is chunk i's first index in the step."""
+    num_seqs, max_query_len = len(chunks), max(c.num_tokens for c in chunks)
+    padded_slots = torch.zeros(num_seqs, max(c.context_len for c in chunks), dtype=torch.long)
+    query_positions = torch.full((num_seqs, max_query_len), -1, dtype=torch.long)
+    token_indices, query_rows = [], []
+    for b, (chunk, first, slots) in enumerate(zip(chunks, first_tokens, context_slots, strict=True)):
+        padded_slots[b, : chunk.context_len] = slots
+        query_positions[b, : chunk.num_tokens] = torch.arange(chunk.num_cached_tokens, chunk.context_len)
+        token_indices.append(torch.arange(first, first + chunk.num_tokens))
+        query_rows.append(b * max_query_len + torch.arange(chunk.num_tokens))
+    masks = _attention_masks(query_positions, padded_slots.shape[1], windows)
+    return AttentionGroup(
+        token_indices=torch.cat(token_indices).to(device),
+        query_rows=torch.cat(query_rows).to(device),
+        context_slots=padded_slots.to(device),
+        masks={w: m.to(device) for w, m in masks.items()},
+        num_seqs=num_seqs,
+        max_query_len=max_query_len,
+    )
+
+
 def _lora_meta(
     token_slots: torch.Tensor, slot_ranks: torch.Tensor, device: torch.device
 ) -> LoraBatchMeta | None:
@@ -81,32 +116,27 @@ def build_forward_metadata(
     chunks = batch.chunks
     if not chunks or any(c.num_tokens == 0 for c in chunks):
         raise ValueError("a forward batch needs at least one chunk and every chunk at least one token")
-    num_seqs = len(chunks)
-    max_query_len = max(c.num_tokens for c in chunks)
-    max_context_len = max(c.context_len for c in chunks)
-    context_slots = torch.zeros(num_seqs, max_context_len, dtype=torch.long)
-    query_positions = torch.full((num_seqs, max_query_len), -1, dtype=torch.long)
-    positions, slot_mapping, query_rows, token_slots = [], [], [], []
-    for b, chunk in enumerate(chunks):
-        slots = _chunk_slots(chunk, block_size)
-        context_slots[b, : chunk.context_len] = slots
-        new_positions = torch.arange(chunk.num_cached_tokens, chunk.context_len)
-        query_positions[b, : chunk.num_tokens] = new_positions
-        positions.append(new_positions)
-        slot_mapping.append(slots[chunk.num_cached_tokens :])
-        query_rows.append(b * max_query_len + torch.arange(chunk.num_tokens))
-        lora_slot = _NO_ADAPTER if chunk.lora_slot is None else chunk.lora_slot
-        token_slots.append(torch.full((chunk.num_tokens,), lora_slot, dtype=torch.int32))
-    ends = torch.tensor([c.num_tokens for c in chunks]).cumsum(0) - 1
-    masks = _attention_masks(query_positions, max_context_len, windows)
+    windows = tuple(windows)
+    slots = [_chunk_slots(chunk, block_size) for chunk in chunks]
+    counts = torch.tensor([c.num_tokens for c in chunks])
+    ends = counts.cumsum(0)
+    firsts = (ends - counts).tolist()
+    groups = []
+    for is_decode in (True, False):
+        members = [i for i, c in enumerate(chunks) if (c.num_tokens == 1) == is_decode]
+        if members:
+            picked = [chunks[i] for i in members], [firsts[i] for i in members], [slots[i] for i in members]
+            groups.append(_attention_group(*picked, windows, device))
+    token_slots = [
+        torch.full((c.num_tokens,), _NO_ADAPTER if c.lora_slot is None else c.lora_slot, dtype=torch.int32)
+        for c in chunks
+    ]
     return ForwardMetadata(
-        positions=torch.cat(positions).to(device),
-        slot_mapping=torch.cat(slot_mapping).to(device),
-        query_rows=torch.cat(query_rows).to(device),
-        context_slots=context_slots.to(device),
-        masks={w: m.to(device) for w, m in masks.items()},
-        logits_indices=ends.to(device),
+        positions=torch.cat([torch.arange(c.num_cached_tokens, c.context_len) for c in chunks]).to(device),
+        slot_mapping=torch.cat([s[c.num_cached_tokens :] for c, s in zip(chunks, slots, strict=True)]).to(
+            device
+        ),
+        attention_groups=tuple(groups),
+        logits_indices=(ends - 1).to(device),
         lora=_lora_meta(torch.cat(token_slots), slot_ranks, device),
-        num_seqs=num_seqs,
-        max_query_len=max_query_len,
     )

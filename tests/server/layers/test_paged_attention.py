@@ -30,25 +30,36 @@ def _dense(q, k, v, positions, scale, window, softcap):
 def test_matches_dense_attention_over_cached_and_new_tokens(window, softcap) -> None:
     gen = torch.Generator().manual_seed(0)
     cache = (torch.zeros(8, BLOCK, KV_HEADS, DIM), torch.zeros(8, BLOCK, KV_HEADS, DIM))
-    # sequence 0: 5 tokens already cached in blocks (6, 1), 3 new; sequence 1: a fresh 2-token prefill
-    keys = [torch.randn(8, KV_HEADS, DIM, generator=gen) for _ in range(2)]
-    values = [torch.randn(8, KV_HEADS, DIM, generator=gen) for _ in range(2)]
-    cache[0].view(-1, KV_HEADS, DIM)[torch.tensor([24, 25, 26, 27, 4])] = keys[0][:5]
-    cache[1].view(-1, KV_HEADS, DIM)[torch.tensor([24, 25, 26, 27, 4])] = values[0][:5]
-    chunks = (SequenceChunk(0, (0,) * 3, 5, (6, 1), None), SequenceChunk(1, (0,) * 2, 0, (3,), None))
+    keys = [torch.randn(8, KV_HEADS, DIM, generator=gen) for _ in range(3)]
+    values = [torch.randn(8, KV_HEADS, DIM, generator=gen) for _ in range(3)]
+    # sequence 0: 5 tokens cached in blocks (6, 1), 3 new; 1: a fresh 2-token prefill in block 3;
+    # 2: a decode, 4 tokens cached in block 0, the new one in block 2
+    cached = {0: ([24, 25, 26, 27, 4], 5), 2: ([0, 1, 2, 3], 4)}
+    for seq, (slots, n) in cached.items():
+        cache[0].view(-1, KV_HEADS, DIM)[torch.tensor(slots)] = keys[seq][:n]
+        cache[1].view(-1, KV_HEADS, DIM)[torch.tensor(slots)] = values[seq][:n]
+    chunks = (
+        SequenceChunk(0, (0,) * 3, 5, (6, 1), None),
+        SequenceChunk(1, (0,) * 2, 0, (3,), None),
+        SequenceChunk(2, (0,), 4, (0, 2), None),
+    )
     meta = build_forward_metadata(ForwardBatch(chunks), BLOCK, {window}, torch.zeros(1), torch.device("cpu"))
-    q = torch.randn(5, HEADS, DIM, generator=gen)
-    k = torch.cat([keys[0][5:8], keys[1][:2]])
-    v = torch.cat([values[0][5:8], values[1][:2]])
+    q = torch.randn(6, HEADS, DIM, generator=gen)
+    k = torch.cat([keys[0][5:8], keys[1][:2], keys[2][4:5]])
+    v = torch.cat([values[0][5:8], values[1][:2], values[2][4:5]])
     attention = PagedAttention(HEADS, KV_HEADS, DIM, scale=0.3, sliding_window=window, softcap=softcap)
     out = attention(q, k, v, cache, meta)
-    assert out.shape == (5, HEADS * DIM)
-    want0 = _dense(q[:3], keys[0][:8], values[0][:8], torch.tensor([5, 6, 7]), 0.3, window, softcap)
-    want1 = _dense(q[3:], keys[1][:2], values[1][:2], torch.tensor([0, 1]), 0.3, window, softcap)
-    torch.testing.assert_close(out.double(), torch.cat([want0, want1]), atol=1e-5, rtol=0)
-    # the new keys landed in their slots: sequence 0 position 7 -> block 1 offset 3
+    assert out.shape == (6, HEADS * DIM)
+    want = [
+        _dense(q[:3], keys[0][:8], values[0][:8], torch.tensor([5, 6, 7]), 0.3, window, softcap),
+        _dense(q[3:5], keys[1][:2], values[1][:2], torch.tensor([0, 1]), 0.3, window, softcap),
+        _dense(q[5:], keys[2][:5], values[2][:5], torch.tensor([4]), 0.3, window, softcap),
+    ]
+    torch.testing.assert_close(out.double(), torch.cat(want), atol=1e-5, rtol=0)
+    # the new keys landed in their slots: sequence 0 position 7 -> block 1 offset 3, and so on
     torch.testing.assert_close(cache[0][1, 3], keys[0][7])
     torch.testing.assert_close(cache[1][3, 1], values[1][1])
+    torch.testing.assert_close(cache[0][2, 0], keys[2][4])
 
 
 def test_rejects_heads_not_a_multiple_of_kv_heads() -> None:
