@@ -168,7 +168,7 @@ class EndpointPickerRef(K8sModel):
 
     name: str = Field(min_length=1, max_length=253)
     kind: str = "Service"
-    group: str = ""
+    group: str | None = Field(default=None, description="API group of `kind`; unset = core.")
     port: int = Field(default=9002, ge=1, le=65535)
     failure_mode: FailureMode = FailureMode.FAIL_CLOSE
 

@@ -106,7 +106,7 @@ def attempts_from_status(
 def lora_phase(instances: Sequence[AdapterInstance]) -> LoraPhase:
     states = [item.state for item in instances]
     ready = states.count(InstanceState.READY)
-    if not states:
+    if all(state == InstanceState.PENDING for state in states):  # no pod runs yet (or none at all)
         return LoraPhase.PENDING
     if ready == len(states):
         return LoraPhase.READY

@@ -97,6 +97,8 @@ def violations(schema: dict[str, Any], path: str = "") -> list[str]:
         found.append(f"{where}: no type")
     if schema.get("type") == "null" or ("default" in schema and schema["default"] is None):
         found.append(f"{where}: null type or null default")
+    if schema.get("default") == "":
+        found.append(f"{where}: empty-string default (Kubernetes 1.20 reads it as null)")
     if "properties" in schema and "additionalProperties" in schema:
         found.append(f"{where}: properties and additionalProperties together")
     for key in ("exclusiveMinimum", "exclusiveMaximum"):

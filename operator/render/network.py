@@ -52,7 +52,7 @@ def build_inference_pool(bmd: BaseModelDeployment) -> dict[str, Any] | None:
             "selector": {"matchLabels": selector_labels(bmd)},
             "targetPorts": [{"number": CONTAINER_PORT}],
             "endpointPickerRef": {
-                "group": picker.group,
+                "group": picker.group or "",
                 "kind": picker.kind,
                 "name": picker.name,
                 "port": {"number": picker.port},

@@ -95,6 +95,10 @@ def test_no_pods_is_pending_and_terminating_pods_do_not_count() -> None:
     leaving = pod("old", ready(SQL), terminating=True)
     status = lora_status(SQL, 1, [leaving], {}, LoraAdapterStatus(), NOW)
     assert (status.phase, status.desired_replicas, status.instances) == (LoraPhase.PENDING, 0, [])
+    unstarted = lora_status(SQL, 1, [PodObservation(name="new")], {}, LoraAdapterStatus(), NOW)
+    assert (unstarted.phase, unstarted.desired_replicas) == (LoraPhase.PENDING, 1)
+    mixed = lora_status(SQL, 1, [PodObservation(name="new"), pod("a")], {}, LoraAdapterStatus(), NOW)
+    assert mixed.phase == LoraPhase.PENDING  # reachable but not yet asked to load: still pending
 
 
 def test_recovery_clears_failure_condition_but_keeps_accepted() -> None:
