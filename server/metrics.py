@@ -69,7 +69,12 @@ class Metrics:
 
     def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self._add_request_metrics(self.registry)
+        self._add_token_metrics(self.registry)
+        self._add_adapter_metrics(self.registry)
+        self.registry.register(EngineStatsCollector(stats, model_name))
+
+    def _add_request_metrics(self, r: CollectorRegistry) -> None:
         self.http_requests = Counter(
             "loraplex_http_requests", "HTTP requests by route and status.", ["route", "status"], registry=r
         )
@@ -92,6 +97,15 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.in_flight = Gauge("loraplex_requests_in_flight", "Generation requests being served.", registry=r)
+        self.rejected = Counter(
+            "loraplex_requests_rejected",
+            "Requests refused before generation, by error type.",
+            ["error_type"],
+            registry=r,
+        )
+
+    def _add_token_metrics(self, r: CollectorRegistry) -> None:
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("loraplex_generation_tokens", "Tokens generated.", registry=r)
         self.prompt_length = Histogram(
@@ -103,17 +117,12 @@ class Metrics:
             buckets=_TOKEN_BUCKETS,
             registry=r,
         )
+
+    def _add_adapter_metrics(self, r: CollectorRegistry) -> None:
         self.adapter_requests = Counter(
             "loraplex_adapter_requests",
             'Finished generation requests per adapter (adapter="" is the base model) and finish reason.',
             ["adapter", "finish_reason"],
-            registry=r,
-        )
-        self.in_flight = Gauge("loraplex_requests_in_flight", "Generation requests being served.", registry=r)
-        self.rejected = Counter(
-            "loraplex_requests_rejected",
-            "Requests refused before generation, by error type.",
-            ["error_type"],
             registry=r,
         )
         self.adapter_loads = Counter(
@@ -122,7 +131,6 @@ class Metrics:
         self.adapter_unloads = Counter(
             "loraplex_adapter_unloads", "Adapter unload calls by result.", ["result"], registry=r
         )
-        r.register(EngineStatsCollector(stats, model_name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from loraplex.server.engine_api import Engine, LoadAdapterSpec
 from loraplex.server.routes.context import ServerSettings
@@ -195,7 +196,13 @@ async def serve(
     from loraplex.server.app import create_app
 
     app = create_app(engine, settings)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,  # a client that hangs up cancels its handler, which aborts the request
+        shutdown_timeout=shutdown_timeout,
+        access_log_class=JsonAccessLogger,
+        access_log=logging.getLogger("loraplex.access"),
+    )
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("serving", extra={"host": host, "port": port, "model": engine.model_name})
@@ -208,6 +215,19 @@ async def serve(
     await runner.cleanup()  # stops listening, waits for handlers up to shutdown_timeout, then cancels
     await engine.shutdown(timeout_s=shutdown_timeout)
     log.info("stopped")
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """One record per request; probes and scrapes only at debug level."""
+
+    _QUIET = frozenset({"/health", "/ready", "/metrics"})
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        level = logging.DEBUG if request.path in self._QUIET else logging.INFO
+        fields = {"method": request.method, "path": request.path, "status": response.status}
+        self.logger.log(
+            level, "request", extra={**fields, "duration_s": round(time, 4), "remote": request.remote}
+        )
 
 
 class JsonFormatter(logging.Formatter):

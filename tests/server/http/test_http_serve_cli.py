@@ -94,3 +94,5 @@ def test_sigterm_finishes_in_flight_then_exits(demo_server: tuple[subprocess.Pop
     messages = [entry["msg"] for entry in logs]
     assert "serving" in messages and "shutting down" in messages and "stopped" in messages
     assert all({"ts", "level", "logger", "msg"} <= set(entry) for entry in logs)
+    access = [e for e in logs if e["msg"] == "request" and e["path"] == "/generate"]
+    assert access and access[0]["status"] == 200 and access[0]["method"] == "POST"
