@@ -256,3 +256,15 @@ def test_request_that_can_never_fit_the_kv_cache_is_refused(tiny_assets, prompts
     with pytest.raises(UnknownAdapterError):
         engine.add_request(request("ghost", prompts[0], "ghost", max_new_tokens=2))
     assert not engine.has_unfinished()
+
+
+def test_stop_string_ends_the_text_before_it(tiny_assets, reference, prompts) -> None:
+    engine = make_engine(tiny_assets, "llama")
+    ref_tokens = reference.generate("llama", "b8", prompts[2])[0]
+    full = engine.tokenizer.decode(ref_tokens, skip_special_tokens=True)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    engine.add_request(request("s", prompts[2], "b8", stop=(stop,)))
+    events = run(engine)["s"]
+    assert events[-1].finish_reason is FinishReason.STOP
+    assert "".join(e.text for e in events) == full[: full.index(stop)]
+    assert tokens(events) == ref_tokens[: len(events)]
