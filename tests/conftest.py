@@ -16,3 +16,12 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
     Built once per test session from fixed seeds (deterministic), in the session's temp dir.
     """
     return build_tiny_assets(Path(tmp_path_factory.mktemp("tiny-assets")))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine run many times faster on one torch thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield
