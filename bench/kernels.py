@@ -20,6 +20,7 @@ written. Achieved bandwidth is compared with the measured device-to-device copy 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -31,6 +32,7 @@ import torch
 
 from loraplex.kernels import lora, reference
 from loraplex.kernels.meta import LoraBatchMeta
+from loraplex.kernels.triton_lora import ExpandConfig, ShrinkConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"gemma-2-2b": "gemma-2-2b-config.json", "mistral-7b": "mistral-7b-v0.1-config.json"}
@@ -189,14 +191,46 @@ def check_accuracy(layer: Layer) -> float:
     return worst
 
 
-def measure(point: Point, dtype: torch.dtype) -> Result:
+def measure(point: Point, dtype: torch.dtype, dev: str = "cuda") -> Result:
     groups = layer_groups(point.model)
-    layer = build_layer(groups, point, dtype)
+    layer = build_layer(groups, point, dtype, dev)
     steps = {"triton": triton_step, "reference": reference_step, "loop": loop_step}
     us = {name: time_graph(lambda step=step: step(layer)) for name, step in steps.items()}
     per_group = {g.name: time_graph(lambda g=g: triton_step(layer, only=g.name)) for g in groups}
     element = torch.finfo(dtype).bits // 8
     return Result(point, layer_bytes(groups, point, element), us, per_group, check_accuracy(layer))
+
+
+SHRINK_TRIALS = [
+    ShrinkConfig(block_k, split_k, num_stages=stages)
+    for block_k in (128, 256)
+    for split_k in (1, 2, 4, 9, 36)
+    for stages in (2, 3, 4)
+]
+EXPAND_TRIALS = [ExpandConfig(block_n, num_stages=stages) for block_n in (64, 128, 256) for stages in (2, 3)]
+
+
+def tune(point: Point, dtype: torch.dtype, dev: str = "cuda") -> list[dict[str, str | float]]:
+    """Per group: the launchers' default tiles against the fastest of a small grid of tiles."""
+    from loraplex.kernels import triton_lora
+
+    groups = layer_groups(point.model)
+    layer = build_layer(groups, point, dtype, dev)
+    rows = []
+    for g, t in zip(groups, layer.tensors, strict=True):
+        y = triton_lora.lora_shrink(t.x, t.a_slots, layer.meta)
+        shrink = functools.partial(triton_lora.lora_shrink, t.x, t.a_slots, layer.meta)
+        expand = functools.partial(triton_lora.lora_expand, y, t.b_slots, layer.meta, t.out)
+        for kernel, run, trials in (("shrink", shrink, SHRINK_TRIALS), ("expand", expand, EXPAND_TRIALS)):
+            rows.append({"group": g.name, "kernel": kernel, **_best_tiles(run, trials)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _best_tiles(run: Callable[..., object], trials: list) -> dict[str, str | float]:
+    timed = sorted((time_graph(functools.partial(run, config=c)), str(c)) for c in trials)
+    default = time_graph(functools.partial(run, config=None))
+    return {"default_us": round(default, 1), "best_us": round(timed[0][0], 1), "best": timed[0][1]}
 
 
 def sweep(args: argparse.Namespace) -> list[Point]:
@@ -259,9 +293,16 @@ def environment(copy_bw: float, dtype: str) -> dict[str, str | int]:
     }
 
 
-def write_reports(results: list[Result], copy_bw: float, env: dict, json_path: Path, md_path: Path) -> None:
+def write_reports(
+    results: list[Result],
+    copy_bw: float,
+    env: dict,
+    json_path: Path,
+    md_path: Path,
+    tuning: list[dict] | None = None,
+) -> None:
     rows = [row(r, copy_bw) for r in results]
-    payload = {"env": env, "rows": rows, "results": [asdict(r) for r in results]}
+    payload = {"env": env, "rows": rows, "results": [asdict(r) for r in results], "tuning": tuning}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(payload, indent=1) + "\n")
     md = [
@@ -280,6 +321,16 @@ def write_reports(results: list[Result], copy_bw: float, env: dict, json_path: P
         table(rows),
         "",
     ]
+    if tuning:
+        md += [
+            "## Tiles at the headline point",
+            "",
+            "Each kernel alone (graph replay, median): the launchers' default tiles against the fastest "
+            "of a small grid (`bench/kernels.py --tune`).",
+            "",
+            table(tuning),
+            "",
+        ]
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(md))
 
@@ -293,6 +344,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ranks", type=ints, default=[8, 16, 64])
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     p.add_argument("--quick", action="store_true", help="only the headline point")
+    p.add_argument("--tune", action="store_true", help="also time a grid of tiles at the headline point")
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmarks" / "kernels.json")
     p.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks" / "kernels.md")
     args = p.parse_args(argv)
@@ -320,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     print(table([row(r, copy_bw) for r in results]))
     print(headline(results, copy_bw))
-    write_reports(results, copy_bw, environment(copy_bw, args.dtype), args.json, args.markdown)
+    tuning = tune(Point("gemma-2-2b", 32, 32, 16), getattr(torch, args.dtype)) if args.tune else None
+    env = environment(copy_bw, args.dtype)
+    write_reports(results, copy_bw, env, args.json, args.markdown, tuning)
     print(f"wrote {args.markdown} and {args.json}")
     return 0
 

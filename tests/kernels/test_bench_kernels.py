@@ -96,3 +96,24 @@ def test_reports_hold_the_headline_and_a_row_per_point(bench, tmp_path):
     assert "Test GPU" in text and "30.0 µs" in text and "61.1% of copy bandwidth" in text
     assert "30.0x the per-adapter loop" in text and ": met." in text
     assert len(json.loads(js.read_text())["rows"]) == 2
+
+
+def test_measure_and_tune_run_end_to_end_with_a_stand_in_timer(bench, monkeypatch):
+    calls = []
+
+    def fake_timer(fn):
+        fn()
+        calls.append(fn)
+        return float(len(calls))
+
+    monkeypatch.setattr(bench, "time_graph", fake_timer)
+    monkeypatch.setattr(bench, "SHRINK_TRIALS", [bench.ShrinkConfig(block_k=256, split_k=4)])
+    monkeypatch.setattr(bench, "EXPAND_TRIALS", [bench.ExpandConfig(block_n=256)])
+    point = bench.Point("gemma-2-2b", 1, 1, 8)
+    result = bench.measure(point, torch.float32, dev="cpu")
+    assert set(result.us) == {"triton", "reference", "loop"}
+    assert set(result.triton_groups_us) == {"qkv", "o", "gate_up", "down"}
+    assert result.max_rel_error < 1e-5
+    rows = bench.tune(point, torch.float32, dev="cpu")  # CPU tensors: the Triton interpreter
+    assert [(r["group"], r["kernel"]) for r in rows][:2] == [("qkv", "shrink"), ("qkv", "expand")]
+    assert len(rows) == 8 and all(r["best_us"] <= r["default_us"] for r in rows)
