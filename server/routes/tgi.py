@@ -85,13 +85,38 @@ def build_request(ctx: ServerContext, body: TGIGenerateRequest) -> GenerationReq
     )
 
 
-def _token(ctx: ServerContext, event: TokenEvent) -> dict[str, Any]:
+class _Output:
+    """Generated text the TGI way: a matched stop sequence stays in the output (the engine cuts it)."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self._decode = ctx.engine.tokenizer.decode
+        self._ids: list[int] = []
+        self._pieces: list[str] = []
+
+    def add(self, event: TokenEvent) -> str:
+        """The event's text; on a stop, completed with the stop sequence as decoding gives it."""
+        if event.token_id is not None:
+            self._ids.append(event.token_id)
+        text = event.text
+        if event.finish_reason is FinishReason.STOP:
+            so_far = self.text + text
+            full = self._decode(self._ids, skip_special_tokens=True)
+            text += full[len(so_far) :] if full.startswith(so_far) else ""
+        self._pieces.append(text)
+        return text
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+
+def _token(ctx: ServerContext, event: TokenEvent, text: str) -> dict[str, Any]:
     if event.token_id is None:  # a final event without a new token
         eos = getattr(ctx.engine.tokenizer, "eos_token_id", None) or 0
-        return {"id": eos, "text": "", "logprob": 0.0, "special": True}
+        return {"id": eos, "text": text, "logprob": 0.0, "special": True}
     return {
         "id": event.token_id,
-        "text": event.text,
+        "text": text,
         "logprob": event.logprob,
         "special": event.token_id in ctx.special_token_ids,
     }
@@ -122,17 +147,17 @@ async def generate_json(
     p = body.parameters
     tokens: list[dict[str, Any]] = []
     top_tokens: list[list[dict[str, Any]]] = []
-    text: list[str] = []
+    output = _Output(ctx)
     async with engine_stream(ctx, request, "generate") as stream:
         async for event in stream.events():
             raise_if_failed(event)
-            text.append(event.text)
+            text = output.add(event)
             if event.token_id is not None:
-                tokens.append(_token(ctx, event))
+                tokens.append(_token(ctx, event, text))
                 top_tokens.append(_top_tokens(ctx, event.top_logprobs))
         final = stream.final
     assert final is not None and final.finish_reason is not None
-    generated = "".join(text)
+    generated = output.text
     result: dict[str, Any] = {
         "generated_text": (body.inputs + generated) if p.return_full_text else generated
     }
@@ -161,7 +186,7 @@ async def stream_sse(http: web.Request, ctx: ServerContext, body: TGIGenerateReq
     async with engine_stream(ctx, request, "generate_stream") as stream:
         response = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": request.request_id})
         await response.prepare(http)
-        text: list[str] = []
+        output = _Output(ctx)
         index = 0
         try:
             async for event in stream.events():
@@ -170,16 +195,15 @@ async def stream_sse(http: web.Request, ctx: ServerContext, body: TGIGenerateReq
                     await write_sse(response, json.dumps(error).encode())
                     break
                 index += 1
-                text.append(event.text)
                 payload: dict[str, Any] = {
                     "index": index,
-                    "token": _token(ctx, event),
+                    "token": _token(ctx, event, output.add(event)),
                     "top_tokens": _top_tokens(ctx, event.top_logprobs) if p.top_n_tokens else None,
                     "generated_text": None,
                     "details": None,
                 }
                 if event.finish_reason is not None:
-                    generated = "".join(text)
+                    generated = output.text
                     payload["generated_text"] = (body.inputs + generated) if p.return_full_text else generated
                     if p.details:
                         payload["details"] = {

@@ -182,3 +182,35 @@ def test_adapters_really_change_the_output(reference: Reference) -> None:
     """Guards the tests above: an adapter silently served by the base model would fail them."""
     texts = {adapter: reference.text(adapter, PROMPTS[0], MAX_NEW) for adapter in ADAPTERS}
     assert len(set(texts.values())) == len(ADAPTERS)
+
+
+def test_tgi_stop_sequence_stays_in_the_output(hf: InferenceClient, reference: Reference) -> None:
+    full = reference.text("b8", PROMPTS[0], MAX_NEW)
+    stop = full[len(full) // 2 :][:2]
+    out = hf.text_generation(PROMPTS[0], adapter_id="b8", max_new_tokens=MAX_NEW, stop=[stop], details=True)
+    assert out.details.finish_reason == "stop_sequence"
+    assert stop in out.generated_text and full.startswith(out.generated_text)
+    assert out.generated_text.index(stop) == full.index(stop)
+    events = list(
+        hf.text_generation(
+            PROMPTS[0], adapter_id="b8", max_new_tokens=MAX_NEW, stop=[stop], stream=True, details=True
+        )
+    )
+    assert "".join(e.token.text for e in events) == events[-1].generated_text == out.generated_text
+
+
+def test_tgi_seed_and_top_n_tokens(hf: InferenceClient) -> None:
+    def sample(seed: int) -> str:
+        return hf.text_generation(
+            PROMPTS[1], adapter_id="c16", max_new_tokens=MAX_NEW, do_sample=True, seed=seed
+        )
+
+    assert sample(3) == sample(3)
+    assert len({sample(seed) for seed in range(4)}) > 1
+    out = hf.text_generation(PROMPTS[1], adapter_id="a4", max_new_tokens=3, top_n_tokens=2, details=True)
+    assert len(out.details.top_tokens) == 3
+    for chosen, alternatives in zip(out.details.tokens, out.details.top_tokens, strict=True):
+        assert len(alternatives) == 2
+        # the client leaves these nested entries as dicts
+        assert alternatives[0]["id"] == chosen.id  # greedy picks the most likely
+        assert alternatives[0]["logprob"] >= alternatives[1]["logprob"]
