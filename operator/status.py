@@ -35,6 +35,8 @@ FAILURE_CONDITIONS = {
     "source": "SourceUnavailable",
     "adapter_download": "SourceUnavailable",
     "adapter_not_found": "SourceUnavailable",
+    "validation": "InvalidAdapter",
+    "too_large": "InvalidAdapter",
 }
 DEFAULT_FAILURE = "LoadFailed"
 LORA_OWNED = frozenset({"Loaded", "Ready", DEFAULT_FAILURE, *FAILURE_CONDITIONS.values()})

@@ -1,0 +1,115 @@
+"""Contract: the operator's engine client and convergence cycle against the real server app
+(tiny CPU Llama, real adapter loads), not a fake. The operator code itself imports no server code."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from loraplex.operator.cycle import run_cycle
+from loraplex.operator.desired import DesiredAdapter
+from loraplex.operator.engine_client import AdapterRejected, EngineClient, EngineHTTPError, pod_url
+from loraplex.server.app import create_app
+from loraplex.server.async_engine import AsyncEngine
+from loraplex.server.demo_assets import TinyAssets
+from loraplex.server.engine import EngineConfig
+from loraplex.server.routes.context import ServerSettings
+
+KEY = "contract-key"
+
+
+@pytest.fixture
+async def server(tiny_assets: TinyAssets) -> AsyncIterator[tuple[str, int, dict[str, Any]]]:
+    # Rank limit 8: the tiny `c16` adapter (rank 16) must be refused with the engine's reason.
+    engine = AsyncEngine.from_config(
+        EngineConfig(model_path=str(tiny_assets.models["llama"]), max_lora_rank=8)
+    )
+    app = create_app(engine, ServerSettings(api_key=KEY))
+    test_server = TestServer(app, host="127.0.0.1")
+    await test_server.start_server()
+    try:
+        yield pod_url("127.0.0.1", test_server.port), test_server.port, tiny_assets.adapters["llama"]
+    finally:
+        await test_server.close()
+        await engine.shutdown(timeout_s=2.0)
+
+
+async def test_client_speaks_the_real_admin_api(server) -> None:
+    url, _, dirs = server
+    async with EngineClient(api_key=KEY) as engine:
+        assert await engine.health(url)
+        assert await engine.list_adapters(url) == []
+        report = await engine.load_adapter(
+            url, DesiredAdapter(name="sql", source=f"file://{dirs['a4']}", aliases=("q",))
+        )
+        assert (report.name, report.state, report.rank, report.aliases) == ("sql", "ready", 4, ("q",))
+        (listed,) = await engine.list_adapters(url)
+        assert listed.name == "sql" and listed.state == "ready" and listed.target_modules
+        with pytest.raises(AdapterRejected) as refused:
+            await engine.load_adapter(url, DesiredAdapter(name="big", source=str(dirs["c16"])))
+        assert refused.value.status < 500 and "16" in refused.value.message
+        with pytest.raises(AdapterRejected) as missing:
+            await engine.load_adapter(url, DesiredAdapter(name="gone", source="/nonexistent/adapter"))
+        assert missing.value.error_type != "unknown"
+        assert await engine.unload_adapter(url, "sql") is True
+        assert await engine.unload_adapter(url, "sql") is False
+    async with EngineClient(api_key="wrong") as engine:
+        with pytest.raises(EngineHTTPError) as denied:
+            await engine.list_adapters(url)
+        assert denied.value.status == 401
+
+
+async def test_cycle_converges_a_real_pod(server) -> None:
+    url, port, dirs = server
+    body = {
+        "metadata": {"name": "pod-a"},
+        "spec": {"containers": [{"name": "server", "ports": [{"name": "http", "containerPort": port}]}]},
+        "status": {
+            "podIP": "127.0.0.1",
+            "containerStatuses": [
+                {"name": "server", "restartCount": 0, "state": {"running": {"startedAt": "t"}}}
+            ],
+        },
+    }
+    desired = {
+        "a": DesiredAdapter(name="a", source=str(dirs["a4"])),
+        "b": DesiredAdapter(name="b", source=str(dirs["b8"]), pinned=True),
+        "big": DesiredAdapter(name="big", source=str(dirs["c16"])),
+    }
+    async with EngineClient(api_key=KEY) as engine:
+        first = await run_cycle(engine, desired, [body], {}, now=1000.0)
+        states = {report.name: report.state for report in first.pods[0].reports}
+        assert states["a"] == states["b"] == "ready"
+        assert ("pod-a", "big") in first.attempts  # refused: backing off, the others serve
+        second = await run_cycle(engine, desired, [body], first.attempts, now=1001.0)
+        assert not second.acted  # converged; the refusal is not retried before its backoff
+        names = {report.name for report in await engine.list_adapters(url) if report.state == "ready"}
+        assert names == {"a", "b"}
+
+
+async def test_refusal_reaches_status_with_the_engines_text(server) -> None:
+    from loraplex.operator.lora import LoraAdapterStatus, LoraPhase
+    from loraplex.operator.status import lora_status
+
+    _, port, dirs = server
+    body = {
+        "metadata": {"name": "pod-a"},
+        "spec": {"containers": [{"name": "server", "ports": [{"name": "http", "containerPort": port}]}]},
+        "status": {
+            "podIP": "127.0.0.1",
+            "containerStatuses": [
+                {"name": "server", "restartCount": 0, "state": {"running": {"startedAt": "t"}}}
+            ],
+        },
+    }
+    big = DesiredAdapter(name="big", source=str(dirs["c16"]))
+    async with EngineClient(api_key=KEY) as engine:
+        result = await run_cycle(engine, {"big": big}, [body], {}, now=1000.0)
+    attempts = {pod: a for (pod, name), a in result.attempts.items() if name == "big"}
+    status = lora_status(big, 1, result.pods, attempts, LoraAdapterStatus(), now=1000.0)
+    assert status.phase == LoraPhase.FAILED
+    (failure,) = [c for c in status.conditions if c.type not in {"Loaded", "Ready"}]
+    assert "rank" in failure.message and "16" in failure.message and failure.message.endswith("(pods: pod-a)")
