@@ -12,6 +12,8 @@ from aiohttp.test_utils import TestServer
 from loraplex.operator.cycle import run_cycle
 from loraplex.operator.desired import DesiredAdapter
 from loraplex.operator.engine_client import AdapterRejected, EngineClient, EngineHTTPError, pod_url
+from loraplex.operator.lora import LoraAdapterStatus, LoraPhase
+from loraplex.operator.status import lora_status
 from loraplex.server.app import create_app
 from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.demo_assets import TinyAssets
@@ -19,6 +21,16 @@ from loraplex.server.engine import EngineConfig
 from loraplex.server.routes.context import ServerSettings
 
 KEY = "contract-key"
+
+
+def _pod_body(port: int) -> dict[str, Any]:
+    """A running pod object whose server listens on 127.0.0.1:port."""
+    running = {"name": "server", "restartCount": 0, "state": {"running": {"startedAt": "t"}}}
+    return {
+        "metadata": {"name": "pod-a"},
+        "spec": {"containers": [{"name": "server", "ports": [{"name": "http", "containerPort": port}]}]},
+        "status": {"podIP": "127.0.0.1", "containerStatuses": [running]},
+    }
 
 
 @pytest.fixture
@@ -64,16 +76,7 @@ async def test_client_speaks_the_real_admin_api(server) -> None:
 
 async def test_cycle_converges_a_real_pod(server) -> None:
     url, port, dirs = server
-    body = {
-        "metadata": {"name": "pod-a"},
-        "spec": {"containers": [{"name": "server", "ports": [{"name": "http", "containerPort": port}]}]},
-        "status": {
-            "podIP": "127.0.0.1",
-            "containerStatuses": [
-                {"name": "server", "restartCount": 0, "state": {"running": {"startedAt": "t"}}}
-            ],
-        },
-    }
+    body = _pod_body(port)
     desired = {
         "a": DesiredAdapter(name="a", source=str(dirs["a4"])),
         "b": DesiredAdapter(name="b", source=str(dirs["b8"]), pinned=True),
@@ -91,20 +94,8 @@ async def test_cycle_converges_a_real_pod(server) -> None:
 
 
 async def test_refusal_reaches_status_with_the_engines_text(server) -> None:
-    from loraplex.operator.lora import LoraAdapterStatus, LoraPhase
-    from loraplex.operator.status import lora_status
-
     _, port, dirs = server
-    body = {
-        "metadata": {"name": "pod-a"},
-        "spec": {"containers": [{"name": "server", "ports": [{"name": "http", "containerPort": port}]}]},
-        "status": {
-            "podIP": "127.0.0.1",
-            "containerStatuses": [
-                {"name": "server", "restartCount": 0, "state": {"running": {"startedAt": "t"}}}
-            ],
-        },
-    }
+    body = _pod_body(port)
     big = DesiredAdapter(name="big", source=str(dirs["c16"]))
     async with EngineClient(api_key=KEY) as engine:
         result = await run_cycle(engine, {"big": big}, [body], {}, now=1000.0)
