@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
-from http_server_support import LiveServer, Reference, call
+from http_server_support import LiveServer, Reference, ServerThread, call
 
-from loraplex.server.engine_api import AdapterInfo
+from loraplex.server.app import ServerSettings, create_app
+from loraplex.server.engine_api import AdapterInfo, LoadAdapterSpec
 
 FIELDS = {f.name for f in dataclasses.fields(AdapterInfo)}
 
@@ -96,3 +98,23 @@ def test_load_errors_are_4xx_with_error_type(live_server: LiveServer, tiny_asset
 def test_unload_unknown_is_404(live_server: LiveServer) -> None:
     status, _, out = call("POST", f"{live_server.url}/v1/unload_lora_adapter", {"lora_name": "nope"})
     assert status == 404 and out["error_type"] == "adapter_not_found"
+
+
+def test_ready_reports_failed_startup_adapters(live_server: LiveServer, server_thread: ServerThread) -> None:
+    settings = ServerSettings(startup_adapters=(LoadAdapterSpec("broken", "/nonexistent/adapter"),))
+    url = server_thread.start(create_app(live_server.engine, settings))
+    deadline = time.monotonic() + 30
+    while (status := call("GET", f"{url}/ready"))[0] != 200 and time.monotonic() < deadline:
+        assert status[0] == 503 and status[2]["ready"] is False
+        time.sleep(0.02)
+    _, _, body = call("GET", f"{url}/ready")
+    assert body["ready"] is True and set(body["failed_adapters"]) == {"broken"}
+    assert call("GET", f"{url}/health")[0] == 200
+    assert call("POST", f"{url}/v1/unload_lora_adapter", {"lora_name": "broken"})[0] == 200
+
+
+def test_model_card(live_server: LiveServer) -> None:
+    status, _, card = call("GET", f"{live_server.url}/v1/models/c16")
+    assert status == 200 and (card["id"], card["parent"]) == ("c16", "tiny-llama")
+    status, _, out = call("GET", f"{live_server.url}/v1/models/nope")
+    assert status == 404 and out["error"]["code"] == "model_not_found"
