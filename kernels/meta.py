@@ -69,8 +69,14 @@ class LoraBatchMeta:
         return self.token_slots.device
 
     @classmethod
-    def build(cls, token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> LoraBatchMeta:
-        """Group tokens by slot. Validates the slot ids (one host sync); the rest is device ops."""
+    def build(
+        cls, token_slots: torch.Tensor, slot_ranks: torch.Tensor, validate: bool = True
+    ) -> LoraBatchMeta:
+        """Group tokens by slot with device ops only; `validate` checks the slot ids (one host sync).
+
+        With validate=False the host never waits for the device; slot ids outside
+        [-1, num_slots) are then undefined behaviour.
+        """
         if token_slots.dim() != 1 or slot_ranks.dim() != 1:
             raise ValueError("token_slots and slot_ranks must be 1-D")
         if token_slots.dtype not in (torch.int32, torch.int64):
@@ -81,7 +87,7 @@ class LoraBatchMeta:
         device = token_slots.device
         slots = token_slots.to(torch.int64)
         ranks = slot_ranks.to(device=device, dtype=torch.int64)
-        if slots.numel() and not bool(((slots >= -1) & (slots < num_slots)).all()):
+        if validate and slots.numel() and not bool(((slots >= -1) & (slots < num_slots)).all()):
             raise ValueError(f"token_slots must lie in [-1, {num_slots})")
         has_adapter = (slots >= 0) & (ranks[slots.clamp(min=0)] > 0)
         key = torch.where(has_adapter, slots, num_slots)  # no-adapter tokens sort last

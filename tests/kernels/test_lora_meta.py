@@ -72,3 +72,10 @@ def test_copy_fills_static_buffers_of_the_same_batch_size():
 def test_empty_batch_has_no_tiles():
     meta = LoraBatchMeta.build(torch.zeros(0, dtype=torch.int64), _i32([8]))
     assert meta.num_tokens == 0 and meta.tile_slots.numel() == 0
+
+
+def test_unvalidated_build_matches_the_validated_one():
+    slots, ranks = _i32([3, -1, 0, 3, 3]), _i32([16, 0, 0, 8])
+    checked, unchecked = LoraBatchMeta.build(slots, ranks), LoraBatchMeta.build(slots, ranks, validate=False)
+    for name, value in vars(checked).items():
+        assert torch.equal(getattr(unchecked, name), value), name
