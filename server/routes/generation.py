@@ -41,6 +41,10 @@ def resolve_adapter(engine: Engine, name: str | None) -> str | None:
 def _servable(name: str, state: str, error: str | None) -> str:
     if state == "failed":
         raise UnknownAdapterError(f"adapter {name!r} failed to load: {error}")
+    if state == "loading":  # known and on its way: worth a retry, unlike an unknown name
+        raise ApiError(
+            503, f"adapter {name!r} is still loading", "adapter_loading", headers={"Retry-After": "1"}
+        )
     return name
 
 

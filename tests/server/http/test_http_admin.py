@@ -5,12 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from http_server_support import LiveServer, Reference, ServerThread, call
 
 from loraplex.server.app import ServerSettings, create_app
+from loraplex.server.async_engine import AsyncEngine, load_local_adapter
+from loraplex.server.engine import EngineConfig
 from loraplex.server.engine_api import AdapterInfo, LoadAdapterSpec
 
 FIELDS = {f.name for f in dataclasses.fields(AdapterInfo)}
@@ -118,3 +122,40 @@ def test_model_card(live_server: LiveServer) -> None:
     assert status == 200 and (card["id"], card["parent"]) == ("c16", "tiny-llama")
     status, _, out = call("GET", f"{live_server.url}/v1/models/nope")
     assert status == 404 and out["error"]["code"] == "model_not_found"
+
+
+def test_adapter_still_loading_is_503_and_server_not_ready(server_thread: ServerThread, tiny_assets) -> None:
+    gate = threading.Event()
+
+    def gated_loader(spec: LoadAdapterSpec, model_config: Any, max_rank: int) -> Any:
+        gate.wait(30)  # holds the load in its worker thread, as a slow download would
+        return load_local_adapter(spec, model_config, max_rank)
+
+    config = EngineConfig(model_path=str(tiny_assets.models["llama"]))
+    engine = AsyncEngine.from_config(config, adapter_loader=gated_loader)
+    spec = LoadAdapterSpec("slow", str(tiny_assets.adapters["llama"]["a4"]))
+    url = server_thread.start(create_app(engine, ServerSettings(startup_adapters=(spec,))))
+    try:
+        deadline = time.monotonic() + 30
+        while call("GET", f"{url}/v1/adapters/slow")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert call("GET", f"{url}/v1/adapters/slow")[2]["state"] == "loading"
+        assert call("GET", f"{url}/ready")[0] == 503
+        status, headers, out = call(
+            "POST", f"{url}/generate", {"inputs": "hi", "parameters": {"adapter_id": "slow"}}
+        )
+        assert (status, out["error_type"], headers["Retry-After"]) == (503, "adapter_loading", "1")
+        status, _, out = call(
+            "POST", f"{url}/v1/completions", {"model": "slow", "prompt": "hi", "max_tokens": 2}
+        )
+        assert status == 503 and out["error"]["code"] == "adapter_loading"
+        gate.set()
+        while call("GET", f"{url}/ready")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        status, _, out = call(
+            "POST", f"{url}/generate", {"inputs": "hi", "parameters": {"adapter_id": "slow"}}
+        )
+        assert status == 200, out
+    finally:
+        gate.set()
+        server_thread.run(engine.shutdown(timeout_s=2.0))
