@@ -200,8 +200,7 @@ def lora_shrink(
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.block_k), config.split_k) * config.block_k
     split_k = triton.cdiv(in_features, k_per_split)
     rank_steps = triton.cdiv(max_rank, BLOCK_R)
-    alloc = torch.zeros if split_k > 1 else torch.empty
-    y = alloc((len(a_slots), num_tokens, max_rank), dtype=torch.float32, device=x.device)
+    y = _new_y((len(a_slots), num_tokens, max_rank), x.device, zeroed=split_k > 1)
     if num_tokens == 0:
         return y
     kernel = _kernel(_shrink_kernel, x.device.type == "cpu")
@@ -283,6 +282,12 @@ def expand_config(num_tokens: int, num_slots: int, width: int, device: torch.dev
         if tiles * triton.cdiv(width, block_n) >= 2 * _num_sms(device):
             break
     return ExpandConfig(block_n=block_n)
+
+
+def _new_y(shape: tuple[int, int, int], device: torch.device, zeroed: bool) -> torch.Tensor:
+    # atomics need zeros; plain stores need nothing (the unwritten entries are unspecified)
+    alloc = torch.zeros if zeroed else torch.empty
+    return alloc(shape, dtype=torch.float32, device=device)
 
 
 def _rank_align(max_rank: int, out: torch.Tensor) -> int:

@@ -51,6 +51,19 @@ def test_tilings_agree(lora_checks, in_features, shrink_config, expand_config):
     lora_checks.check_expand(_expand(expand_config), case, add=True)
 
 
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_shrink_writes_every_specified_entry(lora_checks, monkeypatch, split_k):
+    real_new_y = triton_lora._new_y
+
+    def poisoned(shape, device, zeroed):
+        y = real_new_y(shape, device, zeroed)
+        return y if zeroed else y.fill_(float("nan"))  # only atomics may rely on zeros
+
+    monkeypatch.setattr(triton_lora, "_new_y", poisoned)
+    case = lora_checks.make_case(17, RANKS, THREE_SLICES, in_features=48, seed=5)
+    lora_checks.check_shrink(_shrink(ShrinkConfig(block_k=16, split_k=split_k)), case)
+
+
 def test_more_slices_than_one_launch_takes(lora_checks):
     case = lora_checks.make_case(9, RANKS, (16, 8, 24, 32, 8), in_features=32, seed=7)
     lora_checks.check_shrink(_shrink(), case)
