@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import kopf
+
 from loraplex.operator import bmd as bmd_crd
 from loraplex.operator import lora as lora_crd
 from loraplex.operator.admission import Verdict, admit, desired_set
@@ -139,10 +141,24 @@ async def _write_lora_statuses(
     for verdict in verdicts:
         if verdict.reason == "Deleting":
             continue  # the object is going away; its delete handler waits for the unload
-        old_raw = bodies[(verdict.namespace, verdict.name)].get("status") or {}
-        new = lora_verdict_status(verdict, result, LoraAdapterStatus.model_validate(old_raw), now).to_k8s()
+        body = bodies[(verdict.namespace, verdict.name)]
+        old_raw = body.get("status") or {}
+        new_status = lora_verdict_status(verdict, result, LoraAdapterStatus.model_validate(old_raw), now)
+        new = new_status.to_k8s()
         if new != _ours(old_raw, new):
             await kube.patch_status(lora_crd.PLURAL, verdict.namespace, verdict.name, new)
+        if new_status.phase == LoraPhase.FAILED and old_raw.get("phase") != LoraPhase.FAILED.value:
+            _warn(body, new_status)
+
+
+def _warn(body: Mapping[str, Any], status: LoraAdapterStatus) -> None:
+    """A Kubernetes Warning event on the adapter when it turns Failed (kubectl describe shows it)."""
+    failure = next((c for c in status.conditions if c.status.value == "False" and c.type == "Accepted"), None)
+    failure = failure or next(
+        (c for c in status.conditions if c.type not in ("Accepted", "Loaded", "Ready")), None
+    )
+    if failure is not None:
+        kopf.warn(dict(body), reason=failure.reason or failure.type, message=failure.message)
 
 
 def lora_verdict_status(
