@@ -145,3 +145,12 @@ def test_launch_shape_depends_on_batch_size_only():
         )
     }
     assert len(shapes) == 1
+
+
+@pytest.mark.parametrize("module", [triton_lora, lora.reference], ids=["triton", "reference"])
+def test_empty_batch(lora_checks, module):
+    case = lora_checks.make_case(0, RANKS, THREE_SLICES, in_features=32, token_slots=[])
+    y = module.lora_shrink(case.x, case.a_slots, case.meta)
+    assert y.shape == (3, 0, 32)
+    out = torch.zeros(0, sum(THREE_SLICES))
+    assert module.lora_expand(y, case.b_slots, case.meta, out) is out
