@@ -142,6 +142,12 @@ def test_operator_renders_admits_and_reports(
         )
         assert wait_until(lambda: configmap_names() == ["keep"], timeout=30)
 
+        def warnings() -> set[str]:
+            events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=sql").items
+            return {event.reason for event in events if event.type == "Warning"}
+
+        assert wait_until(lambda: "BaseModelImmutable" in warnings(), timeout=30), warnings()
+
         local_cluster.kubectl(
             "delete", "-n", namespace, "lora/sql", "--timeout=30s"
         )  # Unload, no pod holds it
