@@ -56,7 +56,7 @@ _ERRORS = {
     "404": "Unknown adapter or model (never answered by the base model)",
     "422": "Invalid input",
     "429": "Queue full (see Retry-After)",
-    "503": "Shutting down",
+    "503": "Shutting down, or the adapter is still loading (see Retry-After)",
 }
 _ERROR_SCHEMA = {
     "type": "object",

@@ -31,19 +31,21 @@ from loraplex.server.routes.context import ServerSettings
 
 log = logging.getLogger("loraplex.serve")
 
+
+def _boolean(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return lowered in ("true", "1", "yes")
+
+
 # flag, env, type, default, help
-_FLAGS: tuple[tuple[str, str, type, Any, str], ...] = (
+_FLAGS: tuple[tuple[str, str, Any, Any, str], ...] = (
     ("--model-id", "MODEL_ID", str, None, "hub id, hf://org/repo, file:///dir or a local dir"),
     ("--revision", "REVISION", str, None, "model revision (branch, tag or commit)"),
     ("--served-model-name", "SERVED_MODEL_NAME", str, None, "name clients use for the base model"),
     ("--lora-adapters", "LORA_ADAPTERS", str, "", "comma list of `id`, `id@rev` or `name=source[@rev]`"),
-    (
-        "--adapters-file",
-        "ADAPTERS_FILE",
-        str,
-        None,
-        "YAML/JSON list of {name, source, revision, sha256, ...}",
-    ),
+    ("--adapters-file", "ADAPTERS_FILE", str, None, "YAML/JSON list of {name, source, revision, sha256, ...}"),
     ("--hostname", "HOSTNAME", str, "0.0.0.0", "address to listen on"),
     ("--port", "PORT", int, 8080, "port to listen on"),
     ("--max-input-tokens", "MAX_INPUT_TOKENS", int, None, "longest prompt accepted"),
@@ -53,6 +55,8 @@ _FLAGS: tuple[tuple[str, str, type, Any, str], ...] = (
     ("--max-loras", "MAX_LORAS", int, None, "adapters in GPU slots at once"),
     ("--max-cpu-loras", "MAX_CPU_LORAS", int, None, "adapters kept in host memory"),
     ("--max-lora-rank", "MAX_LORA_RANK", int, None, "largest adapter rank accepted"),
+    ("--kv-cache-memory-fraction", "KV_CACHE_MEMORY_FRACTION", float, None, "GPU memory share for the KV cache"),
+    ("--cuda-graphs", "CUDA_GRAPHS", _boolean, None, "decode under CUDA graphs (true/false)"),
     ("--dtype", "DTYPE", str, "auto", "auto, bfloat16, float16 or float32"),
     ("--device", "DEVICE", str, None, "cuda or cpu (default: cuda when available)"),
     ("--hf-token", "HF_TOKEN", str, None, "token for gated or private hub repos"),
@@ -60,7 +64,7 @@ _FLAGS: tuple[tuple[str, str, type, Any, str], ...] = (
     ("--shutdown-timeout", "SHUTDOWN_TIMEOUT", float, 30.0, "seconds in-flight requests get on SIGTERM"),
     ("--log-level", "LOG_LEVEL", str, "info", "debug, info, warning or error"),
     ("--log-format", "LOG_FORMAT", str, "json", "json or text"),
-)
+)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,6 +164,8 @@ _ENGINE_FIELDS = {
     "max_loras": "max_loras",
     "max_cpu_loras": "max_cpu_loras",
     "max_lora_rank": "max_lora_rank",
+    "kv_cache_memory_fraction": "kv_cache_memory_fraction",
+    "cuda_graphs": "cuda_graphs",
 }
 
 

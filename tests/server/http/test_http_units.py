@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -14,7 +15,13 @@ from loraplex.server.auth import is_authorized
 from loraplex.server.engine_api import LoadAdapterSpec
 from loraplex.server.openapi import ROUTES, build_openapi
 from loraplex.server.routes.generation import StopTextFilter
-from loraplex.server.serve_cli import JsonFormatter, parse_lora_adapters, read_adapters_file
+from loraplex.server.serve_cli import (
+    JsonFormatter,
+    add_arguments,
+    engine_config_kwargs,
+    parse_lora_adapters,
+    read_adapters_file,
+)
 
 
 def _run_filter(stops: list[str], pieces: list[str]) -> tuple[list[str], bool]:
@@ -130,3 +137,26 @@ def test_json_formatter_writes_one_object_with_extras() -> None:
     assert entry["msg"] == "serving now"
     assert entry["level"] == "info" and entry["logger"] == "loraplex.serve"
     assert entry["port"] == 8080
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_serve_flags_read_their_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "9000")
+    monkeypatch.setenv("MAX_LORAS", "8")
+    monkeypatch.setenv("MAX_BATCH_PREFILL_TOKENS", "4096")
+    monkeypatch.setenv("CUDA_GRAPHS", "false")
+    monkeypatch.setenv("API_KEY", "k")
+    monkeypatch.setenv("LORA_ADAPTERS", "org/a@v1")
+    args = _parse(["--max-loras", "2"])  # a flag beats its variable
+    assert (args.port, args.max_loras, args.cuda_graphs, args.api_key) == (9000, 2, False, "k")
+    assert parse_lora_adapters(args.lora_adapters) == (LoadAdapterSpec("org/a", "org/a", revision="v1"),)
+    kwargs = engine_config_kwargs(args, known_fields={"max_loras", "max_batch_tokens", "dtype"})
+    assert kwargs == {"max_loras": 2, "max_batch_tokens": 4096, "dtype": "auto"}  # cuda_graphs: unknown here
+    monkeypatch.setenv("CUDA_GRAPHS", "maybe")
+    with pytest.raises(SystemExit):
+        _parse([])
