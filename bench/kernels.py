@@ -4,7 +4,7 @@ For Gemma-2-2B and Mistral-7B shapes (bench/configs, random weights: speed depen
 every combination of tokens T, distinct adapters in the batch and rank, three ways of adding
 LoRA to the layer's 7 projections (4 fused groups: qkv, o, gate_up, down):
 
-- triton:    loraplex.kernels lora_shrink + lora_expand (8 launches per layer)
+- triton:    loraplex.kernels.triton_lora lora_shrink + lora_expand (8 launches per layer)
 - reference: the torch gather + bmm ops (loraplex.kernels.reference)
 - loop:      one index_select + two matmuls + index_add per adapter and projection (PEFT's way)
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from loraplex.kernels import lora, reference
+from loraplex.kernels import reference, triton_lora
 from loraplex.kernels.meta import LoraBatchMeta
 from loraplex.kernels.triton_lora import ExpandConfig, ShrinkConfig
 
@@ -119,8 +119,8 @@ def build_layer(groups: list[Group], point: Point, dtype: torch.dtype, dev: str 
 def triton_step(layer: Layer, only: str | None = None) -> None:
     for g, t in zip(layer.groups, layer.tensors, strict=True):
         if only in (None, g.name):
-            y = lora.lora_shrink(t.x, t.a_slots, layer.meta)
-            lora.lora_expand(y, t.b_slots, layer.meta, t.out, add=True)
+            y = triton_lora.lora_shrink(t.x, t.a_slots, layer.meta)
+            triton_lora.lora_expand(y, t.b_slots, layer.meta, t.out, add=True)
 
 
 def reference_step(layer: Layer) -> None:
@@ -185,7 +185,9 @@ def check_accuracy(layer: Layer) -> float:
     worst = 0.0
     for t in layer.tensors:
         ours, ref = torch.zeros_like(t.out), torch.zeros_like(t.out)
-        lora.lora_expand(lora.lora_shrink(t.x, t.a_slots, layer.meta), t.b_slots, layer.meta, ours)
+        triton_lora.lora_expand(
+            triton_lora.lora_shrink(t.x, t.a_slots, layer.meta), t.b_slots, layer.meta, ours
+        )
         reference.lora_expand(reference.lora_shrink(t.x, t.a_slots, layer.meta), t.b_slots, layer.meta, ref)
         worst = max(worst, float((ours.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)))
     return worst
@@ -212,8 +214,6 @@ EXPAND_TRIALS = [ExpandConfig(block_n, num_stages=stages) for block_n in (64, 12
 
 def tune(point: Point, dtype: torch.dtype, dev: str = "cuda") -> list[dict[str, str | float]]:
     """Per group: the launchers' default tiles against the fastest of a small grid of tiles."""
-    from loraplex.kernels import triton_lora
-
     groups = layer_groups(point.model)
     layer = build_layer(groups, point, dtype, dev)
     rows = []
