@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from loraplex.operator.common import (
     Condition,
@@ -135,6 +135,12 @@ class AdapterNamespaces(K8sModel):
     from_: NamespacesFrom = Field(default=NamespacesFrom.SAME, alias="from")
     selector: LabelSelector | None = Field(default=None, description="Namespace labels, for from: Selector.")
 
+    @model_validator(mode="after")
+    def _selector_when_needed(self) -> AdapterNamespaces:
+        if self.from_ == NamespacesFrom.SELECTOR and self.selector is None:
+            raise ValueError("adapterNamespaces.selector is required when from is Selector")
+        return self
+
 
 class ScalingMetric(StrEnum):
     QUEUE_DEPTH = "queueDepth"
@@ -157,6 +163,12 @@ class AutoscalingSpec(K8sModel):
     scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=3600)
     provider: AutoscalingProvider = AutoscalingProvider.HPA
 
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.minReplicas must not exceed autoscaling.maxReplicas")
+        return self
+
 
 class FailureMode(StrEnum):
     FAIL_OPEN = "FailOpen"
@@ -176,6 +188,12 @@ class EndpointPickerRef(K8sModel):
 class InferencePoolSpec(K8sModel):
     enabled: bool = False
     endpoint_picker_ref: EndpointPickerRef | None = None
+
+    @model_validator(mode="after")
+    def _picker_when_enabled(self) -> InferencePoolSpec:
+        if self.enabled and self.endpoint_picker_ref is None:
+            raise ValueError("routing.inferencePool.endpointPickerRef is required when the pool is enabled")
+        return self
 
 
 class RoutingSpec(K8sModel):
@@ -244,7 +262,8 @@ class BaseModelDeploymentStatus(K8sModel):
     pods: list[PodReport] = list_map("name")
 
 
-# CEL rules for real clusters (1.25+); the operator enforces the same with conditions.
+# CEL rules for real clusters (1.25+); the model validators above enforce the same in the
+# operator (an InvalidSpec condition), for API servers without CEL.
 SPEC_VALIDATIONS = [
     {
         "rule": "!has(self.autoscaling) || self.autoscaling.minReplicas <= self.autoscaling.maxReplicas",

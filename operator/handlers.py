@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from loraplex.operator import bmd as bmd_crd
 from loraplex.operator import lora as lora_crd
 from loraplex.operator.admission import ATTACHED_ANNOTATION, admit, base_key, desired_set
-from loraplex.operator.bmd import BaseModelDeployment
+from loraplex.operator.bmd import BaseModelDeployment, BaseModelDeploymentStatus, BmdPhase
 from loraplex.operator.common import GROUP, VERSION
 from loraplex.operator.conditions import condition, merge_conditions, timestamp
 from loraplex.operator.daemon import DaemonState, Wakers, World, converge_once
@@ -47,6 +47,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.config = OperatorConfig.from_env()
     memo.kube = Kube.from_environment()
     memo.wakers = Wakers()
+    memo.daemon_states = {}  # (namespace, name) -> DaemonState, shared with the change handlers
     modern = await memo.kube.served("policy/v1", "PodDisruptionBudget")
     memo.options = memo.config.render_options("policy/v1" if modern else "policy/v1beta1")
 
@@ -84,16 +85,7 @@ async def apply_children(
     try:
         bmd = BaseModelDeployment.from_body(body)
     except ValidationError as error:
-        invalid = condition("Ready", False, "InvalidSpec", str(error), body["metadata"].get("generation"))
-        await kube.patch_status(
-            bmd_crd.PLURAL,
-            body["metadata"]["namespace"],
-            body["metadata"]["name"],
-            {
-                "phase": "Failed",
-                "conditions": [c.to_k8s() for c in merge_conditions([], [invalid], timestamp(time.time()))],
-            },
-        )
+        await _report_invalid_spec(kube, body, str(error))
         raise kopf.PermanentError(f"invalid spec: {error}") from error
     key = (bmd.namespace, bmd.name)
     verdicts = admit(bmd, list(adapters_by_base.get(key, [])), _labels(namespace_labels))
@@ -110,6 +102,8 @@ async def apply_children(
         await kube.apply(pool)
     elif await kube.served(INFERENCE_POOL_API_VERSION, "InferencePool"):
         await kube.delete(INFERENCE_POOL_API_VERSION, "InferencePool", bmd.namespace, bmd.name)
+    if (state := memo.daemon_states.get(key)) is not None:
+        state.configmap_hash = None  # we just wrote the ConfigMap: the daemon re-checks it
     memo.wakers.wake(key)
 
 
@@ -125,7 +119,7 @@ async def converge(
 ) -> None:
     """Converge this base's pods until the object is deleted or the operator stops."""
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
-    state, api_key, engine = DaemonState(), None, None
+    state, api_key, engine = memo.daemon_states.setdefault(key, DaemonState()), None, None
     try:
         while not stopped:
             wanted_key = await _api_key(memo.kube, body)
@@ -151,6 +145,7 @@ async def converge(
                 log.exception("cycle for %s/%s failed", *key)
             await memo.wakers.sleep(key, memo.config.quick_tick_s if acted else memo.config.tick_s)
     finally:
+        memo.daemon_states.pop(key, None)
         if engine is not None:
             await engine.close()
 
@@ -218,6 +213,15 @@ async def _pods_serving(
             except EngineClientError:
                 continue  # a pod that does not answer restarts from the ConfigMap, without it
     return holders
+
+
+async def _report_invalid_spec(kube: Kube, body: Mapping[str, Any], message: str) -> None:
+    meta = body["metadata"]
+    old = BaseModelDeploymentStatus.model_validate(body.get("status") or {})
+    invalid = condition("Ready", False, "InvalidSpec", message, meta.get("generation"))
+    conditions = merge_conditions(old.conditions, [invalid], timestamp(time.time()))
+    status = {"phase": BmdPhase.FAILED.value, "conditions": [item.to_k8s() for item in conditions]}
+    await kube.patch_status(bmd_crd.PLURAL, meta["namespace"], meta["name"], status)
 
 
 async def _refuse(kube: Kube, body: Mapping[str, Any], reason: str, message: str) -> None:

@@ -6,6 +6,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from loraplex.operator import bmd as bmd_crd
 from loraplex.operator import crdgen
 from loraplex.operator.bmd import BaseModelDeploymentSpec
 from loraplex.operator.lora import LoraAdapterSpec
@@ -181,3 +182,17 @@ def test_quantities_accept_integers_and_bad_values_are_refused() -> None:
         LoraAdapterSpec.model_validate(
             {"baseModel": {"name": "g"}, "source": {"uri": "x"}, "servedName": "a/b"}
         )
+
+
+def test_cel_rules_are_also_enforced_by_the_models() -> None:
+    """API servers without CEL (the local 1.20) accept these; the operator refuses them."""
+    base = {"model": {"id": "m"}}
+    invalid = [
+        {"autoscaling": {"minReplicas": 3, "maxReplicas": 2}},
+        {"adapterNamespaces": {"from": "Selector"}},
+        {"routing": {"inferencePool": {"enabled": True}}},
+    ]
+    for spec in invalid:
+        with pytest.raises(ValidationError):
+            BaseModelDeploymentSpec.model_validate({**base, **spec})
+    assert len(bmd_crd.SPEC_VALIDATIONS) == len(invalid)  # one model check per CEL rule

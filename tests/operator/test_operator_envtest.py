@@ -156,3 +156,22 @@ def test_operator_renders_admits_and_reports(
     # Operator stopped: an Orphan adapter still deletes at once (no finalizer deadlock).
     assert "finalizers" not in _get(objects, namespace, "loraadapters", "keep")["metadata"]
     local_cluster.kubectl("delete", "-n", namespace, "lora/keep", "--timeout=10s")
+
+
+def test_rules_the_old_api_server_cannot_check_become_conditions(
+    local_cluster: LocalCluster, namespace: str, objects: client.CustomObjectsApi
+) -> None:
+    bad = BASE.replace("replicas: 2", "replicas: 2\n  autoscaling: {minReplicas: 3, maxReplicas: 2}")
+    with _operator(namespace) as runner:
+        _apply(local_cluster, namespace, bad)  # 1.20 has no CEL: the API server takes it
+
+        def ready_reason() -> str | None:
+            return _condition(_get(objects, namespace, "basemodeldeployments", "gemma"), "Ready").get(
+                "reason"
+            )
+
+        assert wait_until(lambda: ready_reason() == "InvalidSpec", timeout=30), ready_reason()
+        bmd = _get(objects, namespace, "basemodeldeployments", "gemma")
+        assert bmd["status"]["phase"] == "Failed"
+        assert "minReplicas" in _condition(bmd, "Ready")["message"]
+    assert runner.exception is None, runner.output
