@@ -75,6 +75,39 @@ def test_demo_serves_three_adapters(demo_server: tuple[subprocess.Popen, str]) -
     assert status == 200 and isinstance(out["generated_text"], str)
 
 
+# The README's curl examples, verbatim but for the address and the adapter path.
+CURL_EXAMPLES = """
+curl -sf localhost:8080/generate -H 'Content-Type: application/json' \
+  -d '{"inputs": "the model serves", "parameters": {"adapter_id": "b8", "max_new_tokens": 16}}'
+curl -sfN localhost:8080/generate_stream -H 'Content-Type: application/json' \
+  -d '{"inputs": "the model serves", "parameters": {"adapter_id": "c16", "max_new_tokens": 8}}'
+curl -sf localhost:8080/v1/completions -H 'Content-Type: application/json' \
+  -d '{"model": "a4", "prompt": "the model serves", "max_tokens": 16, "temperature": 0}'
+curl -sf localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \
+  -d '{"model": "a4", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'
+curl -sf localhost:8080/v1/models
+curl -sf localhost:8080/v1/adapters
+curl -sf localhost:8080/v1/load_lora_adapter -H 'Content-Type: application/json' \
+  -d '{"lora_name": "my-adapter", "lora_path": "/path/to/peft-adapter-dir"}'
+curl -sf localhost:8080/v1/unload_lora_adapter -H 'Content-Type: application/json' -d '{"lora_name": "my-adapter"}'
+curl -sf localhost:8080/metrics
+"""
+
+
+def test_curl_examples(demo_server: tuple[subprocess.Popen, str], tiny_assets: TinyAssets) -> None:
+    _, url = demo_server
+    script = CURL_EXAMPLES.replace("localhost:8080", url.removeprefix("http://"))
+    script = script.replace("/path/to/peft-adapter-dir", str(tiny_assets.adapters["llama"]["a4"]))
+    commands = [c.strip() for c in script.replace("\\\n", " ").strip().splitlines()]
+    assert len(commands) == 9
+    for command in commands:
+        result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (command, result.stdout, result.stderr)
+        assert result.stdout.strip(), command
+        if "/metrics" not in command and "generate_stream" not in command:
+            assert json.loads(result.stdout).get("error") is None, command
+
+
 def test_sigterm_finishes_in_flight_then_exits(demo_server: tuple[subprocess.Popen, str]) -> None:
     process, url = demo_server
     body = {"inputs": "the model serves", "parameters": {"adapter_id": "b8", "max_new_tokens": 200}}
