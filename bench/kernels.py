@@ -207,9 +207,11 @@ SHRINK_TRIALS = [
     ShrinkConfig(block_k, split_k, num_stages=stages)
     for block_k in (128, 256)
     for split_k in (1, 2, 4, 9, 36)
-    for stages in (2, 3, 4)
+    for stages in (1, 2, 3, 4)
 ]
-EXPAND_TRIALS = [ExpandConfig(block_n, num_stages=stages) for block_n in (64, 128, 256) for stages in (2, 3)]
+EXPAND_TRIALS = [
+    ExpandConfig(block_n, num_stages=stages) for block_n in (64, 128, 256) for stages in (1, 2, 3)
+]
 
 
 def tune(point: Point, dtype: torch.dtype, dev: str = "cuda") -> list[dict[str, str | float]]:

@@ -239,7 +239,7 @@ def lora_expand(
     num_tokens, max_rank = out.shape[0], y.shape[2]
     if num_tokens == 0:
         return out
-    config = config or expand_config(num_tokens, meta.num_slots, out.shape[1], out.device)
+    config = config or expand_config(num_tokens, meta.num_slots, out.shape[1], max_rank, out.device)
     kernel = _kernel(_expand_kernel, out.device.type == "cpu")
     column = 0
     for first in range(0, len(b_slots), MAX_SLICES):
@@ -271,17 +271,22 @@ def shrink_config(
     block_k = min(256, max(16, triton.next_power_of_2(in_features)))
     programs = max_tiles(num_tokens, num_slots) * min(num_slices, MAX_SLICES) * triton.cdiv(max_rank, BLOCK_R)
     most = 16 * _num_sms(device)  # a few waves of resident programs (about 8 fit on an SM)
-    split_k = max(1, min(triton.cdiv(in_features, block_k), most // max(1, programs)))
-    return ShrinkConfig(block_k=block_k, split_k=split_k)
+    k_blocks = triton.cdiv(in_features, block_k)
+    split_k = max(1, min(k_blocks, most // max(1, programs)))
+    # One K block per program: nothing to pipeline, and without staging buffers in shared
+    # memory more programs fit on an SM, so more bytes are in flight.
+    return ShrinkConfig(block_k=block_k, split_k=split_k, num_stages=1 if split_k == k_blocks else 3)
 
 
-def expand_config(num_tokens: int, num_slots: int, width: int, device: torch.device) -> ExpandConfig:
+def expand_config(
+    num_tokens: int, num_slots: int, width: int, max_rank: int, device: torch.device
+) -> ExpandConfig:
     """The widest output block (8 KB of 16-bit B per rank step) that still fills the SMs twice."""
     tiles = max_tiles(num_tokens, num_slots)
     for block_n in (256, 128, 64):
         if tiles * triton.cdiv(width, block_n) >= 2 * _num_sms(device):
             break
-    return ExpandConfig(block_n=block_n)
+    return ExpandConfig(block_n=block_n, num_stages=1 if max_rank <= BLOCK_R else 3)
 
 
 def _new_y(shape: tuple[int, int, int], device: torch.device, zeroed: bool) -> torch.Tensor:

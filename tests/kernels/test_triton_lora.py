@@ -135,7 +135,7 @@ def test_launch_shape_depends_on_batch_size_only():
     shapes = {
         (
             triton_lora.shrink_config(32, 16, 2304, 16, 3, cpu),
-            triton_lora.expand_config(32, 16, 4096, cpu),
+            triton_lora.expand_config(32, 16, 4096, 16, cpu),
             meta.tile_slots.shape,
         )
         for meta in (

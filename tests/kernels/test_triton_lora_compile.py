@@ -18,7 +18,7 @@ from loraplex.kernels import triton_lora
 TYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 
-def _compile(fn, dtype: str, arch: int, constexprs: dict, float_ptrs: dict[str, str]):
+def _compile(fn, arch: int, stages: int, constexprs: dict, float_ptrs: dict[str, str]):
     kernel = triton_lora._kernel(fn, False)
     signature, aligned = {}, {}
     for i, param in enumerate(kernel.params):
@@ -33,7 +33,9 @@ def _compile(fn, dtype: str, arch: int, constexprs: dict, float_ptrs: dict[str, 
             aligned[(i,)] = [["tt.divisibility", 16]]  # what the launcher sees for real model shapes
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
     return triton.compile(
-        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "enable_fp_fusion": True}
+        source,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": 4, "num_stages": stages, "enable_fp_fusion": True},
     )
 
 
@@ -43,22 +45,26 @@ def _vector_loads(ptx: str) -> int:
     )
 
 
-@pytest.mark.parametrize(("arch", "dtype"), [(90, "fp16"), (90, "bf16"), (90, "fp32"), (80, "bf16")])
-def test_kernels_compile_for_gpu(arch, dtype, tmp_path, monkeypatch):
+# stages: 1 is what the launchers pick for decode shapes, 3 for longer loops
+@pytest.mark.parametrize(
+    ("arch", "dtype", "stages"),
+    [(90, "fp16", 1), (90, "bf16", 1), (90, "fp32", 1), (90, "bf16", 3), (80, "bf16", 3)],
+)
+def test_kernels_compile_for_gpu(arch, dtype, stages, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile for real, not from a cache
     elem = TYPES[dtype]
     precision = "ieee" if dtype == "fp32" else "tf32"
     shrink = _compile(
         triton_lora._shrink_kernel,
-        dtype,
         arch,
+        stages,
         dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=256, EVEN_K=True, ATOMIC=True, PRECISION=precision),
         {"x_ptr": elem, "a0_ptr": elem, "a1_ptr": elem, "a2_ptr": elem, "y_ptr": "*fp32"},
     )
     expand = _compile(
         triton_lora._expand_kernel,
-        dtype,
         arch,
+        stages,
         dict(
             BLOCK_M=16,
             BLOCK_N=256,
