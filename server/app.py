@@ -3,6 +3,10 @@
 `create_app(engine, settings)` only wires things; the engine's lifecycle (start, shutdown)
 belongs to the caller (`serve_cli`, tests). Startup adapters load in the background so
 liveness answers at once and `/ready` turns 200 when they were all tried.
+
+Run it with `web.AppRunner(app, handler_cancellation=True)`: then a client that hangs up during
+a non-streamed request cancels its handler, which aborts the request in the engine (streams
+notice the hang-up on their next write either way).
 """
 
 from __future__ import annotations

@@ -93,7 +93,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("invalid adapter list: %s", exc)
         return 2
-    engine = build_engine(args, model_id)
+    try:
+        engine = build_engine(args, model_id)
+    except Exception:
+        log.exception("the engine failed to start", extra={"model": model_id})
+        return 1
     settings = ServerSettings(
         api_key=args.api_key or None,
         startup_adapters=adapters,
