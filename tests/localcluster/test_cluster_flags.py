@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,20 @@ def test_kubeconfig_carries_the_ca_and_an_admin_token() -> None:
     assert base64.b64decode(cluster["certificate-authority-data"]) == b"PEM"
     assert config["users"][0]["user"] == {"token": "secret"}
     assert flags.token_file_line("secret").endswith('"system:masters"\n')
+
+
+def test_a_component_that_dies_fails_start_with_its_log_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loraplex.localcluster.control_plane import ClusterStartError, LocalCluster
+
+    assets = tmp_path / "assets"
+    for name in ("kube-apiserver", "kubectl"):
+        _executable(assets / name)
+    _executable(assets / "etcd").write_text("#!/bin/sh\necho 'etcd: disk on fire' >&2\nexit 3\n")
+    monkeypatch.setenv("KUBEBUILDER_ASSETS", str(assets))
+    with pytest.raises(ClusterStartError, match=r"(?s)etcd exited; log .*etcd: disk on fire"):
+        LocalCluster.start(with_controllers=False, timeout=10)
+    scratch_dirs = (Path(tempfile.gettempdir()), Path("/dev/shm"))
+    leftovers = [log for d in scratch_dirs for log in d.glob("loraplex-k8s-*/logs/etcd.log")]
+    assert not [log for log in leftovers if "disk on fire" in log.read_text(errors="replace")]
