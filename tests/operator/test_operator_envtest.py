@@ -12,10 +12,16 @@ import pytest
 import yaml
 from kopf.testing import KopfRunner
 from kubernetes import client
+from operator_kubelet import LocalKubelet
 
 from loraplex.localcluster.control_plane import LocalCluster
 from loraplex.localcluster.processes import wait_until
 from loraplex.operator import crdgen
+from loraplex.server.app import create_app
+from loraplex.server.async_engine import AsyncEngine
+from loraplex.server.demo_assets import TinyAssets
+from loraplex.server.engine import EngineConfig
+from loraplex.server.routes.context import ServerSettings
 
 pytestmark = pytest.mark.envtest
 GROUP, VERSION = "loraplex.dev", "v1alpha1"
@@ -175,3 +181,73 @@ def test_rules_the_old_api_server_cannot_check_become_conditions(
         assert bmd["status"]["phase"] == "Failed"
         assert "minReplicas" in _condition(bmd, "Ready")["message"]
     assert runner.exception is None, runner.output
+
+
+def test_adapters_hot_load_into_running_pods_and_status_tells_the_truth(
+    local_cluster: LocalCluster, namespace: str, objects: client.CustomObjectsApi, tiny_assets: TinyAssets
+) -> None:
+    dirs = tiny_assets.adapters["llama"]
+
+    def make_app() -> tuple[Any, Any]:
+        # Rank limit 8: the rank-16 adapter is refused by the engine, with its own reason.
+        engine = AsyncEngine.from_config(
+            EngineConfig(model_path=str(tiny_assets.models["llama"]), max_lora_rank=8)
+        )
+        return create_app(engine, ServerSettings()), engine
+
+    adapters = "\n---\n".join(
+        f"apiVersion: loraplex.dev/v1alpha1\nkind: LoraAdapter\nmetadata: {{name: {name}}}\n"
+        f"spec: {{baseModel: {{name: gemma}}, source: {{uri: 'file://{dirs[source]}'}}}}"
+        for name, source in (("sql", "a4"), ("chat", "b8"), ("big", "c16"))
+    )
+    selector = "app.kubernetes.io/instance=gemma"
+    with local_cluster.api_client() as api, LocalKubelet(api, namespace, selector, make_app) as kubelet:
+        with _operator(namespace) as runner:
+            _apply(local_cluster, namespace, BASE)
+            _apply(local_cluster, namespace, adapters)
+
+            def status(plural: str, name: str) -> dict[str, Any]:
+                return _get(objects, namespace, plural, name).get("status", {})
+
+            def converged() -> bool:
+                sql, chat, big = (status("loraadapters", n) for n in ("sql", "chat", "big"))
+                return (
+                    sql.get("phase") == chat.get("phase") == "Ready"
+                    and sql.get("readyReplicas") == 2
+                    and big.get("phase") == "Failed"
+                    and status("basemodeldeployments", "gemma").get("readyReplicas") == 2
+                )
+
+            assert wait_until(converged, timeout=90), [status("loraadapters", n) for n in ("sql", "big")]
+            for pod in kubelet.servers:  # the pods are the truth: each one serves both adapters
+                ready = {a.name for a in kubelet.engine(pod).list_adapters() if a.state == "ready"}
+                assert ready == {"sql", "chat"}
+            big = _get(objects, namespace, "loraadapters", "big")
+            assert "rank" in _condition(big, "InvalidAdapter")["message"]
+            bmd = status("basemodeldeployments", "gemma")
+            assert (bmd["phase"], bmd["adapters"]) == ("Ready", {"desired": 3, "ready": 2, "failed": 1})
+            assert all(pod["adaptersLoaded"] == 2 for pod in bmd["pods"])
+            assert status("loraadapters", "sql")["resolved"]["rank"] == 4
+
+            # A crashed and restarted server comes back empty: the operator reloads it (new epoch).
+            pod = sorted(kubelet.servers)[0]
+            kubelet.restart(pod)
+
+            def reloaded() -> bool:
+                loaded = {a.name for a in kubelet.engine(pod).list_adapters() if a.state == "ready"}
+                body = client.CoreV1Api(api).read_namespaced_pod(pod, namespace)
+                gate = next(c for c in body.status.conditions if c.type == "loraplex.dev/adapters-ready")
+                return (
+                    loaded == {"sql", "chat"}
+                    and gate.status == "True"
+                    and gate.message.startswith("engine epoch 1@")
+                )
+
+            assert wait_until(reloaded, timeout=60)
+            assert wait_until(converged, timeout=30)
+
+            # Unload policy: the delete returns only once no pod serves the adapter.
+            local_cluster.kubectl("delete", "-n", namespace, "lora/sql", "--timeout=60s")
+            for pod in kubelet.servers:
+                assert "sql" not in {a.name for a in kubelet.engine(pod).list_adapters()}
+        assert runner.exception is None, runner.output
