@@ -21,13 +21,15 @@ SSE_HEADERS = {
 }
 
 
-def resolve_adapter(engine: Engine, name: str | None) -> str | None:
-    """The served adapter name for a name or alias; None means the base model.
+def resolve_adapter(ctx: ServerContext, name: str | None) -> str | None:
+    """The served adapter name for a name or alias; None means the base model (its served name,
+    or the model id it was started from).
 
     An unknown name is an error (404): a request for a fine-tune must never be answered by the
     base model.
     """
-    if not name or name == engine.model_name:
+    engine = ctx.engine
+    if not name or name in (engine.model_name, ctx.settings.model_id):
         return None
     with contextlib.suppress(UnknownAdapterError):
         info = engine.get_adapter(name)

@@ -66,7 +66,7 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
 
 def _adapter_for(ctx: ServerContext, model: str) -> str | None:
     try:
-        return resolve_adapter(ctx.engine, model)
+        return resolve_adapter(ctx, model)
     except UnknownAdapterError as exc:
         raise ApiError(
             404, f"The model `{model}` does not exist: {exc}", "model_not_found", param="model"

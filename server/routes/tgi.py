@@ -73,7 +73,7 @@ def build_request(ctx: ServerContext, body: TGIGenerateRequest) -> GenerationReq
     for name, is_set in _UNSUPPORTED:
         if is_set(p):
             raise ApiError(422, f"`{name}` is not supported by this server", "validation", param=name)
-    adapter = resolve_adapter(ctx.engine, p.adapter_id)
+    adapter = resolve_adapter(ctx, p.adapter_id)
     prompt_ids = encode(ctx.engine.tokenizer, body.inputs)
     if p.truncate is not None:
         prompt_ids = prompt_ids[-p.truncate :]
