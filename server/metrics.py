@@ -41,6 +41,8 @@ class EngineStatsCollector(Collector):
             "vllm:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting, labels
         )
         yield _gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 0..1.", stats.kv_cache_usage, labels)
+        # The name vLLM used before v0.10, still the default of older Inference Gateway pickers.
+        yield _gauge("vllm:gpu_cache_usage_perc", "KV-cache usage, 0..1.", stats.kv_cache_usage, labels)
         yield _gauge(
             "vllm:lora_requests_info",
             "Running and waiting adapters (labels); the value is the scrape time.",

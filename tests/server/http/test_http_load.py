@@ -103,7 +103,8 @@ def test_metrics_parse_and_carry_vllm_gauges(live_server: LiveServer) -> None:
     status, headers, text = call("GET", f"{live_server.url}/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+    gauges = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+    for name in (*gauges, "vllm:gpu_cache_usage_perc"):
         (sample,) = families[name].samples
         assert sample.labels == {"model_name": "tiny-llama"}
     (info,) = families["vllm:lora_requests_info"].samples
