@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         adapters += parse_lora_adapters(args.lora_adapters)
         if args.adapters_file:
             adapters += read_adapters_file(Path(args.adapters_file))
-    except ValueError as exc:
+    except (ValueError, OSError, yaml.YAMLError) as exc:
         log.error("invalid adapter list: %s", exc)
         return 2
     try:
@@ -102,10 +102,22 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         startup_adapters=adapters,
         model_id=model_id,
-        info={"model_dtype": args.dtype, "model_device_type": args.device or "auto"},
+        info=_info(args),
     )
     asyncio.run(serve(engine, settings, args.hostname, args.port, args.shutdown_timeout))
     return 0
+
+
+def _info(args: argparse.Namespace) -> dict[str, Any]:
+    """Extra /info fields, as TGI names them; unset limits left out."""
+    info = {
+        "model_dtype": args.dtype,
+        "model_device_type": engine_device(args),
+        "max_concurrent_requests": args.max_concurrent_requests,
+        "max_batch_prefill_tokens": args.max_batch_prefill_tokens,
+        "max_lora_adapters": args.max_loras,
+    }
+    return {key: value for key, value in info.items() if value is not None}
 
 
 def parse_lora_adapters(value: str) -> tuple[LoadAdapterSpec, ...]:
@@ -187,14 +199,18 @@ def engine_config_kwargs(args: argparse.Namespace, known_fields: set[str]) -> di
     return kwargs
 
 
-def build_engine(args: argparse.Namespace, model_id: str) -> Engine:
+def engine_device(args: argparse.Namespace) -> str:
     import torch
 
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_engine(args: argparse.Namespace, model_id: str) -> Engine:
     from loraplex.server.async_engine import AsyncEngine
     from loraplex.server.engine import EngineConfig
 
     known = {f.name for f in dataclasses.fields(EngineConfig)}
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = engine_device(args)
     config = EngineConfig(model_path=model_id, device=device, **engine_config_kwargs(args, known))
     log.info("loading model", extra={"model": model_id, "device": device})
     return AsyncEngine.from_config(config)
