@@ -14,7 +14,12 @@ import sys
 from loraplex.version import __version__
 
 # name -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": (
+        "loraplex.server.serve_cli",
+        "Serve a base model and its LoRA adapters over HTTP (TGI, OpenAI and vLLM-compatible APIs)",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
