@@ -36,6 +36,7 @@ class LocalKubelet:
         self._next_ip = first_ip
         self._published: dict[str, tuple[str, bool, int]] = {}
         self.restarts: dict[str, int] = {}
+        self.ready_with: dict[str, set[str]] = {}  # pod -> adapters it served when first published Ready
         self._loop = asyncio.new_event_loop()
         self._stop = threading.Event()
         self._threads = [
@@ -100,6 +101,9 @@ class LocalKubelet:
                 _content_type="application/strategic-merge-patch+json",
             )
             self._published[name] = wanted
+            if wanted[1] and name not in self.ready_with:
+                adapters = self.servers[name][2].list_adapters()
+                self.ready_with[name] = {a.name for a in adapters if a.state == "ready"}
 
     async def _start_server(self, ip: str) -> tuple[web.AppRunner, Any]:
         app, engine = self.make_app()

@@ -4,6 +4,7 @@ Pending, so this checks rendering, admission and status wiring, not adapter load
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -201,27 +202,32 @@ def test_adapters_hot_load_into_running_pods_and_status_tells_the_truth(
         for name, source in (("sql", "a4"), ("chat", "b8"), ("big", "c16"))
     )
     selector = "app.kubernetes.io/instance=gemma"
+
+    def status(plural: str, name: str) -> dict[str, Any]:
+        return _get(objects, namespace, plural, name).get("status", {})
+
+    def converged(replicas: int) -> bool:
+        sql, chat, big = (status("loraadapters", n) for n in ("sql", "chat", "big"))
+        return (
+            sql.get("phase") == chat.get("phase") == "Ready"
+            and sql.get("readyReplicas") == chat.get("readyReplicas") == replicas
+            and big.get("phase") == "Failed"
+            and status("basemodeldeployments", "gemma").get("readyReplicas") == replicas
+        )
+
+    def served(kubelet: LocalKubelet, pod: str) -> dict[str, int]:
+        """Adapter -> load generation, as the pod's engine reports it."""
+        return {a.name: a.load_generation for a in kubelet.engine(pod).list_adapters() if a.state == "ready"}
+
     with local_cluster.api_client() as api, LocalKubelet(api, namespace, selector, make_app) as kubelet:
         with _operator(namespace) as runner:
             _apply(local_cluster, namespace, BASE)
             _apply(local_cluster, namespace, adapters)
-
-            def status(plural: str, name: str) -> dict[str, Any]:
-                return _get(objects, namespace, plural, name).get("status", {})
-
-            def converged() -> bool:
-                sql, chat, big = (status("loraadapters", n) for n in ("sql", "chat", "big"))
-                return (
-                    sql.get("phase") == chat.get("phase") == "Ready"
-                    and sql.get("readyReplicas") == 2
-                    and big.get("phase") == "Failed"
-                    and status("basemodeldeployments", "gemma").get("readyReplicas") == 2
-                )
-
-            assert wait_until(converged, timeout=90), [status("loraadapters", n) for n in ("sql", "big")]
+            assert wait_until(lambda: converged(2), timeout=90), [
+                status("loraadapters", n) for n in ("sql", "big")
+            ]
             for pod in kubelet.servers:  # the pods are the truth: each one serves both adapters
-                ready = {a.name for a in kubelet.engine(pod).list_adapters() if a.state == "ready"}
-                assert ready == {"sql", "chat"}
+                assert set(served(kubelet, pod)) == {"sql", "chat"}
             big = _get(objects, namespace, "loraadapters", "big")
             assert "rank" in _condition(big, "InvalidAdapter")["message"]
             bmd = status("basemodeldeployments", "gemma")
@@ -234,20 +240,33 @@ def test_adapters_hot_load_into_running_pods_and_status_tells_the_truth(
             kubelet.restart(pod)
 
             def reloaded() -> bool:
-                loaded = {a.name for a in kubelet.engine(pod).list_adapters() if a.state == "ready"}
                 body = client.CoreV1Api(api).read_namespaced_pod(pod, namespace)
                 gate = next(c for c in body.status.conditions if c.type == "loraplex.dev/adapters-ready")
                 return (
-                    loaded == {"sql", "chat"}
+                    set(served(kubelet, pod)) == {"sql", "chat"}
                     and gate.status == "True"
                     and gate.message.startswith("engine epoch 1@")
                 )
 
             assert wait_until(reloaded, timeout=60)
-            assert wait_until(converged, timeout=30)
+            assert wait_until(lambda: converged(2), timeout=30)
+        assert runner.exception is None, runner.output
+
+        # A restarted operator reloads nothing: the pods still hold every adapter.
+        before = {pod: served(kubelet, pod) for pod in kubelet.servers}
+        with _operator(namespace) as runner:
+            time.sleep(6)  # three fallback ticks
+            assert {pod: served(kubelet, pod) for pod in kubelet.servers} == before
+            assert converged(2)
+
+            # Scale up: the new pod turns Ready only with every adapter loaded.
+            local_cluster.kubectl("scale", "-n", namespace, "bmd/gemma", "--replicas=3")
+            assert wait_until(lambda: converged(3), timeout=60)
+            (new_pod,) = set(kubelet.servers) - set(before)
+            assert kubelet.ready_with[new_pod] == {"sql", "chat"}
 
             # Unload policy: the delete returns only once no pod serves the adapter.
             local_cluster.kubectl("delete", "-n", namespace, "lora/sql", "--timeout=60s")
             for pod in kubelet.servers:
-                assert "sql" not in {a.name for a in kubelet.engine(pod).list_adapters()}
+                assert "sql" not in served(kubelet, pod)
         assert runner.exception is None, runner.output
