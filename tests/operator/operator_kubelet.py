@@ -37,6 +37,7 @@ class LocalKubelet:
         self._published: dict[str, tuple[str, bool, int]] = {}
         self.restarts: dict[str, int] = {}
         self.ready_with: dict[str, set[str]] = {}  # pod -> adapters it served when first published Ready
+        self.readiness: dict[str, list[bool]] = {}  # pod -> every Ready value published, in order
         self._loop = asyncio.new_event_loop()
         self._stop = threading.Event()
         self._threads = [
@@ -101,6 +102,7 @@ class LocalKubelet:
                 _content_type="application/strategic-merge-patch+json",
             )
             self._published[name] = wanted
+            self.readiness.setdefault(name, []).append(wanted[1])
             if wanted[1] and name not in self.ready_with:
                 adapters = self.servers[name][2].list_adapters()
                 self.ready_with[name] = {a.name for a in adapters if a.state == "ready"}

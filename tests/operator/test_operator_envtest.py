@@ -196,10 +196,14 @@ def test_adapters_hot_load_into_running_pods_and_status_tells_the_truth(
         )
         return create_app(engine, ServerSettings()), engine
 
+    def lora(name: str, source: str) -> str:
+        return (
+            f"apiVersion: loraplex.dev/v1alpha1\nkind: LoraAdapter\nmetadata: {{name: {name}}}\n"
+            f"spec: {{baseModel: {{name: gemma}}, source: {{uri: 'file://{dirs[source]}'}}}}"
+        )
+
     adapters = "\n---\n".join(
-        f"apiVersion: loraplex.dev/v1alpha1\nkind: LoraAdapter\nmetadata: {{name: {name}}}\n"
-        f"spec: {{baseModel: {{name: gemma}}, source: {{uri: 'file://{dirs[source]}'}}}}"
-        for name, source in (("sql", "a4"), ("chat", "b8"), ("big", "c16"))
+        lora(name, source) for name, source in (("sql", "a4"), ("chat", "b8"), ("big", "c16"))
     )
     selector = "app.kubernetes.io/instance=gemma"
 
@@ -235,6 +239,13 @@ def test_adapters_hot_load_into_running_pods_and_status_tells_the_truth(
             assert all(pod["adaptersLoaded"] == 2 for pod in bmd["pods"])
             assert status("loraadapters", "sql")["resolved"]["rank"] == 4
 
+            # A new adapter hot-loads while the pods keep serving: no pod leaves the Service.
+            _apply(local_cluster, namespace, lora("extra", "a4"))
+            assert wait_until(lambda: status("loraadapters", "extra").get("readyReplicas") == 2, timeout=60)
+            assert all(
+                history[history.index(True) :].count(False) == 0 for history in kubelet.readiness.values()
+            )
+
             # A crashed and restarted server comes back empty: the operator reloads it (new epoch).
             pod = sorted(kubelet.servers)[0]
             kubelet.restart(pod)
@@ -243,7 +254,7 @@ def test_adapters_hot_load_into_running_pods_and_status_tells_the_truth(
                 body = client.CoreV1Api(api).read_namespaced_pod(pod, namespace)
                 gate = next(c for c in body.status.conditions if c.type == "loraplex.dev/adapters-ready")
                 return (
-                    set(served(kubelet, pod)) == {"sql", "chat"}
+                    set(served(kubelet, pod)) == {"sql", "chat", "extra"}
                     and gate.status == "True"
                     and gate.message.startswith("engine epoch 1@")
                 )
@@ -263,7 +274,7 @@ def test_adapters_hot_load_into_running_pods_and_status_tells_the_truth(
             local_cluster.kubectl("scale", "-n", namespace, "bmd/gemma", "--replicas=3")
             assert wait_until(lambda: converged(3), timeout=60)
             (new_pod,) = set(kubelet.servers) - set(before)
-            assert kubelet.ready_with[new_pod] == {"sql", "chat"}
+            assert kubelet.ready_with[new_pod] == {"sql", "chat", "extra"}
 
             # Unload policy: the delete returns only once no pod serves the adapter.
             local_cluster.kubectl("delete", "-n", namespace, "lora/sql", "--timeout=60s")
