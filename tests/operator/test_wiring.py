@@ -3,12 +3,14 @@ the daemon's wake-ups and the status it writes for a verdict."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 
 import kopf
+import pytest
 
-from loraplex.operator import handlers
+from loraplex.operator import handlers, main
 from loraplex.operator.admission import Verdict
 from loraplex.operator.common import ConditionStatus
 from loraplex.operator.conditions import find
@@ -81,3 +83,13 @@ def test_verdict_status_for_refused_and_accepted_adapters() -> None:
     status = lora_verdict_status(accepted, CycleResult(loaded, {}, False), LoraAdapterStatus(), now=1e9)
     assert status.phase == LoraPhase.READY
     assert {c.type for c in status.conditions} == {"Accepted", "Loaded", "Ready"}
+
+
+def test_operator_command_line_scopes() -> None:
+    parser = argparse.ArgumentParser()
+    main.add_arguments(parser)
+    assert parser.parse_args(["-n", "llm", "-n", "team-a"]).namespace == ["llm", "team-a"]
+    assert parser.parse_args([]).namespace == []  # cluster-wide by default
+    assert parser.parse_args([]).liveness == "http://0.0.0.0:8080/healthz"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-n", "llm", "--all-namespaces"])
