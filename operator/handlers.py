@@ -119,17 +119,10 @@ async def converge(
 ) -> None:
     """Converge this base's pods until the object is deleted or the operator stops."""
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
-    state, api_key, engine = memo.daemon_states.setdefault(key, DaemonState()), None, None
+    state = memo.daemon_states.setdefault(key, DaemonState())
+    engines = _EngineCache(memo.config)
     try:
         while not stopped:
-            wanted_key = await _api_key(memo.kube, body)
-            if engine is None or wanted_key != api_key:
-                if engine is not None:
-                    await engine.close()
-                api_key, engine = (
-                    wanted_key,
-                    await EngineClient(memo.config.timeouts, wanted_key).__aenter__(),
-                )
             world = World(
                 bmd_body=_plain(body),
                 pods=list(server_pods.get(key, [])),
@@ -138,6 +131,7 @@ async def converge(
             )
             acted = False
             try:
+                engine = await engines.get(await _api_key(memo.kube, body))
                 acted = await converge_once(memo.kube, engine, state, world, memo.config, memo.options)
             except (ValidationError, kopf.PermanentError):
                 pass  # invalid spec: the change handler reported it; wait for a fix
@@ -146,8 +140,27 @@ async def converge(
             await memo.wakers.sleep(key, memo.config.quick_tick_s if acted else memo.config.tick_s)
     finally:
         memo.daemon_states.pop(key, None)
-        if engine is not None:
-            await engine.close()
+        await engines.close()
+
+
+class _EngineCache:
+    """One engine client per daemon, replaced when the deployment's API key changes."""
+
+    def __init__(self, config: OperatorConfig) -> None:
+        self._config = config
+        self._key: str | None = None
+        self._client: EngineClient | None = None
+
+    async def get(self, api_key: str | None) -> EngineClient:
+        if self._client is None or api_key != self._key:
+            await self.close()
+            self._key, self._client = api_key, EngineClient(self._config.timeouts, api_key).open()
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
 
 @kopf.on.delete(GROUP, VERSION, bmd_crd.PLURAL, optional=True)
