@@ -205,7 +205,8 @@ async def adapter_deleted(body: kopf.Body, memo: kopf.Memo, server_pods: kopf.In
     if key is None or base is None or not _condition_true(body, "Accepted"):
         return  # no base, or never loaded under this object: nothing to wait for
     memo.wakers.wake(key)  # the daemon now sees it as Deleting and unloads it
-    served = (body.get("spec") or {}).get("servedName") or body["metadata"]["name"]
+    spec = body.get("spec") or {}
+    served = (spec.get("servedName") or body["metadata"]["name"], spec.get("source", {}).get("uri"))
     api_key = await _api_key(memo.kube, base)
     holders = await _pods_serving(memo, list(server_pods.get(key, [])), served, api_key)
     if holders:
@@ -213,15 +214,18 @@ async def adapter_deleted(body: kopf.Body, memo: kopf.Memo, server_pods: kopf.In
 
 
 async def _pods_serving(
-    memo: kopf.Memo, pod_bodies: list[Mapping[str, Any]], served: str, api_key: str | None
+    memo: kopf.Memo, pod_bodies: list[Mapping[str, Any]], served: tuple[str, str | None], api_key: str | None
 ) -> list[str]:
+    """Pods that list this adapter (served name and source: another adapter may take the name next)."""
     holders = []
     async with EngineClient(memo.config.timeouts, api_key) as engine:
         for pod in map(observe_pod, pod_bodies):
             if pod.url is None:
                 continue
             try:
-                if any(report.name == served for report in await engine.list_adapters(pod.url)):
+                if any(
+                    (report.name, report.source) == served for report in await engine.list_adapters(pod.url)
+                ):
                     holders.append(pod.name)
             except EngineClientError:
                 continue  # a pod that does not answer restarts from the ConfigMap, without it

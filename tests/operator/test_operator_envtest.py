@@ -155,9 +155,14 @@ def test_operator_renders_admits_and_reports(
 
         assert wait_until(lambda: "BaseModelImmutable" in warnings(), timeout=30), warnings()
 
-        local_cluster.kubectl(
-            "delete", "-n", namespace, "lora/sql", "--timeout=30s"
-        )  # Unload, no pod holds it
+        # The base goes: its adapters say so, and an Unload adapter then deletes without waiting.
+        local_cluster.kubectl("delete", "-n", namespace, "bmd/gemma")
+
+        def sql_reason() -> str | None:
+            return _condition(_get(objects, namespace, "loraadapters", "sql"), "Accepted").get("reason")
+
+        assert wait_until(lambda: sql_reason() == "BaseModelNotFound", timeout=30), sql_reason()
+        local_cluster.kubectl("delete", "-n", namespace, "lora/sql", "--timeout=30s")
     assert runner.exception is None, runner.output
 
     # Operator stopped: an Orphan adapter still deletes at once (no finalizer deadlock).
