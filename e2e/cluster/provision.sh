@@ -154,7 +154,7 @@ extract_orig_tarball() {
 # Debian's reflect2 1.0.2 sources fix it.
 replace_reflect2() {
   local tree="$1" upstream
-  upstream="$(dpkg -L golang-github-modern-go-reflect2-dev | grep -m1 '/github.com/modern-go/reflect2$')"
+  upstream="$(dpkg -L golang-github-modern-go-reflect2-dev | grep '/github.com/modern-go/reflect2$')"
   [[ -d "$upstream" ]] || die "reflect2 sources not found (golang-github-modern-go-reflect2-dev)"
   log "kubernetes source: vendoring reflect2 1.0.2 from $upstream"
   rm -rf "$tree/vendor/github.com/modern-go/reflect2"
@@ -174,7 +174,6 @@ build_kube_binaries() {
   # tree, so a rebuild is incremental.
   (
     cd "$tree"
-    export GOTOOLCHAIN=local
     export KUBE_GIT_VERSION="v$version" KUBE_GIT_TREE_STATE=clean
     make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >&2
   )
