@@ -61,8 +61,8 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    block_m: int = 64  # query rows per program
-    block_n: int = 64
+    block_m: int  # query rows per program (power of two, >= 16)
+    block_n: int  # keys per tile
     num_warps: int = 4
     num_stages: int = 2
 
@@ -283,6 +283,7 @@ def paged_decode_attention(
     config = config or decode_config(num_seqs, num_kv_heads, head_dim, max_context, q.device)
     assert config.partition % config.block_n == 0, "a partition is whole key tiles"
     num_splits = triton.cdiv(max_context, config.partition)
+    heads_per_kv = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(max(head_dim, MIN_DOT))
     split = num_splits > 1
     # Partials are float32 [B, heads, splits, block_d] plus (max, sum) pairs; unused when not split.
@@ -292,20 +293,21 @@ def paged_decode_attention(
     interpret = q.device.type == "cpu"
     _kernel(_decode_kernel, interpret)[(num_seqs, num_kv_heads, num_splits)](
         q, key_cache, value_cache, out, part_acc, part_ml, block_tables, context_lens,
-        spec.scale, spec.softcap or 1.0, spec.sliding_window or 0, block_size, num_heads // num_kv_heads,
+        spec.scale, spec.softcap or 1.0, spec.sliding_window or 0, block_size, heads_per_kv,
         config.partition, num_splits,
         q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         out.stride(0), out.stride(1), block_tables.stride(0),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(num_heads // num_kv_heads)),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(heads_per_kv)),
         BLOCK_N=config.block_n, SOFTCAP=spec.softcap is not None, WINDOW=spec.sliding_window is not None,
-        SPLIT=split, PRECISION=_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+        SPLIT=split, PRECISION=_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
     )  # fmt: skip
     if split:
         _kernel(_decode_merge_kernel, interpret)[(num_seqs, num_heads)](
             out, part_acc, part_ml, context_lens,
             spec.sliding_window or 0, config.partition, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            WINDOW=spec.sliding_window is not None, num_warps=4,
+            WINDOW=spec.sliding_window is not None, num_warps=4, enable_fp_fusion=True,
         )  # fmt: skip
     return out
 
@@ -337,7 +339,7 @@ def paged_prefill_attention(
     num_seqs = block_tables.shape[0]
     if num_tokens == 0 or num_seqs == 0 or max_query_len == 0:
         return out
-    config = config or PrefillConfig()
+    config = config or prefill_config(head_dim)
     grid = (triton.cdiv(max_query_len, config.block_m), num_heads, num_seqs)
     _kernel(_prefill_kernel, q.device.type == "cpu")[grid](
         q, key_cache, value_cache, out, block_tables, context_lens, query_starts,
@@ -347,6 +349,7 @@ def paged_prefill_attention(
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(max(head_dim, MIN_DOT)), BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, SOFTCAP=spec.softcap is not None, WINDOW=spec.sliding_window is not None,
         PRECISION=_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+        enable_fp_fusion=True,
     )  # fmt: skip
     return out
 
@@ -364,6 +367,16 @@ def decode_config(
     # A partition below ~256 keys spends more on writing and merging partials than it saves.
     partition = max(4 * block_n, triton.next_power_of_2(triton.cdiv(max_context, splits)))
     return DecodeConfig(block_n=block_n, partition=partition)
+
+
+def prefill_config(head_dim: int) -> PrefillConfig:
+    """64 query rows; narrower key tiles and more warps for wide heads (a float32 [64, 256]
+    accumulator over 128 threads would not fit in registers)."""
+    if head_dim <= 64:
+        return PrefillConfig(block_m=64, block_n=64)
+    if head_dim <= 128:
+        return PrefillConfig(block_m=64, block_n=64, num_warps=8)
+    return PrefillConfig(block_m=64, block_n=32, num_warps=8)
 
 
 def _check_common(

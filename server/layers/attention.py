@@ -1,17 +1,39 @@
-"""Attention over the paged KV cache: the torch path (CPU, and the fallback on CUDA).
+"""Attention over the paged KV cache: Triton kernels on CUDA, a torch path on CPU.
 
-New keys/values are written to their cache slots first; each sequence then attends over
-its whole context (cached + new) gathered from the cache into a padded batch, with torch
-SDPA, or an explicit softmax when Gemma2's logit softcapping is on (SDPA has no softcap).
+New keys/values are written to their cache slots first. Then, per attention group:
+
+- triton: `loraplex.kernels.paged_attention` reads K/V through the block tables (a decode
+  kernel for one-token chunks, a varlen prefill kernel for the others).
+- torch: each sequence's whole context (cached + new) is gathered from the cache into a padded
+  batch and goes through torch SDPA, or an explicit softmax when Gemma2's logit softcapping is
+  on (SDPA has no softcap). Correct everywhere, but it copies every context once per layer.
+
+`LORAPLEX_ATTENTION=triton|torch` forces one (`auto`, the default: triton for CUDA tensors, torch
+otherwise; a forced triton on CPU tensors runs the kernels in Triton's interpreter, for tests).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loraplex.server.layers.metadata import AttentionGroup, ForwardMetadata
+
+ATTENTION_ENV = "LORAPLEX_ATTENTION"
+_BACKENDS = ("auto", "triton", "torch")
+
+
+def attention_backend(device: torch.device) -> str:
+    """'triton' or 'torch' for tensors on `device`, honouring LORAPLEX_ATTENTION."""
+    forced = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
+    if forced not in _BACKENDS:
+        raise ValueError(f"{ATTENTION_ENV}={forced!r}: expected one of {_BACKENDS}")
+    if forced != "auto":
+        return forced
+    return "triton" if device.type == "cuda" else "torch"
 
 
 def store_kv(
@@ -63,12 +85,38 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
         store_kv(*kv_cache, k, v, meta.slot_mapping)
+        if attention_backend(q.device) == "triton":
+            return self._forward_triton(q, kv_cache, meta)
         if len(meta.attention_groups) == 1:
             return self._attend(q, kv_cache, meta.attention_groups[0])
         out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
         for group in meta.attention_groups:
             out[group.token_indices] = self._attend(q[group.token_indices], kv_cache, group)
         return out
+
+    def _forward_triton(
+        self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: ForwardMetadata
+    ) -> torch.Tensor:
+        from loraplex.kernels import paged_attention as kernels  # Triton is imported only where it runs
+
+        spec = kernels.AttentionSpec(self.scale, self.softcap, self.sliding_window)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, heads, D], contiguous
+        single = len(meta.attention_groups) == 1  # q is then in the group's order: no gather, no scatter
+        for group in meta.attention_groups:
+            group_q = q if single else q[group.token_indices]
+            group_out = out if single else None
+            if group.max_query_len == 1:
+                result = kernels.paged_decode_attention(
+                    group_q, kv_cache, group.block_tables, group.context_lens, spec, out=group_out
+                )
+            else:
+                result = kernels.paged_prefill_attention(
+                    group_q, kv_cache, group.block_tables, group.context_lens,
+                    group.query_starts, group.max_query_len, spec, out=group_out,
+                )  # fmt: skip
+            if not single:
+                out[group.token_indices] = result
+        return out.view(q.shape[0], -1)
 
     def _attend(
         self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], group: AttentionGroup

@@ -27,6 +27,10 @@ class AttentionGroup:
     masks: dict[int | None, torch.Tensor]  # sliding window (None: full) -> [B, 1, max_q, max_ctx] bool
     num_seqs: int
     max_query_len: int
+    # What the Triton kernels read instead (loraplex.kernels.paged_attention): the cache directly.
+    block_tables: torch.Tensor  # int32 [B, max_blocks] block of positions i*block_size.. (padding: 0)
+    context_lens: torch.Tensor  # int32 [B] cached + new tokens of each sequence
+    query_starts: torch.Tensor  # int32 [B + 1] first row of each sequence's queries among the group's tokens
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ def _attention_group(
     first_tokens: Sequence[int],
     context_slots: Sequence[torch.Tensor],
     windows: Iterable[int | None],
+    block_size: int,
     device: torch.device,
 ) -> AttentionGroup:
     """One padded attention batch over `chunks`; `first_tokens[i]` is chunk i's first index in the step."""
@@ -86,6 +91,11 @@ def _attention_group(
         token_indices.append(torch.arange(first, first + chunk.num_tokens))
         query_rows.append(b * max_query_len + torch.arange(chunk.num_tokens))
     masks = _attention_masks(query_positions, padded_slots.shape[1], windows)
+    num_blocks = [-(-c.context_len // block_size) for c in chunks]
+    block_tables = torch.zeros(num_seqs, max(num_blocks), dtype=torch.int32)
+    for b, (chunk, count) in enumerate(zip(chunks, num_blocks, strict=True)):
+        block_tables[b, :count] = torch.tensor(chunk.block_table[:count], dtype=torch.int32)
+    query_starts = torch.tensor([0] + [c.num_tokens for c in chunks], dtype=torch.int32).cumsum(0)
     return AttentionGroup(
         token_indices=torch.cat(token_indices).to(device),
         query_rows=torch.cat(query_rows).to(device),
@@ -93,6 +103,9 @@ def _attention_group(
         masks={w: m.to(device) for w, m in masks.items()},
         num_seqs=num_seqs,
         max_query_len=max_query_len,
+        block_tables=block_tables.to(device),
+        context_lens=torch.tensor([c.context_len for c in chunks], dtype=torch.int32).to(device),
+        query_starts=query_starts.to(dtype=torch.int32, device=device),
     )
 
 
@@ -126,7 +139,7 @@ def build_forward_metadata(
         members = [i for i, c in enumerate(chunks) if (c.num_tokens == 1) == is_decode]
         if members:
             picked = [chunks[i] for i in members], [firsts[i] for i in members], [slots[i] for i in members]
-            groups.append(_attention_group(*picked, windows, device))
+            groups.append(_attention_group(*picked, windows, block_size, device))
     token_slots = [
         torch.full((c.num_tokens,), _NO_ADAPTER if c.lora_slot is None else c.lora_slot, dtype=torch.int32)
         for c in chunks

@@ -1,0 +1,246 @@
+"""Triton paged attention against a float64 oracle, and through the engine's model runner.
+
+On CPU tensors the kernels run in Triton's interpreter (fp32 and fp16; the interpreter's
+`tl.dot` is wrong for bf16, so bf16 runs only in the `gpu` tests). Caches are poisoned with
+NaN wherever no query may look (slots of no sequence, positions past a context's end or
+before every query's sliding window), so a kernel that reads them fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import triton
+
+from loraplex.kernels import paged_attention as pa
+from loraplex.kernels.paged_attention import AttentionSpec, DecodeConfig, PrefillConfig
+from loraplex.server.forward_batch import ForwardBatch, SequenceChunk
+from loraplex.server.layers.attention import ATTENTION_ENV, attention_backend
+from loraplex.server.layers.metadata import build_forward_metadata
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+KV_HEADS = 2
+
+
+@dataclass
+class PagedCase:
+    q: torch.Tensor  # [T, heads, D]
+    key_cache: torch.Tensor  # [blocks, block_size, kv_heads, D]
+    value_cache: torch.Tensor
+    block_tables: torch.Tensor  # int32 [B, max_blocks]
+    context_lens: torch.Tensor  # int32 [B]
+    query_starts: torch.Tensor  # int32 [B + 1]
+    spec: AttentionSpec
+
+    @property
+    def kv_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.key_cache, self.value_cache
+
+    def expected(self) -> torch.Tensor:
+        """float64 [T, heads, D]: softmax(softcap(q k^T * scale) + causal/window mask) v, per sequence."""
+        out = torch.zeros(self.q.shape, dtype=torch.float64)
+        heads_per_kv = self.q.shape[1] // self.key_cache.shape[2]
+        block_size = self.key_cache.shape[1]
+        for b, n in enumerate(self.context_lens.tolist()):
+            first, end = self.query_starts[b].item(), self.query_starts[b + 1].item()
+            if end == first:
+                continue
+            pos = torch.arange(n)
+            blocks = self.block_tables[b].long()[pos // block_size]
+            keys = self.key_cache[blocks, pos % block_size].double()  # [n, kv_heads, D]
+            # keys before every query's window are NaN (poison); zero them so 0 * NaN stays out of the sums
+            keys = keys.nan_to_num(0.0)
+            values = self.value_cache[blocks, pos % block_size].double().nan_to_num(0.0)
+            q_pos = torch.arange(n - (end - first), n)
+            seen = pos[None, :] <= q_pos[:, None]
+            if self.spec.sliding_window is not None:
+                seen &= pos[None, :] > q_pos[:, None] - self.spec.sliding_window
+            for h in range(self.q.shape[1]):
+                scores = self.q[first:end, h].double() @ keys[:, h // heads_per_kv].T * self.spec.scale
+                if self.spec.softcap is not None:
+                    scores = torch.tanh(scores / self.spec.softcap) * self.spec.softcap
+                probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
+                out[first:end, h] = probs @ values[:, h // heads_per_kv]
+        return out
+
+
+def make_case(
+    cached: list[int],
+    new: list[int],
+    heads_per_kv: int,
+    head_dim: int,
+    block_size: int,
+    spec: AttentionSpec,
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> PagedCase:
+    """Sequence b has cached[b] + new[b] positions in shuffled blocks; everything no query sees is NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    contexts = [c + n for c, n in zip(cached, new, strict=True)]
+    counts = [-(-n // block_size) for n in contexts]
+    num_blocks = sum(counts) + 3  # a few blocks no sequence owns
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    shape = (num_blocks, block_size, KV_HEADS, head_dim)
+    key_cache = torch.full(shape, float("nan"))
+    value_cache = torch.full(shape, float("nan"))
+    block_tables = torch.zeros(len(contexts), max(counts, default=0) + 2, dtype=torch.int32)
+    for b, (n, count, c) in enumerate(zip(contexts, counts, cached, strict=True)):
+        table, order = order[:count], order[count:]
+        block_tables[b, :count] = torch.tensor(table, dtype=torch.int32)
+        first_seen = 0 if spec.sliding_window is None else max(0, c - spec.sliding_window + 1)
+        pos = torch.arange(first_seen, n)
+        blocks = torch.tensor(table, dtype=torch.long)[pos // block_size]
+        for cache in (key_cache, value_cache):
+            cache[blocks, pos % block_size] = torch.randn(len(pos), KV_HEADS, head_dim, generator=gen)
+    heads = KV_HEADS * heads_per_kv
+    q = 2 * torch.randn(sum(new), heads, head_dim, generator=gen)  # large enough that softcap matters
+    starts = torch.tensor([0, *new]).cumsum(0).to(torch.int32)
+    return PagedCase(
+        q=q.to(dtype),
+        key_cache=key_cache.to(dtype),
+        value_cache=value_cache.to(dtype),
+        block_tables=block_tables,
+        context_lens=torch.tensor(contexts, dtype=torch.int32),
+        query_starts=starts,
+        spec=spec,
+    )
+
+
+def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    got64 = got.double().cpu()
+    if not bool(torch.isfinite(got64).all()):
+        return float("inf")
+    return float((got64 - expected).norm() / expected.norm())
+
+
+def _spec(head_dim: int, softcap: float | None, window: int | None) -> AttentionSpec:
+    return AttentionSpec(scale=head_dim**-0.5, softcap=softcap, sliding_window=window)
+
+
+# (dtype, heads per KV head, head_dim, block_size, softcap, sliding window): every GQA ratio, head_dim,
+# softcap and window setting meets both dtypes; windows are shorter and longer than the contexts.
+CASES = [
+    (torch.float32, 1, 16, 4, None, None),
+    (torch.float32, 2, 64, 4, 2.0, None),
+    (torch.float32, 4, 16, 16, None, 6),
+    (torch.float32, 2, 16, 4, 2.0, 1000),
+    (torch.float32, 4, 64, 4, 2.0, 6),
+    (torch.float32, 1, 64, 16, None, 1000),
+    (torch.float16, 1, 64, 4, 2.0, 6),
+    (torch.float16, 2, 16, 16, None, None),
+    (torch.float16, 4, 64, 4, None, 1000),
+    (torch.float16, 2, 64, 4, 2.0, 6),
+    (torch.float16, 4, 16, 4, 2.0, None),
+    (torch.float16, 1, 16, 16, None, 6),
+]
+
+
+def _case_id(case) -> str:
+    dtype, g, d, bs, cap, w = case
+    return f"{str(dtype)[6:]}-gqa{g}-d{d}-bs{bs}-cap{cap}-win{w}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_decode_matches_float64(case) -> None:
+    dtype, heads_per_kv, head_dim, block_size, softcap, window = case
+    contexts = [1, 4, 7, 16, 33, 50]  # lengths on and off block edges
+    spec = _spec(head_dim, softcap, window)
+    paged = make_case(
+        [n - 1 for n in contexts], [1] * len(contexts), heads_per_kv, head_dim, block_size, spec, dtype
+    )
+    expected = paged.expected()
+    # A padded batch, as under a CUDA graph: one more row with context length 0.
+    q = torch.cat([paged.q, paged.q[:1]])
+    block_tables = torch.cat([paged.block_tables, torch.zeros_like(paged.block_tables[:1])])
+    context_lens = torch.cat([paged.context_lens, torch.zeros(1, dtype=torch.int32)])
+    # Default tiles (one partition) and tiny partitions (split-K and a merge) must agree with the oracle.
+    for config in (None, DecodeConfig(block_n=16, partition=32)):
+        out = torch.full_like(q, float("nan"))
+        pa.paged_decode_attention(q, paged.kv_cache, block_tables, context_lens, spec, out=out, config=config)
+        assert rel_error(out[:-1], expected) < TOLERANCE[dtype], config
+        assert bool(out[-1].isnan().all()), "an idle row must be left alone"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_prefill_matches_float64(case) -> None:
+    dtype, heads_per_kv, head_dim, block_size, softcap, window = case
+    # fresh prompts, chunks after a cached prefix, one-token chunks, a chunk longer than a query tile
+    cached, new = [0, 0, 5, 3, 12, 0], [1, 9, 1, 17, 6, 21]
+    paged = make_case(
+        cached, new, heads_per_kv, head_dim, block_size, _spec(head_dim, softcap, window), dtype
+    )
+    for config in (None, PrefillConfig(block_m=16, block_n=16)):
+        out = torch.full_like(paged.q, float("nan"))
+        pa.paged_prefill_attention(
+            paged.q, paged.kv_cache, paged.block_tables, paged.context_lens,
+            paged.query_starts, max(new), paged.spec, out=out, config=config,
+        )  # fmt: skip
+        assert rel_error(out, paged.expected()) < TOLERANCE[dtype], config
+
+
+def test_softcap_and_window_change_the_result() -> None:
+    """Guards the tests above against settings that happen to do nothing at these shapes."""
+    plain = make_case([40], [1], 2, 16, 4, _spec(16, None, None), torch.float32).expected()
+    capped = make_case([40], [1], 2, 16, 4, _spec(16, 2.0, None), torch.float32).expected()
+    windowed = make_case([40], [1], 2, 16, 4, _spec(16, None, 6), torch.float32).expected()
+    assert rel_error(capped, plain) > 0.05
+    assert rel_error(windowed, plain) > 0.05
+
+
+def test_launchers_check_layouts() -> None:
+    paged = make_case([3], [1], 2, 16, 4, _spec(16, None, None), torch.float32)
+    with pytest.raises(AssertionError, match="int32"):
+        pa.paged_decode_attention(
+            paged.q, paged.kv_cache, paged.block_tables.long(), paged.context_lens, paged.spec
+        )
+    with pytest.raises(AssertionError, match="dtype"):
+        pa.paged_decode_attention(
+            paged.q.half(), paged.kv_cache, paged.block_tables, paged.context_lens, paged.spec
+        )
+
+
+def test_decode_grid_depends_on_shapes_only() -> None:
+    """CUDA-graph safety: the split count comes from the block table's width, not the context lengths."""
+    config = pa.decode_config(
+        num_seqs=8, num_kv_heads=4, head_dim=256, max_context=4096, device=torch.device("cpu")
+    )
+    assert config.partition % config.block_n == 0
+    assert triton.cdiv(4096, config.partition) >= 1
+
+
+def test_metadata_carries_block_tables_and_query_starts() -> None:
+    prefill = SequenceChunk(0, (1, 2, 3), 5, (7, 2, 9), None)  # the table may run past the context
+    decode = SequenceChunk(1, (9,), 2, (4,), None)
+    fresh = SequenceChunk(2, (4, 4), 0, (1,), None)
+    meta = build_forward_metadata(
+        ForwardBatch((prefill, decode, fresh)),
+        4,
+        (None,),
+        torch.zeros(1, dtype=torch.int32),
+        torch.device("cpu"),
+    )
+    decodes, prefills = meta.attention_groups
+    assert decodes.block_tables.tolist() == [[4]] and decodes.context_lens.tolist() == [3]
+    assert decodes.query_starts.tolist() == [0, 1]
+    assert prefills.block_tables.tolist() == [[7, 2], [1, 0]]
+    assert prefills.context_lens.tolist() == [8, 2]
+    assert prefills.query_starts.tolist() == [0, 3, 5]
+    assert (
+        prefills.block_tables.dtype
+        == prefills.context_lens.dtype
+        == prefills.query_starts.dtype
+        == torch.int32
+    )
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ATTENTION_ENV, raising=False)
+    assert attention_backend(torch.device("cpu")) == "torch"
+    assert attention_backend(torch.device("cuda")) == "triton"
+    monkeypatch.setenv(ATTENTION_ENV, "triton")
+    assert attention_backend(torch.device("cpu")) == "triton"
+    monkeypatch.setenv(ATTENTION_ENV, "flash")
+    with pytest.raises(ValueError, match=ATTENTION_ENV):
+        attention_backend(torch.device("cpu"))
