@@ -37,6 +37,7 @@ FAILURE_CONDITIONS = {
     "adapter_not_found": "SourceUnavailable",
     "validation": "InvalidAdapter",
     "too_large": "InvalidAdapter",
+    "capacity": "InsufficientCapacity",
 }
 DEFAULT_FAILURE = "LoadFailed"
 LORA_OWNED = frozenset({"Loaded", "Ready", DEFAULT_FAILURE, *FAILURE_CONDITIONS.values()})
