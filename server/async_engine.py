@@ -17,45 +17,31 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, TypeVar
 
+from loraplex.server.adapters.loader import LoaderConfig, SourceLoader
 from loraplex.server.adapters.lora_weights import LoraWeights
-from loraplex.server.adapters.registry import AdapterEntry
+from loraplex.server.adapters.manager import AdapterLoader, AdapterManager
 from loraplex.server.engine import EngineConfig, LLMEngine
 from loraplex.server.engine_api import (
     AdapterInfo,
-    AdapterLoadError,
     EngineError,
     EngineStats,
     InvalidRequestError,
     LoadAdapterSpec,
     QueueFullError,
     ShuttingDownError,
-    UnknownAdapterError,
 )
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
-from loraplex.server.sequence import AdapterRef
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# (spec, model hf_config, max rank) -> weights; runs in a worker thread. Issue 5's manager plugs in here.
-AdapterLoader = Callable[[LoadAdapterSpec, Any, int], LoraWeights]
+__all__ = ["AdapterLoader", "AsyncEngine", "load_local_adapter"]
 
 
 def load_local_adapter(spec: LoadAdapterSpec, model_config: Any, max_rank: int) -> LoraWeights:
-    """Default loader: a local PEFT directory (`/dir` or `file:///dir`)."""
-    from loraplex.server.adapters.peft_format import AdapterValidationError, load_peft_adapter
-
-    path = Path(spec.source.removeprefix("file://")).expanduser()
-    if not path.is_dir():
-        raise AdapterLoadError(f"adapter source {spec.source!r} is not a local directory", "source")
-    try:
-        return load_peft_adapter(path, spec.name, model_config, max_rank)
-    except AdapterValidationError as exc:
-        raise AdapterLoadError(f"adapter {spec.name!r}: {exc}", "validation") from exc
-    except OSError as exc:
-        raise AdapterLoadError(f"adapter {spec.name!r}: cannot read {path}: {exc}", "source") from exc
+    """A loader with default settings (any source, no base-model check), for tools and tests."""
+    return SourceLoader(LoaderConfig())(spec, model_config, max_rank)
 
 
 @dataclass
@@ -67,15 +53,15 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, adapter_loader: AdapterLoader = load_local_adapter) -> None:
+    def __init__(self, engine: LLMEngine, adapter_loader: AdapterLoader | None = None) -> None:
         self._engine = engine
         self._config: EngineConfig = engine.config
-        self._loader = adapter_loader
         self._commands: deque[Callable[[], None]] = deque()
         self._wakeup = threading.Condition()
         self._streams: dict[str, _Stream] = {}  # guarded by _lock
-        self._adapters: dict[str, AdapterInfo] = {}  # guarded by _lock
         self._lock = threading.Lock()
+        loader = adapter_loader or SourceLoader(self._config.adapter_loader_config())
+        self.adapters = AdapterManager(engine, self._call, loader, self._config.host_cache_limits())
         self._stats = engine.stats()
         self._stopping = False
         self._accepting = True
@@ -83,16 +69,14 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def from_config(
-        cls, config: EngineConfig, adapter_loader: AdapterLoader = load_local_adapter
-    ) -> AsyncEngine:
+    def from_config(cls, config: EngineConfig, adapter_loader: AdapterLoader | None = None) -> AsyncEngine:
         """Build the model and load the startup adapters (a failed one is reported, not fatal)."""
         engine = LLMEngine.from_config(config)
         async_engine = cls(engine, adapter_loader)
         for spec in config.adapters:
             try:
                 async_engine.load_adapter_sync(spec)
-            except AdapterLoadError as exc:
+            except EngineError as exc:
                 log.error("startup adapter %s failed: %s", spec.name, exc)
         return async_engine
 
@@ -142,7 +126,10 @@ class AsyncEngine:
                     log.exception("engine step failed")
                     events = engine.abort_all(FinishReason.ERROR, f"engine step failed: {exc}")
                 self._dispatch(events)
-            self._stats = engine.stats()
+            self._stats = self._with_adapter_counters(engine.stats())
+
+    def _with_adapter_counters(self, stats: EngineStats) -> EngineStats:
+        return replace(stats, extra=stats.extra | self.adapters.counters())
 
     def _submit(self, command: Callable[[], None]) -> None:
         with self._wakeup:
@@ -199,12 +186,22 @@ class AsyncEngine:
         return self._events(request.request_id, stream)
 
     def _add(self, request: GenerationRequest, stream: _Stream) -> None:
-        try:
-            self._engine.add_request(request)
-        except (EngineError, ValueError) as exc:  # e.g. the adapter was unloaded meanwhile
+        """Engine thread: enqueue, once the adapter's weights are in host memory."""
+
+        def fail(exc: BaseException) -> None:
             with self._lock:
                 self._streams.pop(request.request_id, None)
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+
+        def add() -> None:
+            if request.request_id not in self._streams:
+                return  # aborted while its adapter was read back from disk
+            try:
+                self._engine.add_request(request)
+            except (EngineError, ValueError) as exc:  # e.g. the adapter was unloaded meanwhile
+                fail(exc)
+
+        self.adapters.admit(request.adapter, add, fail)
 
     async def _events(self, request_id: str, stream: _Stream) -> AsyncIterator[TokenEvent]:
         finished = False
@@ -228,103 +225,24 @@ class AsyncEngine:
         if event is not None:
             self._dispatch([event])
 
-    # -- adapters ----------------------------------------------------------------------------
+    # -- adapters (AdapterManager) -----------------------------------------------------------
 
     def list_adapters(self) -> list[AdapterInfo]:
-        with self._lock:
-            infos = list(self._adapters.values())
-        return [self._with_counters(info) for info in infos]
+        return self.adapters.list()
 
     def get_adapter(self, name: str) -> AdapterInfo:
-        with self._lock:
-            info = self._adapters.get(name) or next(
-                (i for i in self._adapters.values() if name in i.aliases), None
-            )
-        if info is None:
-            raise UnknownAdapterError(f"adapter {name!r} is not loaded")
-        return self._with_counters(info)
-
-    def _with_counters(self, info: AdapterInfo) -> AdapterInfo:
-        if info.state != "ready":
-            return info
-        try:
-            entry = self._engine.registry.get(info.name)
-        except KeyError:
-            return info
-        tier = "gpu" if self._engine.registry.slot_of(entry.ref) is not None else "cpu"
-        return replace(info, requests_served=entry.requests_served, tier=tier)
+        return self.adapters.get(name)
 
     async def load_adapter(self, spec: LoadAdapterSpec) -> AdapterInfo:
-        current = self._adapters.get(spec.name)
-        if current is not None and current.state == "ready" and _same_source(current, spec):
-            return current
-        self._set_info(current or AdapterInfo(name=spec.name, source=spec.source, state="loading"))
-        try:
-            weights = await asyncio.to_thread(self._parse, spec)
-            entry = await asyncio.wrap_future(self._call(lambda: self._install(spec, weights)))
-        except AdapterLoadError as exc:
-            self._record_failure(spec, current, exc)
-            raise
-        return self._set_info(_info_of(entry, spec))
+        return await self.adapters.load(spec)
 
     def load_adapter_sync(self, spec: LoadAdapterSpec) -> AdapterInfo:
         """`load_adapter` for callers without an event loop (startup)."""
-        try:
-            weights = self._parse(spec)
-            entry = self._call(lambda: self._install(spec, weights)).result()
-        except AdapterLoadError as exc:
-            self._record_failure(spec, self._adapters.get(spec.name), exc)
-            raise
-        return self._set_info(_info_of(entry, spec))
-
-    def _parse(self, spec: LoadAdapterSpec) -> LoraWeights:
-        hf_config, max_rank = self._engine.runner.hf_config, self._engine.runner.max_lora_rank
-        try:
-            return self._loader(spec, hf_config, max_rank)
-        except AdapterLoadError:
-            raise
-        except Exception as exc:
-            raise AdapterLoadError(f"adapter {spec.name!r}: {exc}") from exc
-
-    def _install(self, spec: LoadAdapterSpec, weights: LoraWeights) -> AdapterEntry:
-        entry = AdapterEntry(
-            ref=AdapterRef(spec.name, 0),
-            weights=weights,
-            source=spec.source,
-            revision=spec.revision,
-            sha256=spec.sha256,
-            aliases=spec.aliases,
-            pinned=spec.pinned,
-        )
-        try:
-            return self._engine.add_adapter(entry)
-        except ValueError as exc:
-            raise AdapterLoadError(str(exc), "conflict") from exc
-
-    def _record_failure(self, spec: LoadAdapterSpec, previous: AdapterInfo | None, exc: EngineError) -> None:
-        if previous is not None and previous.state == "ready":
-            return  # the version already loaded keeps serving
-        failed = AdapterInfo(spec.name, spec.source, "failed", error=str(exc), error_type=exc.error_type)
-        self._set_info(failed)
-
-    def _set_info(self, info: AdapterInfo) -> AdapterInfo:
-        with self._lock:
-            self._adapters[info.name] = info
-        return info
+        return self.adapters.load_sync(spec)
 
     async def unload_adapter(self, name: str) -> None:
         """Refuse new requests for `name` at once; return once its requests in flight are done."""
-        info = self.get_adapter(name)
-        with self._lock:
-            self._adapters.pop(info.name, None)
-        if info.state != "ready":
-            return
-        try:
-            entry = await asyncio.wrap_future(self._call(lambda: self._engine.remove_adapter(info.name)))
-        except KeyError as exc:
-            raise UnknownAdapterError(f"adapter {name!r} is not loaded") from exc
-        while await asyncio.wrap_future(self._call(lambda: self._engine.registry.num_in_flight(entry.ref))):
-            await asyncio.sleep(0.01)
+        await self.adapters.unload(name)
 
     # -- shutdown ----------------------------------------------------------------------------
 
@@ -340,30 +258,7 @@ class AsyncEngine:
             self._stopping = True
             self._wakeup.notify()
         await asyncio.to_thread(self._thread.join)
+        self.adapters.close()
 
     def _cancel_all(self) -> None:
         self._dispatch(self._engine.abort_all(FinishReason.CANCELLED))
-
-
-def _same_source(info: AdapterInfo, spec: LoadAdapterSpec) -> bool:
-    return (info.source, info.revision, info.sha256) == (spec.source, spec.revision, spec.sha256)
-
-
-def _info_of(entry: AdapterEntry, spec: LoadAdapterSpec) -> AdapterInfo:
-    weights = entry.weights
-    return AdapterInfo(
-        name=entry.name,
-        source=entry.source,
-        state="ready",
-        rank=weights.rank,
-        alpha=weights.alpha,
-        target_modules=weights.target_modules,
-        size_bytes=weights.num_bytes,
-        revision=spec.revision,
-        sha256=spec.sha256,
-        load_generation=entry.ref.generation,
-        loaded_at=entry.loaded_at,
-        aliases=entry.aliases,
-        pinned=entry.pinned,
-        tier="cpu",
-    )

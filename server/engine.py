@@ -7,11 +7,15 @@ here is called from that thread only.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from loraplex.server.adapters.host_cache import HostCacheLimits
+from loraplex.server.adapters.loader import LoaderConfig
 from loraplex.server.adapters.registry import AdapterEntry, AdapterRegistry
 from loraplex.server.block_manager import BlockManager
 from loraplex.server.detokenizer import IncrementalDetokenizer, OutputText
@@ -39,7 +43,12 @@ class EngineConfig:
     device: str = "cpu"
     revision: str | None = None
     max_loras: int = 4  # adapter slots on the device
+    max_cpu_loras: int = 64  # adapters kept parsed in host memory (the rest are re-read from disk)
+    max_cpu_lora_bytes: int | None = None  # and their total bytes, when set
     max_lora_rank: int = 64
+    max_adapter_bytes: int = 2 << 30  # larger adapters are refused (too_large)
+    strict_base_model: bool = False  # base_model_name_or_path mismatch: refuse instead of warn
+    adapter_cache_dir: str | None = None  # disk tier for downloaded adapters
     max_batch_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
     max_num_seqs: int = 64  # sequences running at once (the rest wait in the queue)
     max_concurrent_requests: int = 128  # in flight, waiting included; more -> QueueFullError
@@ -56,10 +65,26 @@ class EngineConfig:
             raise ValueError("need 1 <= max_input_tokens < max_total_tokens")
         if self.max_concurrent_requests < 1:
             raise ValueError("max_concurrent_requests must be >= 1")
+        if self.max_adapter_bytes < 1:
+            raise ValueError("max_adapter_bytes must be >= 1")
+        self.host_cache_limits()  # validates max_cpu_loras and max_cpu_lora_bytes
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model_path.rstrip("/").rsplit("/", 1)[-1]
+
+    def adapter_loader_config(self) -> LoaderConfig:
+        names = (self.model_path, self.model_name)
+        return LoaderConfig(
+            base_model_names=tuple(dict.fromkeys(names)),
+            strict_base_model=self.strict_base_model,
+            max_adapter_bytes=self.max_adapter_bytes,
+            cache_dir=Path(self.adapter_cache_dir) if self.adapter_cache_dir else None,
+            pin_memory=self.device.startswith("cuda"),
+        )
+
+    def host_cache_limits(self) -> HostCacheLimits:
+        return HostCacheLimits(self.max_cpu_loras, self.max_cpu_lora_bytes)
 
     def runner_config(self) -> RunnerConfig:
         return RunnerConfig(
@@ -118,6 +143,8 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(runner.hf_config, tokenizer, str(runner.model_path))
         self._requests: dict[str, _RequestState] = {}
         self.num_steps = 0
+        # Called with each step's plan before it runs (benchmarks, tests, tracing); never mutate it.
+        self.step_observers: list[Callable[[ScheduledStep], None]] = []
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -185,6 +212,8 @@ class LLMEngine:
         if step.is_empty:
             return []
         self.apply_slot_updates()
+        for observe in self.step_observers:
+            observe(step)
         logits = self.runner.execute(self._forward_batch(step))
         self.scheduler.update_after_step(step)
         self.num_steps += 1
@@ -312,5 +341,7 @@ class LLMEngine:
                 "num_preemptions": self.scheduler.num_preemptions,
                 "num_prefix_hit_tokens": self.block_manager.num_prefix_hit_tokens,
                 "num_steps": self.num_steps,
+                "adapter_slot_loads": self.registry.num_slot_loads,
+                "adapter_slot_evictions": self.registry.num_slot_evictions,
             },
         )

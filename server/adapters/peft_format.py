@@ -34,7 +34,15 @@ _TENSOR_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])(?:\
 
 
 class AdapterValidationError(ValueError):
-    """The adapter can't be served by this base model; the message says why."""
+    """The adapter can't be served by this base model; the message says why, `error_type` names it.
+
+    error_type: validation (not a PEFT LoRA dir, bad config, DoRA and other variants),
+    rank_exceeds_max, unknown_target_module, shape_mismatch, corrupt_file.
+    """
+
+    def __init__(self, message: str, error_type: str = "validation") -> None:
+        super().__init__(message)
+        self.error_type = error_type
 
 
 def _module_key(layer: int, module: str) -> str:
@@ -75,7 +83,9 @@ def _target_modules(config: dict, known: dict[str, tuple[int, int]], num_layers:
     if isinstance(targets, str):  # PEFT: a regex over full module names
         found = {m for m in known if any(re.fullmatch(targets, _module_key(i, m)) for i in range(num_layers))}
         if not found:
-            raise AdapterValidationError(f"target_modules regex {targets!r} matches no projection of {arch}")
+            raise AdapterValidationError(
+                f"target_modules regex {targets!r} matches no projection of {arch}", "unknown_target_module"
+            )
         return found
     if not targets:
         raise AdapterValidationError("adapter_config.json lists no target_modules")
@@ -83,7 +93,8 @@ def _target_modules(config: dict, known: dict[str, tuple[int, int]], num_layers:
     if unknown:
         raise AdapterValidationError(
             f"target modules {unknown} are not LoRA-capable projections of {arch} "
-            f"(supported: {', '.join(known)})"
+            f"(supported: {', '.join(known)})",
+            "unknown_target_module",
         )
     return {t.rsplit(".", 1)[-1] for t in targets}
 
@@ -95,7 +106,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
-        raise AdapterValidationError(f"{weights_path}: unreadable safetensors ({exc})") from exc
+        raise AdapterValidationError(
+            f"{weights_path}: unreadable safetensors ({exc})", "corrupt_file"
+        ) from exc
 
 
 def _pair_tensors(tensors: dict[str, torch.Tensor], targets: set[str], num_layers: int) -> dict:
@@ -113,7 +126,9 @@ def _pair_tensors(tensors: dict[str, torch.Tensor], targets: set[str], num_layer
                 f"tensor {name!r} targets {module}, which target_modules does not list"
             )
         if layer >= num_layers:
-            raise AdapterValidationError(f"tensor {name!r}: layer {layer}, the base model has {num_layers}")
+            raise AdapterValidationError(
+                f"tensor {name!r}: layer {layer}, the base model has {num_layers}", "shape_mismatch"
+            )
         pairs.setdefault((layer, module), {})[side] = tensor
     if not pairs:
         raise AdapterValidationError(f"no LoRA weights for target modules {sorted(targets)}")
@@ -131,14 +146,15 @@ def _fold(config: dict, key: tuple[int, str], pair: dict, shape: tuple[int, int]
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module_key, config.get("lora_alpha", 8)))
     if rank > max_rank:
         raise AdapterValidationError(
-            f"{module_key}: rank {rank} exceeds the server's max LoRA rank {max_rank}"
+            f"{module_key}: rank {rank} exceeds the server's max LoRA rank {max_rank}", "rank_exceeds_max"
         )
     a, b = pair["A"], pair["B"]
     in_features, out_features = shape
     if tuple(a.shape) != (rank, in_features) or tuple(b.shape) != (out_features, rank):
         raise AdapterValidationError(
             f"{module_key}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
-            f"(expected ({rank}, {in_features}) / ({out_features}, {rank})): trained for another model?"
+            f"(expected ({rank}, {in_features}) / ({out_features}, {rank})): trained for another model?",
+            "shape_mismatch",
         )
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return a.float().contiguous(), (b.float() * scaling).contiguous()
@@ -158,7 +174,9 @@ def load_peft_adapter(path: str | Path, name: str, model_config, max_rank: int) 
             f"adapter_config.json: r must be a positive integer, got {config.get('r')!r}"
         )
     if config["r"] > max_rank:
-        raise AdapterValidationError(f"rank r={config['r']} exceeds the server's max LoRA rank {max_rank}")
+        raise AdapterValidationError(
+            f"rank r={config['r']} exceeds the server's max LoRA rank {max_rank}", "rank_exceeds_max"
+        )
     targets = _target_modules(config, shapes, model_config.num_hidden_layers, architecture)
     pairs = _pair_tensors(_read_tensors(path), targets, model_config.num_hidden_layers)
     tensors = {key: _fold(config, key, pair, shapes[key[1]], max_rank) for key, pair in sorted(pairs.items())}

@@ -6,7 +6,8 @@ unload can never change a slot that a running sequence reads (a slot with users 
 reassigned). Every (re)load gets a fresh `generation`; sequences keep the `AdapterRef` they
 started with, so a reload never swaps weights under a request in flight and never reuses
 K/V cached for the old weights. The manager of issue 5 (tiers, sources) plugs in above this:
-it decides *what* is registered; this decides *where* it runs.
+it decides *what* is registered and keeps `weights` in host memory (None while the host
+cache has dropped them: they are read back from disk before a request of that version enters).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class AdapterEntry:
     """One loaded version of an adapter."""
 
     ref: AdapterRef
-    weights: LoraWeights
+    weights: LoraWeights | None  # None: not in host memory (disk tier)
     source: str
     revision: str | None = None
     sha256: str | None = None
@@ -69,6 +70,8 @@ class AdapterRegistry:
         self._pending: dict[int, LoraWeights | None] = {}
         self._generations = itertools.count(1)
         self._ticks = itertools.count(1)
+        self.num_slot_loads = 0  # copies into a slot
+        self.num_slot_evictions = 0  # an idle adapter pushed out of its slot for another
 
     # -- catalogue ---------------------------------------------------------------------------
 
@@ -171,8 +174,13 @@ class AdapterRegistry:
             index = self._free_slot()
             if index is None:
                 raise RuntimeError(f"no adapter slot free for {ref.name!r} (check can_acquire_slot)")
+            weights = self._versions[ref].weights
+            if weights is None:
+                raise RuntimeError(f"{ref.name!r} is not in host memory (the manager reads it back first)")
+            self.num_slot_evictions += self._slots[index].ref is not None
+            self.num_slot_loads += 1
             self._slots[index] = _Slot(ref=ref)
-            self._pending[index] = self._versions[ref].weights
+            self._pending[index] = weights
         self._slots[index].num_users += 1
         return index
 
@@ -183,6 +191,10 @@ class AdapterRegistry:
         slot = self._slots[index]
         slot.num_users -= 1
         slot.last_used = next(self._ticks)
+
+    def in_slot(self, name: str) -> bool:
+        """Whether the current version of `name` sits in a GPU slot."""
+        return self.slot_of(self.get(name).ref) is not None
 
     def slot_users(self) -> dict[AdapterRef, int]:
         """Resident, evictable (unpinned) adapter versions and how many running sequences read each."""

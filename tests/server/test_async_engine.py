@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -193,16 +195,17 @@ async def test_unload_waits_for_requests_in_flight(engine, tiny_assets) -> None:
     assert "b8" not in {a.name for a in engine.list_adapters()}
 
 
-async def test_bad_adapters_are_refused_with_their_reason(engine, tmp_path) -> None:
+async def test_bad_adapters_are_refused_with_their_reason(engine, tiny_assets, tmp_path) -> None:
     with pytest.raises(AdapterLoadError) as missing:
         await engine.load_adapter(LoadAdapterSpec("ghost", str(tmp_path / "missing")))
     assert missing.value.error_type == "source"
-    (tmp_path / "adapter_config.json").write_text(
-        '{"peft_type": "LORA", "r": 64, "target_modules": ["q_proj"]}'
-    )
+    big = tmp_path / "big"
+    shutil.copytree(tiny_assets.adapters["llama"]["c16"], big)
+    config = json.loads((big / "adapter_config.json").read_text())
+    (big / "adapter_config.json").write_text(json.dumps({**config, "r": 64}))
     with pytest.raises(AdapterLoadError) as too_big:
-        await engine.load_adapter(LoadAdapterSpec("big", str(tmp_path)))
-    assert too_big.value.error_type == "validation" and "rank" in str(too_big.value)
+        await engine.load_adapter(LoadAdapterSpec("big", str(big)))
+    assert too_big.value.error_type == "rank_exceeds_max" and "rank" in str(too_big.value)
     assert engine.get_adapter("big").state == "failed"
     with pytest.raises(UnknownAdapterError):
         engine.generate(req("b", PROMPTS[0], "big"))
