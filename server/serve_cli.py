@@ -26,10 +26,12 @@ import yaml
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from loraplex.server.adapters.startup import AdaptersFileWatcher, parse_lora_adapters, read_adapters_file
 from loraplex.server.engine_api import Engine, LoadAdapterSpec
 from loraplex.server.routes.context import ServerSettings
 
 log = logging.getLogger("loraplex.serve")
+__all__ = ["add_arguments", "parse_lora_adapters", "read_adapters_file", "run", "serve"]
 
 
 def _boolean(value: str) -> bool:
@@ -93,8 +95,13 @@ def run(args: argparse.Namespace) -> int:
             log.error("no model: pass --model-id (or MODEL_ID), or --demo")
             return 2
         adapters += parse_lora_adapters(args.lora_adapters)
-        if args.adapters_file:
-            adapters += read_adapters_file(Path(args.adapters_file))
+        watcher = (
+            AdaptersFileWatcher(Path(args.adapters_file), args.adapters_file_poll)
+            if args.adapters_file
+            else None
+        )
+        if watcher is not None:
+            adapters += watcher.read_initial()
     except (ValueError, OSError, yaml.YAMLError) as exc:
         log.error("invalid adapter list: %s", exc)
         return 2
@@ -109,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         model_id=model_id,
         info=_info(args),
     )
-    asyncio.run(serve(engine, settings, args.hostname, args.port, args.shutdown_timeout))
+    asyncio.run(serve(engine, settings, args.hostname, args.port, args.shutdown_timeout, watcher))
     return 0
 
 
@@ -123,42 +130,6 @@ def _info(args: argparse.Namespace) -> dict[str, Any]:
         "max_lora_adapters": args.max_loras,
     }
     return {key: value for key, value in info.items() if value is not None}
-
-
-def parse_lora_adapters(value: str) -> tuple[LoadAdapterSpec, ...]:
-    """`id`, `id@rev` or `name=source[@rev]`, comma separated (TGI's LORA_ADAPTERS, plus names)."""
-    specs = []
-    for item in (part.strip() for part in value.split(",")):
-        if not item:
-            continue
-        name, _, source = item.rpartition("=") if "=" in item else ("", "", item)
-        source, _, revision = source.partition("@") if "://" not in source else (source, "", "")
-        if not source:
-            raise ValueError(f"adapter {item!r} has no source")
-        specs.append(LoadAdapterSpec(name=name or source, source=source, revision=revision or None))
-    return tuple(specs)
-
-
-def read_adapters_file(path: Path) -> tuple[LoadAdapterSpec, ...]:
-    """A YAML or JSON list (or `{adapters: [...]}`) of {name, source|uri, revision, sha256, aliases, pinned}."""
-    data = yaml.safe_load(path.read_text()) or []
-    entries = data.get("adapters", []) if isinstance(data, dict) else data
-    specs = []
-    for entry in entries:
-        source = entry.get("source") or entry.get("uri")
-        if not entry.get("name") or not source:
-            raise ValueError(f"{path}: every adapter needs `name` and `source`: {entry!r}")
-        specs.append(
-            LoadAdapterSpec(
-                name=str(entry["name"]),
-                source=str(source),
-                revision=entry.get("revision"),
-                sha256=entry.get("sha256"),
-                aliases=tuple(entry.get("aliases") or ()),
-                pinned=bool(entry.get("pinned", False)),
-            )
-        )
-    return tuple(specs)
 
 
 def _demo_assets() -> tuple[str, tuple[LoadAdapterSpec, ...]]:
@@ -226,11 +197,18 @@ def build_engine(args: argparse.Namespace, model_id: str) -> Engine:
 
 
 async def serve(
-    engine: Engine, settings: ServerSettings, host: str, port: int, shutdown_timeout: float
+    engine: Engine,
+    settings: ServerSettings,
+    host: str,
+    port: int,
+    shutdown_timeout: float,
+    watcher: AdaptersFileWatcher | None = None,
 ) -> None:
     from loraplex.server.app import create_app
 
     app = create_app(engine, settings)
+    if watcher is not None:
+        app.cleanup_ctx.append(watcher.cleanup_ctx(engine))
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a client that hangs up cancels its handler, which aborts the request
