@@ -3,6 +3,9 @@
 Open loop (Poisson arrivals at `--rate` req/s) or closed loop (`--concurrency` clients),
 prompt and output lengths drawn from uniform ranges, adapters chosen uniformly or by Zipf
 popularity, always streaming so time to first token and inter-token latency are measured.
+Every token's arrival time is kept (relative to the run's start) so that a window of the run
+(a hot-load, say) can be summarised on its own (`window_summary`). `--vocab N` draws prompts
+of `w<id>` words, what bench/random_checkpoint.py's tokenizer reads as random token ids.
 
     python bench/serve.py --url http://127.0.0.1:8080 --adapters a,b,c --num-requests 200 \
         --concurrency 32 --api openai --json out.json
@@ -17,7 +20,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import aiohttp
 
@@ -68,6 +71,8 @@ class LoadSpec:
     seed: int
     api_key: str | None = None
     timeout_s: float = 600.0
+    vocab: int | None = None  # prompts of `w<id>` words (random token ids) instead of WORDS
+    base_model: str | None = None  # OpenAI `model` for base requests; None: asked from /info
 
 
 @dataclass
@@ -80,6 +85,8 @@ class RequestResult:
     ttft_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     error: str | None = None
+    start_s: float = 0.0  # since the run's start
+    token_times_s: list[float] = field(default_factory=list)  # arrival of each token, since the run's start
 
 
 def pick_adapters(spec: LoadSpec, rng: random.Random) -> list[str]:
@@ -93,7 +100,7 @@ def pick_adapters(spec: LoadSpec, rng: random.Random) -> list[str]:
 def _payload(spec: LoadSpec, adapter: str, prompt: str, max_tokens: int) -> tuple[str, dict]:
     if spec.api == "openai":
         body = {
-            "model": adapter or None,
+            "model": adapter or spec.base_model,
             "prompt": prompt,
             "max_tokens": max_tokens,
             "stream": True,
@@ -117,11 +124,17 @@ def _count_tokens(spec: LoadSpec, data: str) -> int:
 
 
 async def run_one(
-    session: aiohttp.ClientSession, spec: LoadSpec, adapter: str, prompt: str, max_tokens: int
+    session: aiohttp.ClientSession,
+    spec: LoadSpec,
+    adapter: str,
+    prompt: str,
+    max_tokens: int,
+    origin: float = 0.0,
 ) -> RequestResult:
+    """One streamed request; `origin` is the run's start (perf_counter) for absolute token times."""
     path, body = _payload(spec, adapter, prompt, max_tokens)
-    result = RequestResult(adapter=adapter, ok=False, status=0)
     start = last = time.perf_counter()
+    result = RequestResult(adapter=adapter, ok=False, status=0, start_s=start - (origin or start))
     try:
         async with session.post(spec.url.rstrip("/") + path, json=body) as response:
             result.status = response.status
@@ -141,6 +154,7 @@ async def run_one(
                 else:
                     result.itl_s.append(now - last)
                 last = now
+                result.token_times_s.append(now - (origin or start))
                 result.output_tokens += tokens
         result.ok = True
     except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
@@ -154,42 +168,57 @@ def make_requests(spec: LoadSpec) -> list[tuple[str, str, int]]:
     rng = random.Random(spec.seed)
     requests = []
     for adapter in pick_adapters(spec, rng):
-        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*spec.prompt_words)))
+        count = rng.randint(*spec.prompt_words)
+        if spec.vocab:
+            prompt = " ".join(f"w{rng.randrange(spec.vocab)}" for _ in range(count))
+        else:
+            prompt = " ".join(rng.choice(WORDS) for _ in range(count))
         requests.append((adapter, prompt, rng.randint(*spec.output_tokens)))
     return requests
 
 
-async def run_load(spec: LoadSpec) -> tuple[list[RequestResult], float]:
-    requests = make_requests(spec)
+async def base_model_name(session: aiohttp.ClientSession, url: str) -> str:
+    """The name the server answers to for its base model (TGI `/info` `model_id`)."""
+    async with session.get(url.rstrip("/") + "/info") as response:
+        response.raise_for_status()
+        return (await response.json())["model_id"]
+
+
+async def run_load(spec: LoadSpec, origin: float | None = None) -> tuple[list[RequestResult], float]:
+    """Send every request; (results, seconds). `origin`: perf_counter all times are relative to."""
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     timeout = aiohttp.ClientTimeout(total=spec.timeout_s)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
+        if spec.api == "openai" and "" in spec.adapters and spec.base_model is None:
+            spec = replace(spec, base_model=await base_model_name(session, spec.url))
+        requests = make_requests(spec)
         start = time.perf_counter()
+        origin = origin or start
         if spec.concurrency:
-            results = await _closed_loop(session, spec, requests)
+            results = await _closed_loop(session, spec, requests, origin)
         else:
-            results = await _open_loop(session, spec, requests)
+            results = await _open_loop(session, spec, requests, origin)
         return results, time.perf_counter() - start
 
 
-async def _closed_loop(session, spec: LoadSpec, requests) -> list[RequestResult]:
+async def _closed_loop(session, spec: LoadSpec, requests, origin: float) -> list[RequestResult]:
     queue = list(reversed(requests))
     results: list[RequestResult] = []
 
     async def client() -> None:
         while queue:
-            results.append(await run_one(session, spec, *queue.pop()))
+            results.append(await run_one(session, spec, *queue.pop(), origin=origin))
 
     await asyncio.gather(*(client() for _ in range(spec.concurrency or 1)))
     return results
 
 
-async def _open_loop(session, spec: LoadSpec, requests) -> list[RequestResult]:
+async def _open_loop(session, spec: LoadSpec, requests, origin: float) -> list[RequestResult]:
     rng = random.Random(spec.seed + 1)
     tasks = []
     for request in requests:
-        tasks.append(asyncio.create_task(run_one(session, spec, *request)))
+        tasks.append(asyncio.create_task(run_one(session, spec, *request, origin=origin)))
         await asyncio.sleep(rng.expovariate(spec.rate or 1.0))
     return list(await asyncio.gather(*tasks))
 
@@ -203,6 +232,30 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(ordered)}
+
+
+def inter_token_gaps(results: list[RequestResult], start_s: float, end_s: float) -> list[float]:
+    """Gaps between consecutive tokens of one request whose later token arrived in [start_s, end_s]."""
+    return [
+        later - earlier
+        for r in results
+        for earlier, later in zip(r.token_times_s, r.token_times_s[1:], strict=False)
+        if start_s <= later <= end_s
+    ]
+
+
+def window_summary(results: list[RequestResult], start_s: float, end_s: float) -> dict:
+    """Tokens, tok/s and inter-token latency of the tokens that arrived in a window of the run."""
+    times = [t for r in results for t in r.token_times_s if start_s <= t <= end_s]
+    gaps = inter_token_gaps(results, start_s, end_s)
+    span = end_s - start_s
+    return {
+        "start_s": start_s,
+        "end_s": end_s,
+        "output_tokens": len(times),
+        "output_tok_s": len(times) / span if span > 0 else 0.0,
+        "itl_s": percentiles(gaps) | {"max": max(gaps, default=None)},
+    }
 
 
 def summarize(spec: LoadSpec, results: list[RequestResult], duration_s: float) -> dict:
@@ -248,6 +301,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadSpec, str | None]:
     parser.add_argument("--zipf", type=float, default=None, help="Zipf exponent for adapter popularity")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--api-key", default=None)
+    parser.add_argument(
+        "--vocab", type=int, default=None, help="prompts of random `w<id>` words, ids < VOCAB"
+    )
+    parser.add_argument("--base-model", default=None, help="OpenAI `model` of base requests (default: /info)")
     parser.add_argument("--json", dest="json_path", default=None, help="write the summary here")
     args = parser.parse_args(argv)
     if args.concurrency is None and args.rate is None:
@@ -264,6 +321,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadSpec, str | None]:
         zipf=args.zipf,
         seed=args.seed,
         api_key=args.api_key,
+        vocab=args.vocab,
+        base_model=args.base_model,
     )
     return spec, args.json_path
 
