@@ -32,7 +32,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py
 install: $(VENV)/.installed ## Create .venv and install loraplex with its test extras (CPU torch)
 
 .PHONY: test
-test: install ## Run the test suite (CPU; GPU-marked tests are deselected)
+test: install cluster-provision ## Run the test suite (CPU; GPU-marked tests are deselected)
 	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
 
 .PHONY: lint
@@ -44,3 +44,21 @@ lint: install ## ruff check + format check
 format: install ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+##@ Local cluster
+
+.PHONY: cluster-provision cluster-up cluster-down
+cluster-provision: ## Build or find etcd, kube-apiserver, kube-controller-manager, kubectl, helm (cached)
+	bash e2e/cluster/provision.sh
+
+cluster-up: install cluster-provision ## Start a local control plane in the background (prints KUBECONFIG)
+	$(BIN)/python -m loraplex.localcluster up
+
+cluster-down: install ## Stop the local control plane
+	$(BIN)/python -m loraplex.localcluster down
+
+##@ Benchmarks (GPU)
+
+.PHONY: bench-kernels
+bench-kernels: install ## Batched-LoRA kernel benchmark; needs CUDA (docs/benchmarks/kernels.md)
+	$(BIN)/python bench/kernels.py

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "loraplex.server.serve_cli",
         "Serve a base model and its LoRA adapters over HTTP (TGI, OpenAI and vLLM-compatible APIs)",
     ),
+    "cluster": ("loraplex.localcluster.cli", "Run a local Kubernetes control plane: up, down, status"),
 }
 
 

@@ -8,6 +8,9 @@ import pytest
 
 from loraplex.server.demo_assets import TinyAssets, build_tiny_assets
 
+# `local_cluster`: real etcd + kube-apiserver + kube-controller-manager for `envtest` tests.
+pytest_plugins = ["loraplex.localcluster.pytest_plugin"]
+
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
