@@ -8,17 +8,22 @@ before every query's sliding window), so a kernel that reads them fails.
 
 from __future__ import annotations
 
+import random
+import re
 from dataclasses import dataclass
 
 import pytest
 import torch
 import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 from loraplex.kernels import paged_attention as pa
 from loraplex.kernels.paged_attention import AttentionSpec, DecodeConfig, PrefillConfig
 from loraplex.server.forward_batch import ForwardBatch, SequenceChunk
 from loraplex.server.layers.attention import ATTENTION_ENV, attention_backend
 from loraplex.server.layers.metadata import build_forward_metadata
+from loraplex.server.model_runner import ModelRunner, RunnerConfig
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 KV_HEADS = 2
@@ -75,6 +80,7 @@ def make_case(
     spec: AttentionSpec,
     dtype: torch.dtype,
     seed: int = 0,
+    kv_heads: int = KV_HEADS,
 ) -> PagedCase:
     """Sequence b has cached[b] + new[b] positions in shuffled blocks; everything no query sees is NaN."""
     gen = torch.Generator().manual_seed(seed)
@@ -82,7 +88,7 @@ def make_case(
     counts = [-(-n // block_size) for n in contexts]
     num_blocks = sum(counts) + 3  # a few blocks no sequence owns
     order = torch.randperm(num_blocks, generator=gen).tolist()
-    shape = (num_blocks, block_size, KV_HEADS, head_dim)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
     key_cache = torch.full(shape, float("nan"))
     value_cache = torch.full(shape, float("nan"))
     block_tables = torch.zeros(len(contexts), max(counts, default=0) + 2, dtype=torch.int32)
@@ -93,8 +99,8 @@ def make_case(
         pos = torch.arange(first_seen, n)
         blocks = torch.tensor(table, dtype=torch.long)[pos // block_size]
         for cache in (key_cache, value_cache):
-            cache[blocks, pos % block_size] = torch.randn(len(pos), KV_HEADS, head_dim, generator=gen)
-    heads = KV_HEADS * heads_per_kv
+            cache[blocks, pos % block_size] = torch.randn(len(pos), kv_heads, head_dim, generator=gen)
+    heads = kv_heads * heads_per_kv
     q = 2 * torch.randn(sum(new), heads, head_dim, generator=gen)  # large enough that softcap matters
     starts = torch.tensor([0, *new]).cumsum(0).to(torch.int32)
     return PagedCase(
@@ -105,6 +111,15 @@ def make_case(
         context_lens=torch.tensor(contexts, dtype=torch.int32),
         query_starts=starts,
         spec=spec,
+    )
+
+
+def to_device(case: PagedCase, device: str) -> PagedCase:
+    return PagedCase(
+        **{
+            name: value.to(device) if isinstance(value, torch.Tensor) else value
+            for name, value in vars(case).items()
+        }
     )
 
 
@@ -244,3 +259,157 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ATTENTION_ENV, "flash")
     with pytest.raises(ValueError, match=ATTENTION_ENV):
         attention_backend(torch.device("cpu"))
+
+
+def test_gemma2_runner_logits_match_torch_attention(tiny_assets, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny Gemma2 (softcap, sliding window 8 on alternate layers, GQA) through the model runner:
+    the same logits with the Triton kernels (interpreter) as with the torch path, over steps that mix
+    decodes with prefills of fresh prompts and of a chunk after a cached prefix, then decode only."""
+    runner = ModelRunner(
+        RunnerConfig(model_path=str(tiny_assets.models["gemma2"]), block_size=4, num_kv_blocks=48)
+    )
+    blocks = list(range(runner.num_kv_blocks))
+    random.Random(0).shuffle(blocks)
+    tables = [tuple(blocks[i * 8 : (i + 1) * 8]) for i in range(4)]  # 32 positions each, shuffled
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, runner.vocab_size, (4, 24), generator=gen).tolist()
+    # (sequence, cached, new) per step; sequence 1's prompt is prefilled over two steps
+    plan = [
+        [(0, 0, 11), (1, 0, 6), (3, 0, 9)],
+        [(0, 11, 1), (1, 6, 7), (2, 0, 3), (3, 9, 1)],
+        [(0, 12, 1), (1, 13, 1), (2, 3, 1), (3, 10, 1)],
+    ]
+
+    def run(backend: str) -> list[torch.Tensor]:
+        monkeypatch.setenv(ATTENTION_ENV, backend)
+        logits = []
+        for step in plan:
+            chunks = tuple(
+                SequenceChunk(s, tuple(tokens[s][c : c + n]), c, tables[s], None) for s, c, n in step
+            )
+            logits.append(runner.execute(ForwardBatch(chunks)))
+        return logits
+
+    expected = run("torch")
+    for got, want in zip(run("triton"), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+VECTOR_LOAD = r"ld\.global\S*\.v4|cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], 0x10"
+
+
+def _compile(fn, arch: int, constexprs: dict, float_ptrs: dict[str, str]):
+    kernel = pa._kernel(fn, False)
+    signature, aligned = {}, {}
+    for i, param in enumerate(kernel.params):
+        if param.name in constexprs:
+            signature[param.name] = "constexpr"
+        elif param.name.endswith("_ptr"):
+            signature[param.name] = float_ptrs.get(param.name, "*i32")
+        else:
+            signature[param.name] = "fp32" if param.name in ("scale", "softcap") else "i32"
+        if signature[param.name] not in ("constexpr", "fp32") and param.name not in pa._NO_SPECIALIZE[fn]:
+            aligned[(i,)] = [["tt.divisibility", 16]]  # what the launcher sees for real model shapes
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+    options = {"num_warps": 4, "num_stages": 2, "enable_fp_fusion": True}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+@pytest.mark.parametrize(("arch", "dtype"), [(90, "bf16"), (80, "fp16")])
+def test_kernels_compile_for_gpu(arch: int, dtype: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path builds without a GPU at Gemma-2-2B's head_dim 256, and streams K/V as 16-byte vectors."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile for real, not from a cache
+    elem, precision = f"*{dtype}", "ieee" if dtype == "fp32" else "tf32"
+    operands = {"q_ptr": elem, "k_cache_ptr": elem, "v_cache_ptr": elem, "out_ptr": elem}
+    partials = {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}
+    common = dict(HEAD_DIM=256, BLOCK_D=256, SOFTCAP=True, WINDOW=True, PRECISION=precision)
+    decode = _compile(
+        pa._decode_kernel,
+        arch,
+        {**common, "BLOCK_G": 16, "BLOCK_N": 32, "SPLIT": True},
+        {**operands, **partials},
+    )
+    merge = _compile(
+        pa._decode_merge_kernel,
+        arch,
+        dict(HEAD_DIM=256, BLOCK_D=256, BLOCK_S=8, WINDOW=True),
+        {"out_ptr": elem, **partials},
+    )
+    prefill = _compile(pa._prefill_kernel, arch, {**common, "BLOCK_M": 64, "BLOCK_N": 32}, operands)
+    assert decode.asm["cubin"] and merge.asm["cubin"] and prefill.asm["cubin"]
+    for compiled in (decode, prefill):
+        assert re.search(
+            r"ld\.global\S*\.v4|cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], 0x10",
+            compiled.asm["ptx"],
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 1000])
+@pytest.mark.parametrize("kernel", ["decode", "prefill"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernels_match_float64_on_gpu(kernel: str, window: int | None, dtype: torch.dtype) -> None:
+    """Gemma-2-2B attention shapes (8 heads on 4 KV heads, head_dim 256, softcap 50) and long contexts."""
+    spec = AttentionSpec(scale=256**-0.5, softcap=50.0, sliding_window=window)
+    if kernel == "decode":
+        contexts = [1, 17, 300, 1024, 2500, 4096]
+        cached, new = [n - 1 for n in contexts], [1] * len(contexts)
+    else:
+        cached, new = [0, 0, 700, 2000], [1, 300, 129, 517]
+    paged = to_device(make_case(cached, new, 2, 256, 16, spec, dtype, kv_heads=4), "cuda")
+    if kernel == "decode":
+        out = pa.paged_decode_attention(paged.q, paged.kv_cache, paged.block_tables, paged.context_lens, spec)
+    else:
+        out = pa.paged_prefill_attention(
+            paged.q,
+            paged.kv_cache,
+            paged.block_tables,
+            paged.context_lens,
+            paged.query_starts,
+            max(new),
+            spec,
+        )
+    assert rel_error(out, to_device(paged, "cpu").expected()) < TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_replays_under_cuda_graph() -> None:
+    """One captured launch serves other context lengths and block tables: results equal eager runs."""
+    spec = AttentionSpec(scale=256**-0.5, softcap=50.0, sliding_window=None)
+    first = to_device(
+        make_case([99, 2000, 5], [1, 1, 1], 2, 256, 16, spec, torch.bfloat16, kv_heads=4), "cuda"
+    )
+    second = to_device(
+        make_case([3000, 7, 63], [1, 1, 1], 2, 256, 16, spec, torch.bfloat16, 1, kv_heads=4), "cuda"
+    )
+    width = max(first.block_tables.shape[1], second.block_tables.shape[1])
+    tables = torch.zeros(3, width, dtype=torch.int32, device="cuda")
+    static = {"q": first.q.clone(), "lens": first.context_lens.clone(), "out": torch.empty_like(first.q)}
+    caches = [torch.zeros(max(a.shape[0], b.shape[0]), *a.shape[1:], dtype=a.dtype, device="cuda")
+              for a, b in zip(first.kv_cache, second.kv_cache, strict=True)]  # fmt: skip
+
+    def load(case: PagedCase) -> None:
+        tables.zero_()
+        tables[:, : case.block_tables.shape[1]] = case.block_tables
+        static["q"].copy_(case.q)
+        static["lens"].copy_(case.context_lens)
+        for cache, source in zip(caches, case.kv_cache, strict=True):
+            cache[: source.shape[0]] = source
+
+    def launch() -> None:
+        pa.paged_decode_attention(static["q"], tuple(caches), tables, static["lens"], spec, out=static["out"])
+
+    load(first)
+    launch()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    for case in (second, first):
+        load(case)
+        graph.replay()
+        replayed = static["out"].clone()
+        launch()
+        torch.testing.assert_close(replayed, static["out"], atol=0, rtol=0)
+        assert rel_error(replayed, to_device(case, "cpu").expected()) < TOLERANCE[torch.bfloat16]
