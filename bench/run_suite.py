@@ -179,7 +179,12 @@ def scenario_hotload(profile: Profile, url: str) -> list[dict]:
         "during": serve.window_summary(results, first, last),
         "after": serve.window_summary(results, last, end),
     }
-    point = {"loads": loads, "windows": windows, **serve.summarize(spec, results, duration)}
+    point = {
+        "loads": loads,
+        "windows": windows,
+        "timeline": serve.timeline(results, bin_s=max(0.01, duration / 200)),
+        **serve.summarize(spec, results, duration),
+    }
     _progress("hotload", point)
     return [point]
 

@@ -258,6 +258,27 @@ def window_summary(results: list[RequestResult], start_s: float, end_s: float) -
     }
 
 
+def timeline(results: list[RequestResult], bin_s: float) -> list[dict]:
+    """Per time bin: tokens that arrived, and the median and largest gap before each of them."""
+    bins: dict[int, list[float]] = {}
+    counts: dict[int, int] = {}
+    for r in results:
+        for i, t in enumerate(r.token_times_s):
+            index = int(t // bin_s)
+            counts[index] = counts.get(index, 0) + 1
+            if i:
+                bins.setdefault(index, []).append(t - r.token_times_s[i - 1])
+    return [
+        {
+            "t_s": index * bin_s,
+            "tokens": counts[index],
+            "itl_p50_s": percentiles(bins.get(index, []))["p50"],
+            "itl_max_s": max(bins.get(index, []), default=None),
+        }
+        for index in sorted(counts)
+    ]
+
+
 def summarize(spec: LoadSpec, results: list[RequestResult], duration_s: float) -> dict:
     ok = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in ok)
