@@ -8,9 +8,13 @@ before every query's sliding window), so a kernel that reads them fails.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import random
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -413,3 +417,50 @@ def test_decode_replays_under_cuda_graph() -> None:
         launch()
         torch.testing.assert_close(replayed, static["out"], atol=0, rtol=0)
         assert rel_error(replayed, to_device(case, "cpu").expected()) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """bench/attention.py, imported from its path (bench/ is scripts, not a package)."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "attention.py"
+    spec = importlib.util.spec_from_file_location("loraplex_bench_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_bench_shapes_and_bytes(bench) -> None:
+    shapes = bench.Shapes.from_config()
+    assert (shapes.num_heads, shapes.num_kv_heads, shapes.head_dim, shapes.softcap) == (8, 4, 256, 50.0)
+    assert shapes.scale == 256**-0.5
+    # Gemma-2-2B: 4 KiB of K/V per token per layer in 16-bit
+    one, two = (bench.decode_bytes(shapes, bench.Point(32, s), 2) for s in (1024, 1025))
+    assert two - one == 32 * 4096
+
+
+def test_bench_plumbing_on_cpu(bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both layer backends and the kernel run (interpreter) and agree; a stand-in timer replaces CUDA graphs."""
+    monkeypatch.setenv(ATTENTION_ENV, "torch")
+    calls = []
+    result = bench.measure(
+        bench.Shapes.from_config(),
+        bench.Point(2, 40),
+        torch.float32,
+        "cpu",
+        timer=lambda fn: calls.append(fn()) or 2.0,
+    )
+    assert len(calls) == 3 and result.us == {"kernel": 2.0, "triton": 2.0, "torch": 2.0}
+    assert result.rel_error < 1e-5
+    assert os.environ[ATTENTION_ENV] == "torch"  # restored
+    assert bench.row(result, copy_bw=1e12)["x_torch"] == 1.0
+
+
+def test_bench_exits_clearly_without_cuda(bench, monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--json", str(tmp_path / "a.json"), "--markdown", str(tmp_path / "a.md")]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
