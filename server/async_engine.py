@@ -33,6 +33,7 @@ from loraplex.server.engine_api import (
     ShuttingDownError,
 )
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
+from loraplex.server.scheduler import ScheduledStep
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,6 +102,10 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    def observe_steps(self, observer: Callable[[ScheduledStep], None]) -> None:
+        """Call `observer` with every step's plan, on the engine thread (benchmarks, tests)."""
+        self._call(lambda: self._engine.step_observers.append(observer)).result()
+
     # -- the engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -126,6 +131,7 @@ class AsyncEngine:
                     log.exception("engine step failed")
                     events = engine.abort_all(FinishReason.ERROR, f"engine step failed: {exc}")
                 self._dispatch(events)
+            self.adapters.trim()
             self._stats = self._with_adapter_counters(engine.stats())
 
     def _with_adapter_counters(self, stats: EngineStats) -> EngineStats:

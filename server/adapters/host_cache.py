@@ -28,6 +28,7 @@ class HostCache:
     def __init__(self, limits: HostCacheLimits) -> None:
         self.limits = limits
         self._entries: OrderedDict[str, AdapterEntry] = OrderedDict()  # least recently used first
+        self.num_bytes = 0
         self.num_evictions = 0
         self.num_disk_reads = 0  # weights read back after an eviction
 
@@ -37,17 +38,18 @@ class HostCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(_bytes(e) for e in self._entries.values())
-
     def put(self, entry: AdapterEntry) -> list[AdapterEntry]:
         """`entry` (weights set) is now resident and most recent; returns the entries dropped for it."""
         if entry.weights is None:
             raise ValueError(f"{entry.name!r}: no weights to keep")
+        self.discard(entry.name)
         self._entries[entry.name] = entry
-        self._entries.move_to_end(entry.name)
+        self.num_bytes += entry.weights.num_bytes
         return self._shrink(keep=entry.name)
+
+    def trim(self) -> list[AdapterEntry]:
+        """Back under budget once requests that held entries in memory have finished."""
+        return self._shrink(keep=None) if self._over_budget() else []
 
     def touch(self, name: str) -> None:
         if name in self._entries:
@@ -55,7 +57,9 @@ class HostCache:
 
     def discard(self, name: str) -> None:
         """Forget `name` (unloaded or replaced); a retired version keeps its weights while used."""
-        self._entries.pop(name, None)
+        entry = self._entries.pop(name, None)
+        if entry is not None:
+            self.num_bytes -= _bytes(entry)
 
     def _over_budget(self) -> bool:
         limits = self.limits
@@ -63,14 +67,14 @@ class HostCache:
             limits.max_bytes is not None and self.num_bytes > limits.max_bytes
         )
 
-    def _shrink(self, keep: str) -> list[AdapterEntry]:
+    def _shrink(self, keep: str | None) -> list[AdapterEntry]:
         dropped = []
         for name, entry in list(self._entries.items()):
             if not self._over_budget():
                 break
             if name == keep or entry.pinned or entry.num_requests > 0:
                 continue
-            del self._entries[name]
+            self.discard(name)
             entry.weights = None
             dropped.append(entry)
         self.num_evictions += len(dropped)

@@ -258,6 +258,10 @@ class AdapterManager:
             else:
                 fail(error if isinstance(error, EngineError) else AdapterLoadError(str(error)))
 
+    def trim(self) -> None:
+        """Engine thread, after each step: requests that kept the host tier over budget may be done."""
+        self._log_dropped(self.host.trim())
+
     def _log_dropped(self, dropped: list[AdapterEntry]) -> None:
         for entry in dropped:
             log.debug("adapter dropped from host memory", extra={"adapter": entry.name})
