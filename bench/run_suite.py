@@ -32,7 +32,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import serve  # bench/ is sys.path[0] when run as a script
+import plots  # bench/ is sys.path[0] when run as a script
+import random_checkpoint
+import serve
+from engine import git_commit
 from server_process import ServerProcess, http_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +73,6 @@ def saturated(point: dict, offered_rate: float) -> bool:
 
 
 def gpu_profile(args: argparse.Namespace) -> Profile:
-    import random_checkpoint
-
     spec = random_checkpoint.CheckpointSpec(args.config, args.checkpoint, device="cuda")
     dirs = random_checkpoint.ensure_checkpoint(spec, args.distinct_adapters, 16)
     registered = [{"name": f"r{i}", "source": str(dirs[i % len(dirs)])} for i in range(args.registered)]
@@ -199,7 +200,6 @@ def _progress(scenario: str, point: dict) -> None:
 
 def environment(profile: Profile, server: ServerProcess) -> dict:
     import torch
-    from engine import git_commit
 
     return {
         "profile": profile.name,
@@ -218,18 +218,26 @@ def write_result(out: Path, scenario: str, env: dict, points: list[dict]) -> Pat
     return path
 
 
-def run_suite(profile: Profile, out: Path, scenarios: tuple[str, ...]) -> dict[str, Path]:
-    """Start the server once, run each scenario against it, write each result as it ends."""
+def run_scenarios(
+    profile: Profile, server: ServerProcess, out: Path, scenarios: tuple[str, ...]
+) -> dict[str, Path]:
+    """Run each scenario against a ready server, writing each result as soon as it ends."""
     out.mkdir(parents=True, exist_ok=True)
-    written = {}
-    with ServerProcess(
-        list(profile.server_args), out / f"server-{profile.name}.log", dict(profile.env)
-    ) as server:
-        env = environment(profile, server)
+    env = environment(profile, server)
+    return {s: write_result(out, s, env, RUNNERS[s](profile, server.url)) for s in scenarios}
+
+
+def start_server(profile: Profile, out: Path) -> ServerProcess:
+    """The server for `profile`, not yet started: use it as a context manager."""
+    return ServerProcess(list(profile.server_args), out / f"server-{profile.name}.log", dict(profile.env))
+
+
+def run_suite(profile: Profile, out: Path, scenarios: tuple[str, ...]) -> dict[str, Path]:
+    """Start the server once and run the scenarios against it."""
+    out.mkdir(parents=True, exist_ok=True)
+    with start_server(profile, out) as server:
         print(f"server ready in {server.startup_s:.1f} s with {len(profile.registered)} adapters", flush=True)
-        for scenario in scenarios:
-            written[scenario] = write_result(out, scenario, env, RUNNERS[scenario](profile, server.url))
-    return written
+        return run_scenarios(profile, server, out, scenarios)
 
 
 def host_memory_bytes() -> int:
@@ -238,8 +246,6 @@ def host_memory_bytes() -> int:
 
 def registered_that_fit(requested: int, config: Path, share: float = 0.6) -> int:
     """Adapters the server can hold in host memory (it keeps each in float32) within `share` of RAM."""
-    import random_checkpoint
-
     per_adapter = random_checkpoint.adapter_bytes(random_checkpoint.read_config(config), 16,
                                                   random_checkpoint.ALL_PROJECTIONS, bytes_per_value=4)  # fmt: skip
     return max(1, min(requested, int(host_memory_bytes() * share // per_adapter)))
@@ -292,8 +298,6 @@ def main(argv: list[str] | None = None) -> int:
         profile, out = smoke_profile(args), args.out or Path(tempfile.mkdtemp(prefix="loraplex-smoke-"))
     written = run_suite(profile, out, args.scenarios)
     if args.gpu:
-        import plots
-
         plots.write_serve_markdown(out, out / "serve.md")
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0

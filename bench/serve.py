@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import statistics
@@ -224,12 +225,16 @@ async def _open_loop(session, spec: LoadSpec, requests, origin: float) -> list[R
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50/p90/p99 by linear interpolation between closest ranks (numpy's default), and the mean."""
     if not values:
         return {"p50": None, "p90": None, "p99": None, "mean": None}
     ordered = sorted(values)
 
     def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+        position = q * (len(ordered) - 1)
+        low = int(position)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(ordered)}
 
@@ -239,7 +244,7 @@ def inter_token_gaps(results: list[RequestResult], start_s: float, end_s: float)
     return [
         later - earlier
         for r in results
-        for earlier, later in zip(r.token_times_s, r.token_times_s[1:], strict=False)
+        for earlier, later in itertools.pairwise(r.token_times_s)
         if start_s <= later <= end_s
     ]
 
