@@ -17,6 +17,7 @@ transformers and PEFT baselines (bench/baselines.py) run in the same process aft
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -333,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(measure_point(engine, point, args, floors))
         print(json.dumps(results[-1].row()), flush=True)
     del engine
+    gc.collect()  # the engine's weights and KV cache must be gone before the baselines load theirs
     torch.cuda.empty_cache()
     base = []
     if not args.no_baselines:

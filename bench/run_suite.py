@@ -88,20 +88,20 @@ def gpu_profile(args: argparse.Namespace) -> Profile:
         registered=tuple(r["name"] for r in registered),
         hot_adapters=tuple((f"hot{i}", str(dirs[i % len(dirs)])) for i in range(4)),
         adapters_in_use=tuple(n for n in (1, 8, 32, 128, 1000) if n <= args.registered),
-        rates=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
+        rates=(1, 2, 4, 8, 16, 32, 64),
         apis=("openai",),
         load=serve.LoadSpec(url="", api="openai", adapters=("",), num_requests=args.requests,
                             concurrency=args.concurrency, rate=None, prompt_words=(64, 64),
                             output_tokens=(128, 128), zipf=None, seed=0, vocab=vocab),
-        requests_per_rate_s=20.0,
+        requests_per_rate_s=15.0,
         hotload_delay_s=5.0,
     )  # fmt: skip
 
 
-def smoke_profile(args: argparse.Namespace) -> Profile:
+def smoke_profile(demo_root: Path) -> Profile:
+    """`serve --demo` with its assets under `demo_root` (built there if missing)."""
     from loraplex.server.demo_assets import build_tiny_assets
 
-    demo_root = Path(os.environ.get("LORAPLEX_DEMO_DIR", Path(tempfile.gettempdir()) / "loraplex-demo"))
     demo = build_tiny_assets(demo_root).adapters["llama"]  # what `serve --demo` serves
     return Profile(
         name="smoke",
@@ -244,7 +244,7 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def registered_that_fit(requested: int, config: Path, share: float = 0.6) -> int:
+def registered_that_fit(requested: int, config: Path, share: float = 0.75) -> int:
     """Adapters the server can hold in host memory (it keeps each in float32) within `share` of RAM."""
     per_adapter = random_checkpoint.adapter_bytes(random_checkpoint.read_config(config), 16,
                                                   random_checkpoint.ALL_PROJECTIONS, bytes_per_value=4)  # fmt: skip
@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         args.registered = fitting
         profile, out = gpu_profile(args), args.out or ROOT / "docs" / "benchmarks"
     else:
-        profile, out = smoke_profile(args), args.out or Path(tempfile.mkdtemp(prefix="loraplex-smoke-"))
+        demo_root = Path(os.environ.get("LORAPLEX_DEMO_DIR", Path(tempfile.gettempdir()) / "loraplex-demo"))
+        profile, out = smoke_profile(demo_root), args.out or Path(tempfile.mkdtemp(prefix="loraplex-smoke-"))
     written = run_suite(profile, out, args.scenarios)
     if args.gpu:
         plots.write_serve_markdown(out, out / "serve.md")
