@@ -1,5 +1,5 @@
 """A test-only stand-in for kubelet: runs a Deployment's pods as in-process servers (the real
-app on the tiny Llama) on 127.0.0.x:8080 and publishes pod status as a kubelet would (podIP, a
+app on the tiny Llama) on loopback addresses (port 8080) and publishes pod status as a kubelet would (podIP, a
 running container, Ready = server /ready AND every readiness gate). The generic pod runner of
 the local cluster replaces this for the e2e suites; here it keeps the operator envtest small.
 """
@@ -7,6 +7,7 @@ the local cluster replaces this for the e2e suites; here it keeps the operator e
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 import urllib.error
@@ -28,12 +29,14 @@ class LocalKubelet:
         namespace: str,
         selector: str,
         make_app: Callable[[], Any],
-        first_ip: int = 200,
     ) -> None:
         self.core = client.CoreV1Api(api)
         self.namespace, self.selector, self.make_app = namespace, selector, make_app
         self.servers: dict[str, tuple[str, web.AppRunner, Any]] = {}  # pod -> (ip, runner, engine)
-        self._next_ip = first_ip
+        # A loopback /24 of its own (127.0.0.0/8 is all local on Linux): pod IPs that no other
+        # local runner in a parallel test uses, all on the pods' fixed port.
+        self._subnet = f"127.{random.randint(64, 250)}.{random.randint(0, 255)}"
+        self._next_ip = 2
         self._published: dict[str, tuple[str, bool, int]] = {}
         self.restarts: dict[str, int] = {}
         self.ready_with: dict[str, set[str]] = {}  # pod -> adapters it served when first published Ready
@@ -84,7 +87,7 @@ class LocalKubelet:
             self.core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0)
             return
         if name not in self.servers:
-            ip = f"127.0.0.{self._next_ip}"
+            ip = f"{self._subnet}.{self._next_ip}"
             self._next_ip += 1
             runner, engine = self._run(self._start_server(ip))
             self.servers[name] = (ip, runner, engine)
