@@ -274,12 +274,13 @@ def paged_decode_attention(
     _check_common(q, key_cache, value_cache, block_tables, context_lens)
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    assert block_tables.shape[0] == num_seqs, "one block table row per query row"
     out = _check_out(q, out)
-    if num_seqs == 0:
-        return out
     max_context = block_tables.shape[1] * block_size
     if spec.sliding_window is not None:
         max_context = min(max_context, spec.sliding_window)
+    if num_seqs == 0 or max_context == 0:
+        return out
     config = config or decode_config(num_seqs, num_kv_heads, head_dim, max_context, q.device)
     assert config.partition % config.block_n == 0, "a partition is whole key tiles"
     num_splits = triton.cdiv(max_context, config.partition)
@@ -290,8 +291,7 @@ def paged_decode_attention(
     parts = (num_seqs * num_heads * num_splits) if split else 1
     part_acc = torch.empty(parts, block_d, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(parts, 2, dtype=torch.float32, device=q.device)
-    interpret = q.device.type == "cpu"
-    _kernel(_decode_kernel, interpret)[(num_seqs, num_kv_heads, num_splits)](
+    _kernel(_decode_kernel, q.device.type == "cpu")[(num_seqs, num_kv_heads, num_splits)](
         q, key_cache, value_cache, out, part_acc, part_ml, block_tables, context_lens,
         spec.scale, spec.softcap or 1.0, spec.sliding_window or 0, block_size, heads_per_kv,
         config.partition, num_splits,
@@ -303,13 +303,26 @@ def paged_decode_attention(
         num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
     )  # fmt: skip
     if split:
-        _kernel(_decode_merge_kernel, interpret)[(num_seqs, num_heads)](
-            out, part_acc, part_ml, context_lens,
-            spec.sliding_window or 0, config.partition, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            WINDOW=spec.sliding_window is not None, num_warps=4, enable_fp_fusion=True,
-        )  # fmt: skip
+        _merge_partials(out, part_acc, part_ml, context_lens, spec, config.partition, num_splits)
     return out
+
+
+def _merge_partials(
+    out: torch.Tensor,
+    part_acc: torch.Tensor,
+    part_ml: torch.Tensor,
+    context_lens: torch.Tensor,
+    spec: AttentionSpec,
+    partition: int,
+    num_splits: int,
+) -> None:
+    num_seqs, num_heads, head_dim = out.shape
+    _kernel(_decode_merge_kernel, out.device.type == "cpu")[(num_seqs, num_heads)](
+        out, part_acc, part_ml, context_lens,
+        spec.sliding_window or 0, partition, num_splits, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=part_acc.shape[1], BLOCK_S=triton.next_power_of_2(num_splits),
+        WINDOW=spec.sliding_window is not None, num_warps=4, enable_fp_fusion=True,
+    )  # fmt: skip
 
 
 def paged_prefill_attention(
