@@ -277,8 +277,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def missing_server_dependencies() -> list[str]:
+    """Modules `loraplex serve` imports that this Python lacks (pydantic: the HTTP bodies and errors)."""
+    import importlib.util
+
+    return [name for name in ("pydantic", "aiohttp", "yaml") if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    missing = missing_server_dependencies()
+    if missing:
+        print(f"`loraplex serve` needs {', '.join(missing)}, not installed here (pydantic is imported by "
+              "server/api_schemas.py, server/openapi.py and server/routes/errors.py). Nothing was run.", file=sys.stderr)  # fmt: skip
+        return 1
     if args.gpu:
         import torch
 
