@@ -401,6 +401,10 @@ def _check_common(
 ) -> None:
     assert q.dim() == 3 and q.dtype in FLOAT_DTYPES, "q must be [tokens, heads, head_dim] float"
     assert q.stride(2) == 1, "q rows must be contiguous"
+    # Triton 3.9's interpreter returns garbage from tl.dot on bf16 operands (DESIGN.md §6)
+    assert q.device.type != "cpu" or q.dtype != torch.bfloat16, (
+        "bf16 runs on the GPU only, not the interpreter"
+    )
     assert key_cache.dim() == 4, "caches must be [blocks, block_size, kv_heads, head_dim]"
     assert key_cache.shape == value_cache.shape and key_cache.stride() == value_cache.stride()
     assert key_cache.is_contiguous(), "the caches must be contiguous"

@@ -199,6 +199,21 @@ def test_prefill_matches_float64(case) -> None:
         assert rel_error(out, paged.expected()) < TOLERANCE[dtype], config
 
 
+@pytest.mark.parametrize("window", [1, 7, 33])
+def test_window_edges(window: int) -> None:
+    """A window of one (each query sees only itself) and windows equal to a context or a chunk's length."""
+    spec = _spec(16, None, window)
+    decode = make_case([0, 6, 32], [1, 1, 1], 2, 16, 4, spec, torch.float32)
+    out = pa.paged_decode_attention(decode.q, decode.kv_cache, decode.block_tables, decode.context_lens, spec)
+    assert rel_error(out, decode.expected()) < TOLERANCE[torch.float32]
+    prefill = make_case([0, 2, 26], [7, 33, 7], 2, 16, 4, spec, torch.float32)
+    out = pa.paged_prefill_attention(
+        prefill.q, prefill.kv_cache, prefill.block_tables, prefill.context_lens, prefill.query_starts, 33, spec,
+        config=PrefillConfig(block_m=16, block_n=16),
+    )  # fmt: skip
+    assert rel_error(out, prefill.expected()) < TOLERANCE[torch.float32]
+
+
 def test_softcap_and_window_change_the_result() -> None:
     """Guards the tests above against settings that happen to do nothing at these shapes."""
     plain = make_case([40], [1], 2, 16, 4, _spec(16, None, None), torch.float32).expected()
@@ -213,6 +228,11 @@ def test_launchers_check_layouts() -> None:
     with pytest.raises(AssertionError, match="int32"):
         pa.paged_decode_attention(
             paged.q, paged.kv_cache, paged.block_tables.long(), paged.context_lens, paged.spec
+        )
+    with pytest.raises(AssertionError, match="GPU only"):
+        half = tuple(c.bfloat16() for c in paged.kv_cache)
+        pa.paged_decode_attention(
+            paged.q.bfloat16(), half, paged.block_tables, paged.context_lens, paged.spec
         )
     with pytest.raises(AssertionError, match="dtype"):
         pa.paged_decode_attention(
