@@ -190,7 +190,9 @@ def test_prefill_matches_float64(case) -> None:
     paged = make_case(
         cached, new, heads_per_kv, head_dim, block_size, _spec(head_dim, softcap, window), dtype
     )
-    for config in (None, PrefillConfig(block_m=16, block_n=16)):
+    # small tiles: several query tiles per sequence and key tiles across block edges; default tiles in fp32
+    configs = [PrefillConfig(block_m=16, block_n=16)] + ([None] if dtype == torch.float32 else [])
+    for config in configs:
         out = torch.full_like(paged.q, float("nan"))
         pa.paged_prefill_attention(
             paged.q, paged.kv_cache, paged.block_tables, paged.context_lens,
@@ -285,13 +287,25 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         attention_backend(torch.device("cpu"))
 
 
-def test_gemma2_runner_logits_match_torch_attention(tiny_assets, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tiny Gemma2 (softcap, sliding window 8 on alternate layers, GQA) through the model runner:
-    the same logits with the Triton kernels (interpreter) as with the torch path, over steps that mix
-    decodes with prefills of fresh prompts and of a chunk after a cached prefix, then decode only."""
-    runner = ModelRunner(
-        RunnerConfig(model_path=str(tiny_assets.models["gemma2"]), block_size=4, num_kv_blocks=48)
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_GPU)])
+def test_gemma2_runner_logits_match_torch_attention(
+    tiny_assets, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny Gemma2 (softcap, sliding window 8 on alternate layers, GQA) through the model runner
+    in float32: the same logits with the Triton kernels (on CPU: the interpreter) as with the torch
+    path, over steps that mix decodes with prefills of fresh prompts and of a chunk after a cached
+    prefix, then decode only."""
+    config = RunnerConfig(
+        model_path=str(tiny_assets.models["gemma2"]),
+        dtype="float32",
+        device=device,
+        block_size=4,
+        num_kv_blocks=48,
     )
+    runner = ModelRunner(config)
     blocks = list(range(runner.num_kv_blocks))
     random.Random(0).shuffle(blocks)
     tables = [tuple(blocks[i * 8 : (i + 1) * 8]) for i in range(4)]  # 32 positions each, shuffled
