@@ -242,13 +242,18 @@ def test_launchers_check_layouts() -> None:
         )
 
 
-def test_decode_grid_depends_on_shapes_only() -> None:
-    """CUDA-graph safety: the split count comes from the block table's width, not the context lengths."""
-    config = pa.decode_config(
-        num_seqs=8, num_kv_heads=4, head_dim=256, max_context=4096, device=torch.device("cpu")
-    )
-    assert config.partition % config.block_n == 0
-    assert triton.cdiv(4096, config.partition) >= 1
+def test_decode_splits_long_contexts_only_when_the_grid_is_small() -> None:
+    """Split-K fills the device when few (sequence, KV head) programs exist; a full batch is not split.
+    (The CPU stands for a 4-SM device: the interpreter's grids stay small.)"""
+    cpu = torch.device("cpu")
+    one = pa.decode_config(num_seqs=1, num_kv_heads=4, head_dim=256, max_context=4096, device=cpu)
+    full = pa.decode_config(num_seqs=64, num_kv_heads=4, head_dim=256, max_context=4096, device=cpu)
+    short = pa.decode_config(num_seqs=1, num_kv_heads=4, head_dim=256, max_context=64, device=cpu)
+    assert triton.cdiv(4096, one.partition) == 2  # 4 KV heads x 2 splits = twice the 4 "SMs"
+    assert triton.cdiv(4096, full.partition) == 1
+    assert triton.cdiv(64, short.partition) == 1  # partitions never get shorter than a few tiles
+    for config in (one, full, short):
+        assert config.partition % config.block_n == 0
 
 
 def test_metadata_carries_block_tables_and_query_starts() -> None:
