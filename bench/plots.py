@@ -210,7 +210,7 @@ def load_rows(points: list[dict], first: tuple[str, ...]) -> list[dict]:
 def hotload_rows(data: dict) -> list[dict]:
     windows = data["points"][0]["windows"]
     return [
-        {"window": name, "tokens": w["output_tokens"], "tok_s": round(w["output_tok_s"], 1),
+        {"window": name, "streamed_tokens": w["streamed_tokens"], "tok_s": round(w["streamed_tok_s"], 1),
          "itl_p50_ms": _ms(w["itl_s"]["p50"]), "itl_p99_ms": _ms(w["itl_s"]["p99"]), "itl_max_ms": _ms(w["itl_s"]["max"])}
         for name, w in windows.items()
     ]  # fmt: skip

@@ -89,7 +89,8 @@ def write_tokenizer(vocab_size: int, out: Path) -> None:
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0").save_pretrained(out)
+    # No special tokens at all: decoding must never drop a generated id (w0 stays "w0").
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(out)
 
 
 def projection_shapes(config: dict) -> dict[str, tuple[int, int]]:

@@ -72,8 +72,14 @@ def saturated(point: dict, offered_rate: float) -> bool:
     return point["errors"] > 0 or point["requests_s"] < 0.9 * offered_rate
 
 
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def gpu_profile(args: argparse.Namespace) -> Profile:
-    spec = random_checkpoint.CheckpointSpec(args.config, args.checkpoint, device="cuda")
+    spec = random_checkpoint.CheckpointSpec(args.config, args.checkpoint, device=_device())
     dirs = random_checkpoint.ensure_checkpoint(spec, args.distinct_adapters, 16)
     registered = [{"name": f"r{i}", "source": str(dirs[i % len(dirs)])} for i in range(args.registered)]
     adapters_file = args.checkpoint / f"adapters-{args.registered}.json"
@@ -105,7 +111,8 @@ def smoke_profile(demo_root: Path) -> Profile:
     demo = build_tiny_assets(demo_root).adapters["llama"]  # what `serve --demo` serves
     return Profile(
         name="smoke",
-        server_args=("--demo", "--device", "cpu", "--max-concurrent-requests", "64", "--log-format", "text"),
+        server_args=("--demo", "--device", "cpu", "--max-concurrent-requests", "64", "--shutdown-timeout", "2",
+                     "--log-format", "text"),
         registered=tuple(demo),
         hot_adapters=(("hot0", str(demo["b8"])),),
         adapters_in_use=(1, len(demo)),

@@ -3,8 +3,9 @@
 Open loop (Poisson arrivals at `--rate` req/s) or closed loop (`--concurrency` clients),
 prompt and output lengths drawn from uniform ranges, adapters chosen uniformly or by Zipf
 popularity, always streaming so time to first token and inter-token latency are measured.
-Every token's arrival time is kept (relative to the run's start) so that a window of the run
-(a hot-load, say) can be summarised on its own (`window_summary`). `--vocab N` draws prompts
+Output token counts are the server's own (OpenAI `usage`, TGI `details`); the arrival time of
+every streamed token is kept (relative to the run's start) so that a window of the run (a
+hot-load, say) can be summarised on its own (`window_summary`). `--vocab N` draws prompts
 of `w<id>` words, what bench/random_checkpoint.py's tokenizer reads as random token ids.
 
     python bench/serve.py --url http://127.0.0.1:8080 --adapters a,b,c --num-requests 200 \
@@ -105,6 +106,7 @@ def _payload(spec: LoadSpec, adapter: str, prompt: str, max_tokens: int) -> tupl
             "prompt": prompt,
             "max_tokens": max_tokens,
             "stream": True,
+            "stream_options": {"include_usage": True},
             "ignore_eos": True,
         }
         return "/v1/completions", {k: v for k, v in body.items() if v is not None}
@@ -114,14 +116,26 @@ def _payload(spec: LoadSpec, adapter: str, prompt: str, max_tokens: int) -> tupl
     return "/generate_stream", {"inputs": prompt, "parameters": parameters}
 
 
-def _count_tokens(spec: LoadSpec, data: str) -> int:
-    """Tokens carried by one SSE data line (0 for control lines)."""
+@dataclass(frozen=True)
+class StreamEvent:
+    """What one SSE data line tells the client."""
+
+    tokens: int  # tokens it shows (a token whose text is held back shows none)
+    final_count: int | None = None  # the server's count of generated tokens (OpenAI usage, TGI details)
+    error: str | None = None  # an error reported inside the stream
+
+
+def parse_event(spec: LoadSpec, data: str) -> StreamEvent:
     if data == "[DONE]":
-        return 0
+        return StreamEvent(0)
     event = json.loads(data)
+    if event.get("error"):
+        return StreamEvent(0, error=json.dumps(event["error"])[:300])
     if spec.api == "openai":
-        return 1 if event.get("choices") else 0
-    return 1 if event.get("token") else 0
+        usage = event.get("usage") or {}
+        return StreamEvent(1 if event.get("choices") else 0, usage.get("completion_tokens"))
+    details = event.get("details") or {}
+    return StreamEvent(1 if event.get("token") else 0, details.get("generated_tokens"))
 
 
 async def run_one(
@@ -134,6 +148,7 @@ async def run_one(
 ) -> RequestResult:
     """One streamed request; `origin` is the run's start (perf_counter) for absolute token times."""
     path, body = _payload(spec, adapter, prompt, max_tokens)
+    final_count: int | None = None
     start = last = time.perf_counter()
     result = RequestResult(adapter=adapter, ok=False, status=0, start_s=start - (origin or start))
     try:
@@ -146,8 +161,13 @@ async def run_one(
                 line = raw.decode().strip()
                 if not line.startswith("data:"):
                     continue
-                tokens = _count_tokens(spec, line[5:].strip())
-                if not tokens:
+                event = parse_event(spec, line[5:].strip())
+                if event.error:
+                    result.error = event.error
+                    return result
+                if event.final_count is not None:
+                    final_count = event.final_count
+                if not event.tokens:
                     continue
                 now = time.perf_counter()
                 if result.ttft_s is None:
@@ -156,7 +176,8 @@ async def run_one(
                     result.itl_s.append(now - last)
                 last = now
                 result.token_times_s.append(now - (origin or start))
-                result.output_tokens += tokens
+                result.output_tokens += event.tokens
+        result.output_tokens = final_count if final_count is not None else result.output_tokens
         result.ok = True
     except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
@@ -257,8 +278,8 @@ def window_summary(results: list[RequestResult], start_s: float, end_s: float) -
     return {
         "start_s": start_s,
         "end_s": end_s,
-        "output_tokens": len(times),
-        "output_tok_s": len(times) / span if span > 0 else 0.0,
+        "streamed_tokens": len(times),
+        "streamed_tok_s": len(times) / span if span > 0 else 0.0,
         "itl_s": percentiles(gaps) | {"max": max(gaps, default=None)},
     }
 
@@ -276,7 +297,7 @@ def timeline(results: list[RequestResult], bin_s: float) -> list[dict]:
     return [
         {
             "t_s": index * bin_s,
-            "tokens": counts[index],
+            "streamed_tokens": counts[index],
             "itl_p50_s": percentiles(bins.get(index, []))["p50"],
             "itl_max_s": max(bins.get(index, []), default=None),
         }

@@ -58,6 +58,7 @@ def test_payloads_fix_the_output_length_on_both_apis(bench_serve, spec):
     path, body = bench_serve._payload(replace(spec, base_model="base-m"), "", "hi", 9)
     assert path == "/v1/completions"
     assert body["model"] == "base-m" and body["max_tokens"] == 9 and body["ignore_eos"] and body["stream"]
+    assert body["stream_options"] == {"include_usage": True}  # the server's own token count
     path, body = bench_serve._payload(replace(spec, api="tgi"), "a3", "hi", 9)
     assert path == "/generate_stream"
     assert body["parameters"]["adapter_id"] == "a3" and body["parameters"]["max_new_tokens"] == 9
@@ -65,14 +66,19 @@ def test_payloads_fix_the_output_length_on_both_apis(bench_serve, spec):
     assert "adapter_id" not in base["parameters"]
 
 
-def test_token_counting_of_sse_events(bench_serve, spec):
-    count = bench_serve._count_tokens
-    assert count(spec, json.dumps({"choices": [{"text": "x"}]})) == 1
-    assert count(spec, json.dumps({"choices": [], "usage": {"completion_tokens": 3}})) == 0
-    assert count(spec, "[DONE]") == 0
+def test_sse_events(bench_serve, spec):
+    parse = bench_serve.parse_event
+    assert parse(spec, json.dumps({"choices": [{"text": "x"}]})).tokens == 1
+    usage = parse(spec, json.dumps({"choices": [], "usage": {"completion_tokens": 3}}))
+    assert (usage.tokens, usage.final_count) == (0, 3)
+    assert parse(spec, "[DONE]").tokens == 0
+    assert "overloaded" in parse(spec, json.dumps({"error": {"code": "overloaded"}})).error
     tgi = replace(spec, api="tgi")
-    assert count(tgi, json.dumps({"token": {"id": 3, "text": "x"}})) == 1
-    assert count(tgi, json.dumps({"token": None})) == 0
+    assert parse(
+        tgi, json.dumps({"token": {"id": 3, "text": "x"}, "details": None})
+    ) == bench_serve.StreamEvent(1)
+    last = parse(tgi, json.dumps({"token": {"id": 3}, "details": {"generated_tokens": 7}}))
+    assert (last.tokens, last.final_count) == (1, 7)
 
 
 def test_percentiles_match_numpy(bench_serve):
@@ -114,9 +120,9 @@ def test_windows_and_timeline_see_the_spike_where_it_happened(bench_serve):
     assert during["itl_s"]["max"] == pytest.approx(0.5)
     before = bench_serve.window_summary(results, 0.0, 0.49)
     assert before["itl_s"]["max"] == pytest.approx(0.01)
-    assert before["output_tokens"] == 50 + 3
+    assert before["streamed_tokens"] == 50 + 3
     bins = bench_serve.timeline(results, bin_s=0.1)
-    assert sum(b["tokens"] for b in bins) == 105
+    assert sum(b["streamed_tokens"] for b in bins) == 105
     spike = max(bins, key=lambda b: b["itl_max_s"] or 0)
     assert spike["t_s"] == pytest.approx(0.5)
 
