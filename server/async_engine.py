@@ -200,8 +200,9 @@ class AsyncEngine:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
 
         def add() -> None:
-            if request.request_id not in self._streams:
-                return  # aborted while its adapter was read back from disk
+            with self._lock:
+                if request.request_id not in self._streams:
+                    return  # aborted while its adapter was read back from disk
             try:
                 self._engine.add_request(request)
             except (EngineError, ValueError) as exc:  # e.g. the adapter was unloaded meanwhile
@@ -228,6 +229,8 @@ class AsyncEngine:
 
     def _abort_now(self, request_id: str) -> None:
         event = self._engine.abort(request_id)
+        if event is None and request_id in self._streams:  # still waiting for its adapter's weights
+            event = TokenEvent(request_id, None, "", finish_reason=FinishReason.CANCELLED)
         if event is not None:
             self._dispatch([event])
 

@@ -2,8 +2,9 @@
 
 Pure policy over registry entries, driven from the engine thread. An entry leaves the tier by
 having its `weights` dropped (set to None); it stays registered and is read back from the
-disk cache the next time a request needs it. An entry with requests in flight or `pinned` is
-never dropped, so the tier may run over budget for a while rather than fail a request.
+disk cache the next time a request needs it. `pinned` entries are held on top of the budget
+and never dropped; an entry with requests in flight is not dropped either, so the tier may run
+over budget until they finish (`trim`) rather than fail a request.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ class HostCache:
     def __init__(self, limits: HostCacheLimits) -> None:
         self.limits = limits
         self._entries: OrderedDict[str, AdapterEntry] = OrderedDict()  # least recently used first
-        self.num_bytes = 0
+        self.num_bytes = 0  # all resident weights, pinned included
+        self._budget_count = 0  # unpinned entries and their bytes: what the limits apply to
+        self._budget_bytes = 0
         self.num_evictions = 0
         self.num_disk_reads = 0  # weights read back after an eviction
 
@@ -44,7 +47,7 @@ class HostCache:
             raise ValueError(f"{entry.name!r}: no weights to keep")
         self.discard(entry.name)
         self._entries[entry.name] = entry
-        self.num_bytes += entry.weights.num_bytes
+        self._account(entry, +1)
         return self._shrink(keep=entry.name)
 
     def trim(self) -> list[AdapterEntry]:
@@ -59,12 +62,19 @@ class HostCache:
         """Forget `name` (unloaded or replaced); a retired version keeps its weights while used."""
         entry = self._entries.pop(name, None)
         if entry is not None:
-            self.num_bytes -= _bytes(entry)
+            self._account(entry, -1)
+
+    def _account(self, entry: AdapterEntry, sign: int) -> None:
+        size = _bytes(entry)
+        self.num_bytes += sign * size
+        if not entry.pinned:
+            self._budget_count += sign
+            self._budget_bytes += sign * size
 
     def _over_budget(self) -> bool:
         limits = self.limits
-        return len(self._entries) > limits.max_count or (
-            limits.max_bytes is not None and self.num_bytes > limits.max_bytes
+        return self._budget_count > limits.max_count or (
+            limits.max_bytes is not None and self._budget_bytes > limits.max_bytes
         )
 
     def _shrink(self, keep: str | None) -> list[AdapterEntry]:

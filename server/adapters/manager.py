@@ -118,16 +118,15 @@ class AdapterManager:
                 and _same_source(self._specs.get(spec.name), spec)
             ):
                 return self._live(current)
-            self._infos[spec.name] = current or AdapterInfo(
-                name=spec.name, source=spec.source, state="loading"
-            )
+            if current is None or current.state != "ready":  # a ready version keeps serving meanwhile
+                self._infos[spec.name] = AdapterInfo(name=spec.name, source=spec.source, state="loading")
             try:
                 weights = await asyncio.get_running_loop().run_in_executor(self._workers, self._read, spec)
                 entry = await asyncio.wrap_future(self._call(lambda: self._install(spec, weights)))
             except EngineError as exc:
                 self._record_failure(spec, current, exc)
                 raise
-            return self._ready(entry, spec)
+            return self._ready(entry, spec, weights)
 
     def load_sync(self, spec: LoadAdapterSpec) -> AdapterInfo:
         """`load` for callers without an event loop (engine start)."""
@@ -138,7 +137,7 @@ class AdapterManager:
         except EngineError as exc:
             self._record_failure(spec, current, exc)
             raise
-        return self._ready(entry, spec)
+        return self._ready(entry, spec, weights)
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
@@ -171,10 +170,10 @@ class AdapterManager:
         self._log_dropped(self.host.put(entry))
         return entry
 
-    def _ready(self, entry: AdapterEntry, spec: LoadAdapterSpec) -> AdapterInfo:
+    def _ready(self, entry: AdapterEntry, spec: LoadAdapterSpec, weights: LoraWeights) -> AdapterInfo:
         self.num_loads += 1
         self._specs[spec.name] = spec
-        info = _info_of(entry, spec)
+        info = _info_of(entry, spec, weights)  # entry.weights may already be dropped again
         self._infos[spec.name] = info
         log.info("adapter loaded", extra={"adapter": spec.name, "generation": entry.ref.generation})
         return self._live(info)
@@ -282,9 +281,7 @@ def _same_source(loaded: LoadAdapterSpec | None, spec: LoadAdapterSpec) -> bool:
     )
 
 
-def _info_of(entry: AdapterEntry, spec: LoadAdapterSpec) -> AdapterInfo:
-    weights = entry.weights
-    assert weights is not None  # just installed
+def _info_of(entry: AdapterEntry, spec: LoadAdapterSpec, weights: LoraWeights) -> AdapterInfo:
     return AdapterInfo(
         name=entry.name,
         source=entry.source,

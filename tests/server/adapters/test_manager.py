@@ -22,7 +22,7 @@ from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.demo_assets import AdapterRecipe, build_adapter
 from loraplex.server.engine import EngineConfig
 from loraplex.server.engine_api import AdapterLoadError, LoadAdapterSpec, UnknownAdapterError
-from loraplex.server.request import GenerationRequest
+from loraplex.server.request import FinishReason, GenerationRequest
 from loraplex.server.sampling_params import SamplingParams
 from loraplex.server.scheduler import ScheduledStep
 
@@ -229,3 +229,24 @@ async def test_status_fields(engine, tiny_assets) -> None:
     await tokens(engine, req("one", PROMPTS[0], "b8", 2))
     info = engine.get_adapter("b8")
     assert info.tier == "gpu" and info.requests_served == 1
+
+
+async def test_disk_tier_request_can_be_aborted_and_pinned_stays_in_memory(tiny_assets) -> None:
+    paths, model = tiny_assets.adapters["llama"], tiny_assets.models["llama"]
+    specs = (
+        LoadAdapterSpec("pin", str(paths["c16"]), pinned=True),
+        LoadAdapterSpec("a4", str(paths["a4"])),
+        LoadAdapterSpec("b8", str(paths["b8"])),
+    )
+    engine = make_engine(tiny_assets, specs, max_cpu_loras=1)
+    assert [engine.get_adapter(n).tier for n in ("pin", "a4", "b8")] == ["cpu", "disk", "cpu"]
+    stream = engine.generate(req("gone", PROMPTS[0], "a4", 4))
+    await engine.abort("gone")
+    events = [e async for e in stream]
+    assert events[-1].finish_reason is FinishReason.CANCELLED
+    assert await tokens(engine, req("back", PROMPTS[0], "a4", 6)) == reference(
+        model, paths["a4"], PROMPTS[0], 6
+    )
+    assert engine.get_adapter("pin").tier == "cpu" and engine.get_adapter("b8").tier == "disk"
+    assert engine.stats().extra["adapter_disk_reads"] >= 1
+    await engine.shutdown(timeout_s=0)

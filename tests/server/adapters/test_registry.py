@@ -93,3 +93,17 @@ def test_retain_counts_requests_served() -> None:
     reg.release(ref)
     reg.retain("a")
     assert reg.get("a").requests_served == 2 and reg.num_in_flight(ref) == 1
+
+
+def test_slot_counters_and_weights_must_be_in_memory() -> None:
+    reg = AdapterRegistry(1)
+    a, b = reg.add(entry("a")), reg.add(entry("b"))
+    assert reg.acquire_slot(a.ref) == 0
+    reg.release_slot(a.ref)
+    b.weights = None  # dropped from host memory: the manager reads it back before a request enters
+    with pytest.raises(RuntimeError, match="host memory"):
+        reg.acquire_slot(b.ref)
+    assert (reg.num_slot_loads, reg.num_slot_evictions) == (1, 0)
+    b.weights = a.weights
+    assert reg.acquire_slot(b.ref) == 0 and (reg.num_slot_loads, reg.num_slot_evictions) == (2, 1)
+    assert reg.in_slot("b") and not reg.in_slot("a")

@@ -88,3 +88,21 @@ def test_parsing() -> None:
         parse_adapters_document('[{"source": "/x"}]', "f")
     with pytest.raises(ValueError, match="list"):
         parse_adapters_document('{"adapters": "x"}', "f")
+
+
+def test_cli_flags_reach_the_engine_config(monkeypatch) -> None:
+    import argparse
+    import dataclasses
+
+    from loraplex.server import serve_cli
+
+    monkeypatch.setenv("STRICT_BASE_MODEL", "true")
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    args = parser.parse_args(
+        ["--max-cpu-loras", "3", "--max-cpu-lora-bytes", "1000", "--max-adapter-bytes", "99"]
+    )
+    known = {f.name for f in dataclasses.fields(EngineConfig)}
+    config = EngineConfig(model_path="m", **serve_cli.engine_config_kwargs(args, known))
+    assert (config.max_cpu_loras, config.max_cpu_lora_bytes, config.max_adapter_bytes) == (3, 1000, 99)
+    assert config.strict_base_model and config.adapter_loader_config().strict_base_model
