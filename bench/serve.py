@@ -148,42 +148,48 @@ async def run_one(
 ) -> RequestResult:
     """One streamed request; `origin` is the run's start (perf_counter) for absolute token times."""
     path, body = _payload(spec, adapter, prompt, max_tokens)
-    final_count: int | None = None
-    start = last = time.perf_counter()
+    start = time.perf_counter()
     result = RequestResult(adapter=adapter, ok=False, status=0, start_s=start - (origin or start))
     try:
         async with session.post(spec.url.rstrip("/") + path, json=body) as response:
             result.status = response.status
             if response.status != 200:
                 result.error = (await response.text())[:300]
-                return result
-            async for raw in response.content:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
-                    continue
-                event = parse_event(spec, line[5:].strip())
-                if event.error:
-                    result.error = event.error
-                    return result
-                if event.final_count is not None:
-                    final_count = event.final_count
-                if not event.tokens:
-                    continue
-                now = time.perf_counter()
-                if result.ttft_s is None:
-                    result.ttft_s = now - start
-                else:
-                    result.itl_s.append(now - last)
-                last = now
-                result.token_times_s.append(now - (origin or start))
-                result.output_tokens += event.tokens
-        result.output_tokens = final_count if final_count is not None else result.output_tokens
-        result.ok = True
+            else:
+                await _read_stream(response, spec, result, start, origin or start)
     except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
         result.latency_s = time.perf_counter() - start
     return result
+
+
+async def _read_stream(
+    response: aiohttp.ClientResponse, spec: LoadSpec, result: RequestResult, start: float, origin: float
+) -> None:
+    """Record token arrivals into `result`; ok unless the stream reports an error."""
+    final_count, last = None, start
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if not line.startswith("data:"):
+            continue
+        event = parse_event(spec, line[5:].strip())
+        if event.error:
+            result.error = event.error
+            return
+        final_count = event.final_count if event.final_count is not None else final_count
+        if not event.tokens:
+            continue
+        now = time.perf_counter()
+        if result.ttft_s is None:
+            result.ttft_s = now - start
+        else:
+            result.itl_s.append(now - last)
+        last = now
+        result.token_times_s.append(now - origin)
+        result.output_tokens += event.tokens
+    result.output_tokens = final_count if final_count is not None else result.output_tokens
+    result.ok = True
 
 
 def make_requests(spec: LoadSpec) -> list[tuple[str, str, int]]:
