@@ -271,3 +271,7 @@ class AsyncEngine:
 
     def _cancel_all(self) -> None:
         self._dispatch(self._engine.abort_all(FinishReason.CANCELLED))
+        with self._lock:
+            waiting = list(self._streams)  # not in the engine yet: their adapter was being read back
+        for request_id in waiting:
+            self._abort_now(request_id)

@@ -80,7 +80,6 @@ class EngineConfig:
             strict_base_model=self.strict_base_model,
             max_adapter_bytes=self.max_adapter_bytes,
             cache_dir=Path(self.adapter_cache_dir) if self.adapter_cache_dir else None,
-            pin_memory=self.device.startswith("cuda"),
         )
 
     def host_cache_limits(self) -> HostCacheLimits:

@@ -37,7 +37,6 @@ class LoaderConfig:
     strict_base_model: bool = False  # base_model_name_or_path mismatch: error instead of warning
     max_adapter_bytes: int = 2 << 30
     cache_dir: Path | None = None  # disk tier; default: $TMPDIR/loraplex-adapters
-    pin_memory: bool = False  # page-locked host copies, for fast slot copies to the GPU
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -93,7 +92,7 @@ class SourceLoader:
                 f"adapter {spec.name!r}: cannot read {directory}: {exc}", "source"
             ) from exc
         self._check_base_model(weights, spec.name)
-        return pin_weights(weights) if self.config.pin_memory else weights
+        return weights
 
     def _check_size(self, directory: Path, name: str) -> None:
         size = (directory / WEIGHTS_FILE).stat().st_size if (directory / WEIGHTS_FILE).is_file() else 0
@@ -132,11 +131,15 @@ def _model_key(name: str) -> tuple[str, ...]:
     return tuple(part.lower() for part in name.split("/") if part)
 
 
-def pin_weights(weights: LoraWeights) -> LoraWeights:
-    """Page-locked copies, so a slot copy to the GPU is a fast DMA (no-op without CUDA)."""
-    if not torch.cuda.is_available():
-        return weights
-    weights.tensors = {key: (a.pin_memory(), b.pin_memory()) for key, (a, b) in weights.tensors.items()}
+def to_host_layout(weights: LoraWeights, dtype: torch.dtype, pin: bool) -> LoraWeights:
+    """The slot buffers' dtype (half the bytes of float32 for bf16), page-locked when `pin`, so the
+    copy into a slot between two steps is one plain, fast transfer per tensor."""
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(dtype)
+        return t.pin_memory() if pin else t
+
+    weights.tensors = {key: (convert(a), convert(b)) for key, (a, b) in weights.tensors.items()}
     return weights
 
 

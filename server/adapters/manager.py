@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from loraplex.server.adapters.host_cache import HostCache, HostCacheLimits
+from loraplex.server.adapters.loader import to_host_layout
 from loraplex.server.adapters.lora_weights import LoraWeights
 from loraplex.server.adapters.registry import AdapterEntry
 from loraplex.server.engine_api import (
@@ -143,9 +144,11 @@ class AdapterManager:
         return self._locks.setdefault(name, asyncio.Lock())
 
     def _read(self, spec: LoadAdapterSpec) -> LoraWeights:
+        """Worker thread: fetch, validate, parse, then lay the weights out for fast slot copies."""
         runner = self._engine.runner
         try:
-            return self._loader(spec, runner.hf_config, runner.max_lora_rank)
+            weights = self._loader(spec, runner.hf_config, runner.max_lora_rank)
+            return to_host_layout(weights, runner.dtype, pin=runner.device.type == "cuda")
         except EngineError:
             raise
         except Exception as exc:  # a loader bug must become a failed load, never a dead server
