@@ -22,12 +22,12 @@ def test_saturation_is_errors_or_falling_behind(bench_suite):
     assert bench_suite.saturated({"errors": 1, "requests_s": 10.0}, 10.0)
 
 
-def test_registered_adapters_are_capped_by_host_memory(bench_suite, monkeypatch):
-    config = CONFIGS / "gemma-2-2b-config.json"  # 83 MB per adapter in float32 host copies
+def test_host_cache_is_capped_by_host_memory(bench_suite, monkeypatch):
+    config = CONFIGS / "gemma-2-2b-config.json"  # 41.5 MB per adapter in bf16 host copies
     monkeypatch.setattr(bench_suite, "host_memory_bytes", lambda: 128 * 2**30)
-    assert bench_suite.registered_that_fit(1000, config) == 1000
+    assert bench_suite.host_cache_size(1000, config) == 1000
     monkeypatch.setattr(bench_suite, "host_memory_bytes", lambda: 24 * 2**30)
-    assert bench_suite.registered_that_fit(1000, config) == int(24 * 2**30 * 0.75 // 83_066_880)
+    assert bench_suite.host_cache_size(1000, config) == int(24 * 2**30 * 0.75 // 41_533_440)
 
 
 def test_cli_refuses_smoke_results_in_docs_and_unknown_scenarios(bench_suite, capsys):
