@@ -7,6 +7,7 @@ the local cluster replaces this for the e2e suites; here it keeps the operator e
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import threading
 import time
@@ -20,6 +21,8 @@ from aiohttp import web
 from kubernetes import client
 
 from loraplex.operator.render.network import CONTAINER_PORT
+
+log = logging.getLogger(__name__)
 
 
 class LocalKubelet:
@@ -43,6 +46,7 @@ class LocalKubelet:
         self.readiness: dict[str, list[bool]] = {}  # pod -> every Ready value published, in order
         self._loop = asyncio.new_event_loop()
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the poller and restart() both change `servers`
         self._threads = [
             threading.Thread(target=self._loop.run_forever, daemon=True),
             threading.Thread(target=self._poll_forever, daemon=True),
@@ -65,19 +69,24 @@ class LocalKubelet:
 
     def restart(self, pod: str) -> None:
         """Kill the pod's server and start a fresh one on the same address (a container restart)."""
-        ip = self.servers[pod][0]
-        self._stop_server(pod)
-        runner, engine = self._run(self._start_server(ip))
-        self.servers[pod] = (ip, runner, engine)
-        self.restarts[pod] = self.restarts.get(pod, 0) + 1
+        with self._lock:
+            ip = self.servers[pod][0]
+            self._stop_server(pod)
+            runner, engine = self._run(self._start_server(ip))
+            self.servers[pod] = (ip, runner, engine)
+            self.restarts[pod] = self.restarts.get(pod, 0) + 1
 
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=60)
 
     def _poll_forever(self) -> None:
         while not self._stop.is_set():
-            for pod in self.core.list_namespaced_pod(self.namespace, label_selector=self.selector).items:
-                self._sync(pod)
+            try:
+                for pod in self.core.list_namespaced_pod(self.namespace, label_selector=self.selector).items:
+                    with self._lock:
+                        self._sync(pod)
+            except Exception as error:  # keep publishing: one failed round must not stop the kubelet
+                log.warning("local kubelet round failed: %r", error)
             time.sleep(0.2)
 
     def _sync(self, pod: client.V1Pod) -> None:

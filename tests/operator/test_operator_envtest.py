@@ -30,9 +30,16 @@ GROUP, VERSION = "loraplex.dev", "v1alpha1"
 
 @pytest.fixture(scope="module")
 def crds(local_cluster: LocalCluster) -> None:
-    for name, crd in crdgen.all_crds(cel=False).items():  # 1.20 has no CEL
-        local_cluster.kubectl("apply", "-f", "-", input=json.dumps(crd))
-        local_cluster.kubectl("wait", "--for=condition=Established", f"crd/{name.removesuffix('.yaml')}")
+    with local_cluster.api_client() as api:
+        extensions = client.ApiextensionsV1Api(api)
+        for crd in crdgen.all_crds(cel=False).values():  # 1.20 has no CEL
+            local_cluster.kubectl("apply", "-f", "-", input=json.dumps(crd))
+
+            def established(name: str = crd["metadata"]["name"]) -> bool:
+                conditions = extensions.read_custom_resource_definition(name).status.conditions or []
+                return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+            assert wait_until(established, timeout=30)
 
 
 @pytest.fixture
@@ -265,7 +272,11 @@ def test_adapters_hot_load_into_running_pods_and_status_tells_the_truth(
                     and gate.message.startswith("engine epoch 1@")
                 )
 
-            assert wait_until(reloaded, timeout=60)
+            def gate_and_adapters() -> tuple[Any, set[str]]:
+                body = client.CoreV1Api(api).read_namespaced_pod(pod, namespace)
+                return body.status.conditions, set(served(kubelet, pod))
+
+            assert wait_until(reloaded, timeout=60), gate_and_adapters()
             assert wait_until(lambda: converged(2), timeout=30)
         assert runner.exception is None, runner.output
 
