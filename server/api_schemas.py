@@ -133,6 +133,9 @@ class LoadLoraAdapterRequest(_Body):
     sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
     aliases: list[str] = Field(default_factory=list)
     pinned: bool = False
+    token: str | None = Field(
+        default=None, repr=False
+    )  # for a private hf:// or https:// source; never stored
 
 
 class UnloadLoraAdapterRequest(_Body):

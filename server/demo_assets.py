@@ -61,7 +61,14 @@ def _corpus() -> list[str]:
     """A small built-in corpus: enough for a BPE with a few hundred merges."""
     subjects = ("the model", "a request", "the adapter", "each pod", "the scheduler", "a team", "the cluster")
     verbs = ("serves", "loads", "answers", "streams", "batches", "routes", "caches", "schedules")
-    objects = ("many tokens", "a fine-tune", "the base weights", "every prompt", "small adapters", "the queue")
+    objects = (
+        "many tokens",
+        "a fine-tune",
+        "the base weights",
+        "every prompt",
+        "small adapters",
+        "the queue",
+    )
     endings = ("quickly.", "on one GPU.", "without a restart.", "in one batch.", "for every user.", "today.")
     lines = [
         f"{s} {v} {o} {e}"
@@ -76,7 +83,7 @@ def _corpus() -> list[str]:
         "def add(a, b):\n    return a + b\n",
         "SELECT name, count(*) FROM users GROUP BY name;",
         "Hello! How can I help you today? Please write a short poem about the sea.",
-        "0 1 2 3 4 5 6 7 8 9 10 100 1000, 3.14; {\"key\": [1, 2]}",
+        '0 1 2 3 4 5 6 7 8 9 10 100 1000, 3.14; {"key": [1, 2]}',
     ]
     return lines
 
@@ -187,7 +194,8 @@ def _layout(root: Path) -> TinyAssets:
         tokenizer_dir=root / "tokenizer",
         models={kind: root / "models" / f"tiny-{kind}" for kind in kinds},
         adapters={
-            kind: {r.name: root / "adapters" / f"tiny-{kind}" / r.name for r in ADAPTER_RECIPES} for kind in kinds
+            kind: {r.name: root / "adapters" / f"tiny-{kind}" / r.name for r in ADAPTER_RECIPES}
+            for kind in kinds
         },
     )
 
@@ -204,7 +212,9 @@ def build_tiny_assets(root: Path) -> TinyAssets:
     assets = _layout(staging)
     build_tokenizer(assets.tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(assets.tokenizer_dir)
-    configs = _tiny_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    configs = _tiny_configs(
+        len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
     for seed, (kind, model_dir) in enumerate(assets.models.items()):
         build_model(kind, configs[kind], assets.tokenizer_dir, model_dir, seed=seed)
         for recipe in ADAPTER_RECIPES:

@@ -85,6 +85,7 @@ class LoadAdapterSpec:
     sha256: str | None = None
     aliases: tuple[str, ...] = ()
     pinned: bool = False
+    token: str | None = field(default=None, repr=False, compare=False)  # hub/bearer token for this fetch only
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,6 @@ from loraplex.server.engine_api import AdapterLoadError, LoadAdapterSpec
 
 log = logging.getLogger(__name__)
 
-# SourceError types that keep the HTTP layer's established names (routes/errors.py maps them).
-_SOURCE_ERROR_TYPES = {"adapter_not_found": "source"}
-
 
 @dataclass(frozen=True)
 class LoaderConfig:
@@ -67,7 +64,7 @@ class SourceLoader:
         """A local directory with the adapter's files (downloaded into the disk cache if remote)."""
         options = FetchOptions(
             cache_dir=self.config.resolved_cache_dir,
-            token=os.environ.get("HF_TOKEN") or None,
+            token=spec.token or os.environ.get("HF_TOKEN") or None,
             sha256=spec.sha256,
             max_bytes=self.config.max_adapter_bytes,
             progress=_ProgressLog(spec.name),
@@ -75,8 +72,7 @@ class SourceLoader:
         try:
             return fetch(parse_source(spec.source, spec.revision), options)
         except SourceError as exc:
-            error_type = _SOURCE_ERROR_TYPES.get(exc.error_type, exc.error_type)
-            raise AdapterLoadError(f"adapter {spec.name!r}: {exc}", error_type) from exc
+            raise AdapterLoadError(f"adapter {spec.name!r}: {exc}", exc.error_type) from exc
         except OSError as exc:
             raise AdapterLoadError(f"adapter {spec.name!r}: {exc}", "adapter_download") from exc
 

@@ -36,8 +36,8 @@ _TENSOR_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])(?:\
 class AdapterValidationError(ValueError):
     """The adapter can't be served by this base model; the message says why, `error_type` names it.
 
-    error_type: validation (not a PEFT LoRA dir, bad config, DoRA and other variants),
-    rank_exceeds_max, unknown_target_module, shape_mismatch, corrupt_file.
+    error_type: validation (not a PEFT LoRA dir, bad config), unsupported (DoRA and other
+    variants), rank_exceeds_max, unknown_target_module, shape_mismatch, corrupt_file.
     """
 
     def __init__(self, message: str, error_type: str = "validation") -> None:
@@ -70,7 +70,7 @@ def _read_config(path: Path) -> dict:
         raise AdapterValidationError(f"only LoRA adapters are supported, this one is peft_type={peft_type!r}")
     for option, what in _UNSUPPORTED_OPTIONS.items():
         if config.get(option):
-            raise AdapterValidationError(f"{what} is not supported, plain LoRA only")
+            raise AdapterValidationError(f"{what} is not supported, plain LoRA only", "unsupported")
     if config.get("bias", "none") != "none":
         raise AdapterValidationError(f"trained biases (bias={config['bias']!r}) are not supported")
     return config

@@ -47,6 +47,7 @@ async def load_adapter(http: web.Request) -> web.Response:
         sha256=body.sha256,
         aliases=tuple(body.aliases),
         pinned=body.pinned,
+        token=body.token,
     )
     try:
         info = await ctx.engine.load_adapter(spec)

@@ -54,6 +54,14 @@ _LOAD_CLIENT_ERRORS = {
     "rank_exceeds_base": 422,
     "base_model_mismatch": 422,
     "integrity": 422,
+    "rank_exceeds_max": 422,
+    "unknown_target_module": 422,
+    "shape_mismatch": 422,
+    "corrupt_file": 422,
+    "unsupported": 422,
+    "too_large": 413,
+    "adapter_not_found": 404,  # nothing at the adapter's source
+    "adapter_download": 502,  # the source's server failed us
 }
 
 

@@ -198,7 +198,7 @@ async def test_unload_waits_for_requests_in_flight(engine, tiny_assets) -> None:
 async def test_bad_adapters_are_refused_with_their_reason(engine, tiny_assets, tmp_path) -> None:
     with pytest.raises(AdapterLoadError) as missing:
         await engine.load_adapter(LoadAdapterSpec("ghost", str(tmp_path / "missing")))
-    assert missing.value.error_type == "source"
+    assert missing.value.error_type == "adapter_not_found"
     big = tmp_path / "big"
     shutil.copytree(tiny_assets.adapters["llama"]["c16"], big)
     config = json.loads((big / "adapter_config.json").read_text())

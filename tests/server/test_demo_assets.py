@@ -17,7 +17,9 @@ PROMPT = "the adapter serves many tokens"
 def _greedy(model, tokenizer, prompt: str, new_tokens: int = 12) -> list[int]:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -54,14 +56,18 @@ def test_tokenizer_round_trips_and_has_chat_template(tiny_assets) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)
     text = "Hello! The scheduler batches every prompt ü 日本"
     assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.endswith("<|assistant|>\n") and "<|user|>\nhi<|end|>" in chat
 
 
 def test_build_is_deterministic_and_cached(tiny_assets, tmp_path) -> None:
     again = build_tiny_assets(tmp_path)
     for kind, path in tiny_assets.models.items():
-        assert (path / "model.safetensors").read_bytes() == (again.models[kind] / "model.safetensors").read_bytes()
+        assert (path / "model.safetensors").read_bytes() == (
+            again.models[kind] / "model.safetensors"
+        ).read_bytes()
     marker = again.root / ".complete"
     mtime = marker.stat().st_mtime_ns
     assert build_tiny_assets(tmp_path).root == again.root

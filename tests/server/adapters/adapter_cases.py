@@ -51,7 +51,7 @@ BAD_ADAPTERS: dict[str, tuple[Callable[[Path, Path], Path], str, str]] = {
     ),
     "truncated": (_truncated, "corrupt_file", "unreadable safetensors"),
     "wrong-shapes": (_wrong_shapes, "shape_mismatch", "do not fit the base"),
-    "dora": (lambda g, o: _copy_with_config(g, o, use_dora=True), "validation", "DoRA"),
+    "dora": (lambda g, o: _copy_with_config(g, o, use_dora=True), "unsupported", "DoRA"),
 }
 
 

@@ -76,20 +76,20 @@ def test_hot_load_alias_then_unload(live_server: LiveServer, reference: Referenc
 def test_load_errors_are_4xx_with_error_type(live_server: LiveServer, tiny_assets, tmp_path: Path) -> None:
     url = f"{live_server.url}/v1/load_lora_adapter"
     status, _, out = call("POST", url, {"lora_name": "ghost", "lora_path": str(tmp_path / "missing")})
-    assert status == 422 and out["error_type"] == "source"
+    assert status == 404 and out["error_type"] == "adapter_not_found"
     status, _, out = call("POST", url, {"lora_name": "bad name!", "lora_path": "/x"})
     assert status == 422 and out["error_type"] == "validation" and "lora_name" in out["error"]
     status, _, out = call("POST", url, {"lora_name": "x", "lora_path": "/x", "sha256": "abc"})
     assert status == 422 and "sha256" in out["error"]
     status, _, out = call("POST", url, {"lora_path": "/x"})
     assert status == 422 and "lora_name" in out["error"]
-    # a real PEFT directory that is not plain LoRA (DoRA) is refused by validation
+    # a real PEFT directory that is not plain LoRA (DoRA) is refused as unsupported
     dora = tmp_path / "dora"
     shutil.copytree(tiny_assets.adapters["llama"]["a4"], dora)
     config = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     status, _, out = call("POST", url, {"lora_name": "dora", "lora_path": str(dora)})
-    assert status == 422 and out["error_type"] == "validation", out
+    assert status == 422 and out["error_type"] == "unsupported", out
     # failed loads are reported, and never served
     status, _, listed = call("GET", f"{live_server.url}/v1/adapters/dora")
     assert status == 200 and listed["state"] == "failed" and listed["error"]
