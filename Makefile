@@ -36,9 +36,14 @@ test: install cluster-provision ## Run the test suite (CPU; GPU-marked tests are
 	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: install ## ruff check + format check
+lint: install ## ruff check + format check + CRDs up to date
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m loraplex.operator.crdgen --check
+
+.PHONY: crds
+crds: install ## Regenerate crds/ from the pydantic models
+	$(BIN)/python -m loraplex.operator.crdgen
 
 .PHONY: format
 format: install ## Apply ruff's fixes and formatting

@@ -18,7 +18,7 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-deps /wheels/*.whl \
     && pip install --no-cache-dir "kopf>=1.37,<2" "kubernetes>=29" "pydantic>=2.6,<3" "aiohttp>=3.9,<4" "pyyaml>=6" \
     && rm -rf /wheels \
-    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin loraplex
-USER 10001
+    && useradd --uid 1000 --no-create-home --shell /usr/sbin/nologin loraplex
+USER 1000
 EXPOSE 8080
 ENTRYPOINT ["loraplex", "operator"]

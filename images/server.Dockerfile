@@ -21,9 +21,9 @@ COPY --from=build /wheels /wheels
 # torch comes with the base image; everything else from the wheel's requirements.
 RUN pip install --no-cache-dir /wheels/*.whl \
     && rm -rf /wheels \
-    && useradd --uid 10001 --create-home --shell /usr/sbin/nologin loraplex \
+    && useradd --uid 1000 --create-home --shell /usr/sbin/nologin loraplex \
     && mkdir -p /var/cache/loraplex \
-    && chown -R 10001:10001 /var/cache/loraplex
-USER 10001
+    && chown -R 1000:1000 /var/cache/loraplex
+USER 1000
 EXPOSE 8080
 ENTRYPOINT ["loraplex", "serve"]

@@ -19,6 +19,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "loraplex.server.serve_cli",
         "Serve a base model and its LoRA adapters over HTTP (TGI, OpenAI and vLLM-compatible APIs)",
     ),
+    "operator": (
+        "loraplex.operator.main",
+        "Run the Kubernetes operator (kopf): BaseModelDeployments and LoraAdapters",
+    ),
     "cluster": ("loraplex.localcluster.cli", "Run a local Kubernetes control plane: up, down, status"),
 }
 

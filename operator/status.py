@@ -35,7 +35,12 @@ FAILURE_CONDITIONS = {
     "source": "SourceUnavailable",
     "adapter_download": "SourceUnavailable",
     "adapter_not_found": "SourceUnavailable",
+    "integrity": "SourceUnavailable",
     "validation": "InvalidAdapter",
+    "unknown_target_module": "InvalidAdapter",
+    "shape_mismatch": "InvalidAdapter",
+    "corrupt_file": "InvalidAdapter",
+    "unsupported": "InvalidAdapter",
     "too_large": "InvalidAdapter",
     "capacity": "InsufficientCapacity",
 }

@@ -20,7 +20,11 @@ def _hadolint() -> str:
 
 
 def test_three_images() -> None:
-    assert {p.name for p in DOCKERFILES} == {"server.Dockerfile", "server-cpu.Dockerfile", "operator.Dockerfile"}
+    assert {p.name for p in DOCKERFILES} == {
+        "server.Dockerfile",
+        "server-cpu.Dockerfile",
+        "operator.Dockerfile",
+    }
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

@@ -147,6 +147,9 @@ def build_env(bmd: BaseModelDeployment) -> list[dict[str, Any]]:
         "DTYPE": spec.model.dtype.value,
         "DEVICE": "cpu" if spec.accelerator is None else "cuda",
         "PORT": CONTAINER_PORT,
+        # Kubernetes sets HOSTNAME to the pod name; the server (like TGI) reads it as the bind
+        # address, so pin it to every interface or probes and port-forward can't connect.
+        "HOSTNAME": "0.0.0.0",
         "ADAPTERS_FILE": f"{ADAPTERS_DIR}/{ADAPTERS_KEY}",
         "MAX_LORAS": engine.max_loras,
         "MAX_CPU_LORAS": engine.max_cpu_loras,
@@ -160,7 +163,7 @@ def build_env(bmd: BaseModelDeployment) -> list[dict[str, Any]]:
         # Read-only root filesystem: every cache goes to the cache volume.
         "HOME": "/tmp",
         "HF_HOME": f"{CACHE_DIR}/huggingface",
-        "LORAPLEX_CACHE_DIR": f"{CACHE_DIR}/loraplex",
+        "ADAPTER_CACHE_DIR": f"{CACHE_DIR}/adapters",
         "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton",
     }
     env = [{"name": name, "value": str(value)} for name, value in values.items() if value is not None]
