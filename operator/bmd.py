@@ -162,11 +162,28 @@ class AutoscalingSpec(K8sModel):
     target: float = Field(default=4.0, gt=0, description="Per-pod target value of the metric.")
     scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=3600)
     provider: AutoscalingProvider = AutoscalingProvider.HPA
+    metric_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^[^/%]+$",
+        description=(
+            "HPA: the name the custom-metrics adapter serves the metric under; default the Prometheus "
+            "name (vllm:num_requests_waiting, ...). GKE's Stackdriver adapter with Managed Prometheus: "
+            "prometheus.googleapis.com|vllm:num_requests_waiting|gauge."
+        ),
+    )
+    server_address: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="KEDA: the Prometheus URL its prometheus trigger queries (required for provider KEDA).",
+    )
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> AutoscalingSpec:
         if self.min_replicas > self.max_replicas:
             raise ValueError("autoscaling.minReplicas must not exceed autoscaling.maxReplicas")
+        if self.provider == AutoscalingProvider.KEDA and not self.server_address:
+            raise ValueError("autoscaling.serverAddress is required when the provider is KEDA")
         return self
 
 
@@ -268,6 +285,10 @@ SPEC_VALIDATIONS = [
     {
         "rule": "!has(self.autoscaling) || self.autoscaling.minReplicas <= self.autoscaling.maxReplicas",
         "message": "autoscaling.minReplicas must not exceed autoscaling.maxReplicas",
+    },
+    {
+        "rule": "!has(self.autoscaling) || self.autoscaling.provider != 'KEDA' || has(self.autoscaling.serverAddress)",
+        "message": "autoscaling.serverAddress is required when the provider is KEDA",
     },
     {
         "rule": "self.adapterNamespaces.from != 'Selector' || has(self.adapterNamespaces.selector)",

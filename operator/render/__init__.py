@@ -3,6 +3,7 @@
 No I/O here: `loraplex.operator.k8s` applies what these functions return.
 """
 
+from loraplex.operator.render.autoscaling import build_hpa, build_scaled_object
 from loraplex.operator.render.configmap import build_configmap
 from loraplex.operator.render.deployment import build_deployment
 from loraplex.operator.render.meta import RenderOptions, label_selector_string
@@ -13,8 +14,10 @@ __all__ = [
     "RenderOptions",
     "build_configmap",
     "build_deployment",
+    "build_hpa",
     "build_inference_pool",
     "build_pdb",
+    "build_scaled_object",
     "build_service",
     "label_selector_string",
     "service_endpoint",
