@@ -283,12 +283,10 @@ class BaseModelDeploymentStatus(K8sModel):
 # operator (an InvalidSpec condition), for API servers without CEL.
 SPEC_VALIDATIONS = [
     {
-        "rule": "!has(self.autoscaling) || self.autoscaling.minReplicas <= self.autoscaling.maxReplicas",
-        "message": "autoscaling.minReplicas must not exceed autoscaling.maxReplicas",
-    },
-    {
-        "rule": "!has(self.autoscaling) || self.autoscaling.provider != 'KEDA' || has(self.autoscaling.serverAddress)",
-        "message": "autoscaling.serverAddress is required when the provider is KEDA",
+        "rule": "!has(self.autoscaling) || (self.autoscaling.minReplicas <= self.autoscaling.maxReplicas"
+        " && (self.autoscaling.provider != 'KEDA' || has(self.autoscaling.serverAddress)))",
+        "message": "autoscaling.minReplicas must not exceed autoscaling.maxReplicas, and provider KEDA"
+        " needs autoscaling.serverAddress",
     },
     {
         "rule": "self.adapterNamespaces.from != 'Selector' || has(self.adapterNamespaces.selector)",
