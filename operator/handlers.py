@@ -30,6 +30,14 @@ from loraplex.operator.render import (
     build_pdb,
     build_service,
 )
+from loraplex.operator.render.autoscaling import (
+    HPA_API_VERSIONS,
+    HPA_KIND,
+    KEDA_API_VERSION,
+    KEDA_KIND,
+    build_hpa,
+    build_scaled_object,
+)
 from loraplex.operator.render.meta import BASE_MODEL_LABEL, MANAGED_BY
 from loraplex.operator.render.network import INFERENCE_POOL_API_VERSION
 from loraplex.operator.settings import OperatorConfig
@@ -50,6 +58,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.daemon_states = {}  # (namespace, name) -> DaemonState, shared with the change handlers
     modern = await memo.kube.served("policy/v1", "PodDisruptionBudget")
     memo.options = memo.config.render_options("policy/v1" if modern else "policy/v1beta1")
+    # autoscaling/v2 from 1.23 on; older servers (the local 1.20) serve the same schema as v2beta2.
+    hpa_v2 = await memo.kube.served(HPA_API_VERSIONS[0], HPA_KIND)
+    memo.hpa_api_version = HPA_API_VERSIONS[0] if hpa_v2 else HPA_API_VERSIONS[1]
 
 
 # Indexes: the daemon reads them every cycle instead of listing from the API server.
@@ -102,9 +113,28 @@ async def apply_children(
         await kube.apply(pool)
     elif await kube.served(INFERENCE_POOL_API_VERSION, "InferencePool"):
         await kube.delete(INFERENCE_POOL_API_VERSION, "InferencePool", bmd.namespace, bmd.name)
+    await _apply_autoscaler(kube, bmd, memo.hpa_api_version)
     if (state := memo.daemon_states.get(key)) is not None:
         state.configmap_hash = None  # we just wrote the ConfigMap: the daemon re-checks it
     memo.wakers.wake(key)
+
+
+async def _apply_autoscaler(kube: Kube, bmd: BaseModelDeployment, hpa_api_version: str) -> None:
+    """The HPA or KEDA ScaledObject that spec.autoscaling asks for; an unwanted one is deleted."""
+    hpa = build_hpa(bmd, hpa_api_version)
+    if hpa is not None:
+        await kube.apply(hpa)
+    else:
+        await kube.delete(hpa_api_version, HPA_KIND, bmd.namespace, bmd.name)
+    scaled_object = build_scaled_object(bmd)
+    if scaled_object is None:
+        await kube.delete(KEDA_API_VERSION, KEDA_KIND, bmd.namespace, bmd.name)
+    elif await kube.served(KEDA_API_VERSION, KEDA_KIND):
+        await kube.apply(scaled_object)
+    else:  # retried: KEDA may be installed later
+        raise kopf.TemporaryError(
+            "autoscaling.provider KEDA, but KEDA's ScaledObject is not installed", delay=60
+        )
 
 
 @kopf.daemon(GROUP, VERSION, bmd_crd.PLURAL, cancellation_timeout=10.0)
