@@ -15,11 +15,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from loraplex.server.auth import auth_middleware
+from loraplex.server.auth import AccessControl, AccessKeysWatcher, AccessTable, auth_middleware
 from loraplex.server.engine_api import Engine, EngineError, LoadAdapterSpec
 from loraplex.server.metrics import Metrics
 from loraplex.server.openapi import build_openapi
@@ -36,16 +37,19 @@ MAX_BODY_BYTES = 32 * 1024 * 1024  # long prompts, but not unbounded
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> web.Application:
     settings = settings or ServerSettings()
+    # Fail closed until the keys file was read: every adapter counts as protected.
+    table = AccessTable(loaded=False) if settings.adapter_keys_file else AccessTable()
+    access = AccessControl(settings.api_key, table)
     ctx = ServerContext(
         engine=engine,
         settings=settings,
         metrics=Metrics(engine.stats, engine.model_name),
         special_token_ids=frozenset(getattr(engine.tokenizer, "all_special_ids", ())),
+        access=access,
     )
     # Outermost first: count every response, render every error, then check the key.
     middlewares: list[Any] = [_count_requests, error_middleware]
-    if settings.api_key:
-        middlewares.append(auth_middleware(settings.api_key))
+    middlewares.append(auth_middleware(access))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[CONTEXT] = ctx
     for routes in (tgi, openai, admin, health):
@@ -56,6 +60,9 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> web.Ap
         return web.json_response(openapi_document)
 
     app.router.add_get("/openapi.json", openapi_json)
+    if settings.adapter_keys_file:
+        watcher = AccessKeysWatcher(Path(settings.adapter_keys_file), access, settings.adapter_keys_poll_s)
+        app.cleanup_ctx.append(watcher.cleanup_ctx)
     app.cleanup_ctx.append(_startup_adapters)
     return app
 

@@ -73,6 +73,8 @@ class AdapterInfo:
     pinned: bool = False
     tier: str | None = None  # "gpu", "cpu" or "disk" once loaded
     requests_served: int = 0
+    prompt_tokens: int = 0  # served through this process, for charge-back (filled by the HTTP layer)
+    generated_tokens: int = 0
 
 
 @dataclass(frozen=True)

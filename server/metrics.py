@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -64,6 +65,12 @@ def _gauge(name: str, documentation: str, value: float, labels: dict[str, str]) 
     family = GaugeMetricFamily(name, documentation, labels=list(labels))
     family.add_metric(list(labels.values()), float(value))
     return family
+
+
+@dataclass
+class TokenTotals:
+    prompt: int = 0
+    generated: int = 0
 
 
 class Metrics:
@@ -133,6 +140,23 @@ class Metrics:
         self.adapter_unloads = Counter(
             "loraplex_adapter_unloads", "Adapter unload calls by result.", ["result"], registry=r
         )
+        # Charge-back per team: one series per served adapter name (adapter="" is the base model).
+        self.adapter_prompt_tokens = Counter(
+            "loraplex_adapter_prompt_tokens", "Prompt tokens processed per adapter.", ["adapter"], registry=r
+        )
+        self.adapter_generation_tokens = Counter(
+            "loraplex_adapter_generation_tokens", "Tokens generated per adapter.", ["adapter"], registry=r
+        )
+        self.tokens_by_adapter: dict[str, TokenTotals] = {}
+
+    def count_tokens(self, adapter: str | None, prompt: int, generated: int) -> None:
+        """Per-adapter totals, both in /metrics and for `GET /v1/adapters` (the operator sums them)."""
+        name = adapter or ""
+        self.adapter_prompt_tokens.labels(name).inc(prompt)
+        self.adapter_generation_tokens.labels(name).inc(generated)
+        totals = self.tokens_by_adapter.setdefault(name, TokenTotals())
+        totals.prompt += prompt
+        totals.generated += generated
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from loraplex.server.api_schemas import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from loraplex.server.engine_api import AdapterInfo, EngineError, LoadAdapterSpec
-from loraplex.server.routes.context import get_context
+from loraplex.server.routes.context import ServerContext, get_context
 from loraplex.server.routes.errors import read_json
 
 
@@ -27,14 +27,24 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def with_usage(ctx: ServerContext, info: AdapterInfo) -> AdapterInfo:
+    """The adapter's token totals as the HTTP layer counted them."""
+    totals = ctx.metrics.tokens_by_adapter.get(info.name)
+    if totals is None:
+        return info
+    return dataclasses.replace(info, prompt_tokens=totals.prompt, generated_tokens=totals.generated)
+
+
 async def list_adapters(http: web.Request) -> web.Response:
-    adapters = get_context(http).engine.list_adapters()
-    return web.json_response({"object": "list", "data": [adapter_json(a) for a in adapters]})
+    ctx = get_context(http)
+    adapters = [adapter_json(with_usage(ctx, info)) for info in ctx.engine.list_adapters()]
+    return web.json_response({"object": "list", "data": adapters})
 
 
 async def get_adapter(http: web.Request) -> web.Response:
-    info = get_context(http).engine.get_adapter(http.match_info["name"])
-    return web.json_response(adapter_json(info))
+    ctx = get_context(http)
+    info = ctx.engine.get_adapter(http.match_info["name"])
+    return web.json_response(adapter_json(with_usage(ctx, info)))
 
 
 async def load_adapter(http: web.Request) -> web.Response:

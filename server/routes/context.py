@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from loraplex.server.auth import AccessControl
 from loraplex.server.engine_api import Engine, LoadAdapterSpec
 from loraplex.server.metrics import Metrics
 
@@ -23,6 +24,8 @@ class ServerSettings:
     model_id: str | None = None  # what /info reports as model_id (the hub id); default: the served name
     default_max_new_tokens: int = 100  # TGI requests without max_new_tokens (capped by room left)
     info: Mapping[str, Any] = field(default_factory=dict)  # extra /info fields: dtype, device, limits
+    adapter_keys_file: str | None = None  # per-adapter key digests (operator-written); watched
+    adapter_keys_poll_s: float = 5.0
 
 
 @dataclass
@@ -39,6 +42,7 @@ class ServerContext:
     settings: ServerSettings
     metrics: Metrics
     special_token_ids: frozenset[int]
+    access: AccessControl = field(default_factory=lambda: AccessControl(None))
     startup: StartupState = field(default_factory=StartupState)
     started_at: float = field(default_factory=time.time)
 

@@ -34,6 +34,7 @@ OPENAI_PATH_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     409: "conflict_error",

@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from loraplex.server.auth import caller_of
 from loraplex.server.engine_api import Engine, EngineError, UnknownAdapterError
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
 from loraplex.server.routes.context import ServerContext
@@ -38,6 +39,11 @@ def resolve_adapter(ctx: ServerContext, name: str | None) -> str | None:
         if name in info.aliases:
             return _servable(info.name, info.state, info.error)
     raise UnknownAdapterError(f"adapter {name!r} is not loaded on this server")
+
+
+def authorize_adapter(http: web.Request, ctx: ServerContext, adapter: str | None) -> None:
+    """401/403 unless the caller may use `adapter` (a served name from `resolve_adapter`)."""
+    ctx.access.check(caller_of(http), adapter)
 
 
 def _servable(name: str, state: str, error: str | None) -> str:
@@ -138,6 +144,7 @@ class EngineStream:
         metrics.generation_length.observe(self.num_generated)
         metrics.request_duration.labels(self._route).observe(time.perf_counter() - self._started)
         metrics.adapter_requests.labels(self.request.adapter or "", str(finish)).inc()
+        metrics.count_tokens(self.request.adapter, len(self.request.prompt_token_ids), self.num_generated)
         self._iterator = None
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from loraplex.server.api_schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from loraplex.server.auth import Caller, caller_of
 from loraplex.server.engine_api import UnknownAdapterError
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
 from loraplex.server.routes.context import ServerContext, get_context
@@ -24,6 +25,7 @@ from loraplex.server.routes.errors import ApiError, read_json, render
 from loraplex.server.routes.generation import (
     SSE_HEADERS,
     StopTextFilter,
+    authorize_adapter,
     encode,
     engine_stream,
     raise_if_failed,
@@ -289,6 +291,7 @@ async def _stream(http: web.Request, ctx: ServerContext, body: Any, dialect: _Di
 async def completions(http: web.Request) -> web.StreamResponse:
     ctx = get_context(http)
     body = CompletionRequest.model_validate(await read_json(http))
+    authorize_adapter(http, ctx, _adapter_for(ctx, body.model))
     if body.stream:
         return await _stream(http, ctx, body, _COMPLETION)
     return web.json_response(await _complete(ctx, body, _COMPLETION))
@@ -297,12 +300,14 @@ async def completions(http: web.Request) -> web.StreamResponse:
 async def chat_completions(http: web.Request) -> web.StreamResponse:
     ctx = get_context(http)
     body = ChatCompletionRequest.model_validate(await read_json(http))
+    authorize_adapter(http, ctx, _adapter_for(ctx, body.model))
     if body.stream:
         return await _stream(http, ctx, body, _CHAT)
     return web.json_response(await _complete(ctx, body, _CHAT))
 
 
-def _model_cards(ctx: ServerContext) -> list[dict[str, Any]]:
+def _model_cards(ctx: ServerContext, caller: Caller) -> list[dict[str, Any]]:
+    """The models this caller may use (base and adapters)."""
     base = ctx.engine.model_name
     cards = [
         {
@@ -316,7 +321,7 @@ def _model_cards(ctx: ServerContext) -> list[dict[str, Any]]:
         }
     ]
     for adapter in ctx.engine.list_adapters():
-        if adapter.state == "failed":
+        if adapter.state == "failed" or not ctx.access.may_use(caller, adapter.name):
             continue
         cards.append(
             {
@@ -329,16 +334,18 @@ def _model_cards(ctx: ServerContext) -> list[dict[str, Any]]:
                 "max_model_len": ctx.engine.max_total_tokens,
             }
         )
+    if not ctx.access.may_use(caller, None):
+        cards.pop(0)
     return cards
 
 
 async def list_models(http: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": _model_cards(get_context(http))})
+    return web.json_response({"object": "list", "data": _model_cards(get_context(http), caller_of(http))})
 
 
 async def get_model(http: web.Request) -> web.Response:
     name = http.match_info["model"]
-    for card in _model_cards(get_context(http)):
+    for card in _model_cards(get_context(http), caller_of(http)):
         if card["id"] == name:
             return web.json_response(card)
     return render(ApiError(404, f"The model `{name}` does not exist", "model_not_found", param="model"), True)

@@ -27,6 +27,7 @@ from loraplex.server.routes.context import ServerContext, get_context
 from loraplex.server.routes.errors import ApiError, read_json
 from loraplex.server.routes.generation import (
     SSE_HEADERS,
+    authorize_adapter,
     encode,
     engine_stream,
     raise_if_failed,
@@ -222,6 +223,7 @@ async def stream_sse(http: web.Request, ctx: ServerContext, body: TGIGenerateReq
 async def generate(http: web.Request) -> web.Response:
     ctx = get_context(http)
     body = TGIGenerateRequest.model_validate(await read_json(http))
+    authorize_adapter(http, ctx, resolve_adapter(ctx, body.parameters.adapter_id))
     result, headers = await generate_json(ctx, body)
     return web.json_response(result, headers=headers)
 
@@ -229,6 +231,7 @@ async def generate(http: web.Request) -> web.Response:
 async def generate_stream(http: web.Request) -> web.StreamResponse:
     ctx = get_context(http)
     body = TGIGenerateRequest.model_validate(await read_json(http))
+    authorize_adapter(http, ctx, resolve_adapter(ctx, body.parameters.adapter_id))
     return await stream_sse(http, ctx, body)
 
 
@@ -236,6 +239,7 @@ async def compat_generate(http: web.Request) -> web.StreamResponse:
     """`POST /`: what InferenceClient posts to; `stream` picks SSE, else a one-element list."""
     ctx = get_context(http)
     body = TGIGenerateRequest.model_validate(await read_json(http))
+    authorize_adapter(http, ctx, resolve_adapter(ctx, body.parameters.adapter_id))
     if body.stream:
         return await stream_sse(http, ctx, body)
     result, headers = await generate_json(ctx, body)
