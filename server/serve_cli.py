@@ -3,7 +3,8 @@
     loraplex serve --model-id google/gemma-2-2b-it --lora-adapters "org/a,b=hf://org/b@v2"
     loraplex serve --demo        # the generated tiny model and its three demo adapters, on CPU
 
-SIGTERM or SIGINT: stop accepting connections, let in-flight requests finish for up to
+SIGTERM or SIGINT: /ready turns 503 and requests are still served for `--shutdown-delay` seconds
+(routing catches up), then stop accepting connections, let in-flight requests finish for up to
 `--shutdown-timeout` seconds (then cancel them, which aborts them in the engine), stop the engine.
 """
 
@@ -29,6 +30,7 @@ from aiohttp.abc import AbstractAccessLogger
 from loraplex.server.adapters.startup import AdaptersFileWatcher, parse_lora_adapters, read_adapters_file
 from loraplex.server.engine_api import Engine, LoadAdapterSpec
 from loraplex.server.routes.context import ServerSettings
+from loraplex.server.routes.health import DRAIN
 
 log = logging.getLogger("loraplex.serve")
 __all__ = ["add_arguments", "parse_lora_adapters", "read_adapters_file", "run", "serve"]
@@ -69,6 +71,7 @@ _FLAGS: tuple[tuple[str, str, Any, Any, str], ...] = (
     ("--hf-token", "HF_TOKEN", str, None, "token for gated or private hub repos"),
     ("--api-key", "API_KEY", str, None, "require `Authorization: Bearer <key>`"),
     ("--shutdown-timeout", "SHUTDOWN_TIMEOUT", float, 30.0, "seconds in-flight requests get on SIGTERM"),
+    ("--shutdown-delay", "SHUTDOWN_DELAY", float, 0.0, "seconds of 503 on /ready, still serving, after SIGTERM"),
     ("--log-level", "LOG_LEVEL", str, "info", "debug, info, warning or error"),
     ("--log-format", "LOG_FORMAT", str, "json", "json or text"),
 )  # fmt: skip
@@ -116,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
         model_id=model_id,
         info=_info(args),
     )
-    asyncio.run(serve(engine, settings, args.hostname, args.port, args.shutdown_timeout, watcher))
+    asyncio.run(
+        serve(engine, settings, args.hostname, args.port, args.shutdown_timeout, watcher, args.shutdown_delay)
+    )
     return 0
 
 
@@ -203,6 +208,7 @@ async def serve(
     port: int,
     shutdown_timeout: float,
     watcher: AdaptersFileWatcher | None = None,
+    shutdown_delay: float = 0.0,
 ) -> None:
     from loraplex.server.app import create_app
 
@@ -224,6 +230,11 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # Routing lags a pod's termination by seconds (endpoints, kube-proxy, load balancer health
+    # checks): keep serving with /ready at 503 so requests sent meanwhile are not refused.
+    app[DRAIN].draining = True
+    log.info("draining", extra={"delay_s": shutdown_delay})
+    await asyncio.sleep(shutdown_delay)
     log.info("shutting down", extra={"timeout_s": shutdown_timeout})
     await runner.cleanup()  # stops listening, waits for handlers up to shutdown_timeout, then cancels
     await engine.shutdown(timeout_s=shutdown_timeout)

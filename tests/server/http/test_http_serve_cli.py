@@ -40,6 +40,7 @@ def demo_server(tiny_assets: TinyAssets) -> Iterator[tuple[subprocess.Popen, str
         "HOSTNAME": "127.0.0.1",
         "MAX_CONCURRENT_REQUESTS": "16",
         "SHUTDOWN_TIMEOUT": "20",
+        "SHUTDOWN_DELAY": "3",
     }
     process = subprocess.Popen(
         [sys.executable, "-c", LAUNCH, "--demo"],
@@ -118,6 +119,7 @@ def test_sigterm_finishes_in_flight_then_exits(demo_server: tuple[subprocess.Pop
         first = stream.readline()
         assert first.startswith(b"data:")
         process.send_signal(signal.SIGTERM)
+        _drains_while_still_serving(url)
         events = [json.loads(line[5:]) for line in stream if line.startswith(b"data:")]
     assert events and events[-1]["generated_text"] is not None  # the stream ran to its end
     assert process.wait(timeout=30) == 0
@@ -125,7 +127,19 @@ def test_sigterm_finishes_in_flight_then_exits(demo_server: tuple[subprocess.Pop
         call("GET", f"{url}/health")
     logs = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
     messages = [entry["msg"] for entry in logs]
-    assert "serving" in messages and "shutting down" in messages and "stopped" in messages
+    assert "serving" in messages and "draining" in messages and "stopped" in messages
+    assert messages.index("draining") < messages.index("shutting down")
     assert all({"ts", "level", "logger", "msg"} <= set(entry) for entry in logs)
     access = [e for e in logs if e["msg"] == "request" and e["path"] == "/generate"]
     assert access and access[0]["status"] == 200 and access[0]["method"] == "POST"
+
+
+def _drains_while_still_serving(url: str) -> None:
+    """Right after SIGTERM: /ready says 503 (endpoints drop the pod) yet new requests still work."""
+    deadline = time.monotonic() + 2
+    while (ready := call("GET", f"{url}/ready"))[0] == 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready[0] == 503 and ready[2]["draining"] is True
+    body = {"inputs": "late", "parameters": {"adapter_id": "b8", "max_new_tokens": 2}}
+    status, _, reply = call("POST", f"{url}/generate", body)
+    assert status == 200 and reply["generated_text"] is not None
