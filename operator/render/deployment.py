@@ -30,7 +30,13 @@ GPU_RESOURCE = "nvidia.com/gpu"
 ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
 SPOT_LABEL = "cloud.google.com/gke-spot"
 COMPUTE_CLASS_LABEL = "cloud.google.com/compute-class"
-TERMINATION_GRACE_SECONDS = 60
+# Scale-down and Spot: on SIGTERM the server keeps serving with /ready at 503 for SHUTDOWN_DELAY
+# (routing drops the pod; no preStop hook, so no shell or sleep binary in the image and no
+# Kubernetes 1.30 preStop.sleep), then finishes in-flight requests for up to SHUTDOWN_TIMEOUT
+# (long generations), and the rest of the grace period is for stopping the engine.
+SHUTDOWN_DELAY_SECONDS = 5
+SHUTDOWN_TIMEOUT_SECONDS = 90
+TERMINATION_GRACE_SECONDS = 120
 
 # Requests when the spec leaves them out, by whether the pod has GPUs (Autopilot needs them explicit).
 DEFAULT_RESOURCES = {
@@ -165,6 +171,8 @@ def build_env(bmd: BaseModelDeployment) -> list[dict[str, Any]]:
         "HF_HOME": f"{CACHE_DIR}/huggingface",
         "ADAPTER_CACHE_DIR": f"{CACHE_DIR}/adapters",
         "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton",
+        "SHUTDOWN_DELAY": SHUTDOWN_DELAY_SECONDS,
+        "SHUTDOWN_TIMEOUT": SHUTDOWN_TIMEOUT_SECONDS,
     }
     env = [{"name": name, "value": str(value)} for name, value in values.items() if value is not None]
     env += [_field_env("POD_NAME", "metadata.name"), _field_env("POD_NAMESPACE", "metadata.namespace")]
