@@ -109,3 +109,14 @@ def test_deployment_replicas_follow_the_bmd_spec_under_autoscaling(make_bmd) -> 
     """The autoscaler writes spec.replicas through the scale subresource; the Deployment follows."""
     bmd = make_bmd(replicas=3, autoscaling={"minReplicas": 1, "maxReplicas": 5})
     assert build_deployment(bmd, RenderOptions())["spec"]["replicas"] == 3
+
+
+def test_scale_down_drain_fits_in_the_grace_period(bmd) -> None:
+    """SIGTERM: /ready 503 while serving (delay), then in-flight requests (timeout), then engine stop."""
+    pod = build_deployment(bmd, RenderOptions())["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    env = {item["name"]: item.get("value") for item in server["env"]}
+    delay, timeout = float(env["SHUTDOWN_DELAY"]), float(env["SHUTDOWN_TIMEOUT"])
+    assert delay > 0 and server["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert delay + timeout + 10 <= pod["terminationGracePeriodSeconds"]
+    assert "lifecycle" not in server  # no preStop exec: the server drains itself
