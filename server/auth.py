@@ -9,7 +9,9 @@ once and compared in constant time with every digest. Rules:
   (another adapter, the deployment key) is 403, no or an unknown key 401;
 - the base model and unlisted adapters follow the deployment key (`API_KEY`), or are open
   when there is none; admin routes (`/v1/adapters`, load, unload) need the deployment key;
-- until the file could be read once, every adapter counts as protected (fail closed).
+- with a file, only adapters it lists as `open` follow the deployment key; any other adapter
+  (new, not yet in the mounted copy) is protected with no keys, and until the file could be
+  read once every adapter is (fail closed).
 
 Keys and digests never reach logs, metrics or error messages: errors name the adapter only.
 """
@@ -59,19 +61,26 @@ class AccessTable:
 
     salt: bytes = b""
     digests: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    open: frozenset[str] | None = None  # from a file: only these follow the deployment key
     loaded: bool = True
 
     @classmethod
     def from_json(cls, text: str) -> AccessTable:
+        """`{"salt": hex, "adapters": {name: [hex digest]}, "open": [name]}` (operator-written)."""
         data = json.loads(text)
         adapters = data.get("adapters") or {}
         return cls(
             salt=bytes.fromhex(data["salt"]),
             digests={str(name): frozenset(map(str, values)) for name, values in adapters.items()},
+            open=frozenset(map(str, data.get("open") or ())),
         )
 
     def is_protected(self, adapter: str) -> bool:
-        return not self.loaded or adapter in self.digests
+        """With a file, an adapter it does not name yet is protected: one loaded before the
+        kubelet refreshed the mount is closed, never open, until its entry arrives."""
+        if not self.loaded or adapter in self.digests:
+            return True
+        return self.open is not None and adapter not in self.open
 
     def adapters_opened_by(self, token: str) -> frozenset[str]:
         """Every adapter whose keys include `token` (each digest compared in constant time)."""

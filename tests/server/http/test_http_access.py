@@ -30,9 +30,12 @@ SALT = bytes.fromhex("00112233445566778899aabbccddeeff")
 ALL_SECRETS = (DEPLOYMENT_KEY, KEY_A, KEY_A_ROTATED, KEY_B)
 
 
-def _keys_document(keys: dict[str, list[str]]) -> str:
+OPEN = ["c16", "a4-copy", "c16-copy"]
+
+
+def _keys_document(keys: dict[str, list[str]], open_names: list[str] = OPEN) -> str:
     adapters = {name: [digest_key(SALT, key) for key in values] for name, values in keys.items()}
-    return json.dumps({"salt": SALT.hex(), "adapters": adapters})
+    return json.dumps({"salt": SALT.hex(), "adapters": adapters, "open": open_names})
 
 
 def _publish(directory: Path, text: str) -> None:
@@ -135,11 +138,27 @@ def test_admin_routes_need_the_deployment_key(url: str) -> None:
     assert call("GET", f"{url}/v1/adapters", None, _bearer(DEPLOYMENT_KEY))[0] == 200
 
 
-def _wait_status(url: str, key: str, expected: int, timeout: float = 10.0) -> None:
+def _wait_status(url: str, key: str, expected: int) -> None:
+    _wait_for(url, "a4", key, expected)
+
+
+def _wait_for(url: str, adapter: str, key: str, expected: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while (status := call("POST", f"{url}/generate", _generate("a4"), _bearer(key))[0]) != expected:
+    while (status := call("POST", f"{url}/generate", _generate(adapter), _bearer(key))[0]) != expected:
         assert time.monotonic() < deadline, f"still {status}, wanted {expected}"
         time.sleep(0.05)
+
+
+def test_adapters_the_file_does_not_name_are_closed(url: str, keys_dir: Path) -> None:
+    """An adapter loaded before the mounted file lists it must not be open meanwhile."""
+    _publish(keys_dir, _keys_document({"a4": [KEY_A], "b8": [KEY_B]}, open_names=["c16"]))
+    deadline = time.monotonic() + 10
+    while call("POST", f"{url}/generate", _generate("a4-copy"), _bearer(DEPLOYMENT_KEY))[0] != 403:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert call("POST", f"{url}/generate", _generate("c16"), _bearer(DEPLOYMENT_KEY))[0] == 200
+    _publish(keys_dir, _keys_document({"a4": [KEY_A], "b8": [KEY_B]}))
+    _wait_for(url, "a4-copy", DEPLOYMENT_KEY, 200)
 
 
 def test_rotation_takes_effect_without_restart(url: str, keys_dir: Path) -> None:
