@@ -1,5 +1,13 @@
 """Which LoraAdapters a base model takes (pure): namespace admission, served-name uniqueness,
-the immutable base reference. The result is the desired set plus an Accepted verdict for each."""
+the immutable base reference. The result is the desired set plus an Accepted verdict for each.
+
+Namespaces are admitted the way Gateway API listeners admit routes (`spec.adapterNamespaces`:
+Same, All, or a label Selector). Every accepted adapter answers to `<namespace>/<name>`; its
+bare served name and aliases only when no older adapter (or the base) holds them. A clash
+inside the base's own namespace is refused (NameConflict: rename it); a clash with another
+namespace keeps the newcomer served under its qualified name only (Accepted, reason
+NameConflict), so one team never blocks another.
+"""
 
 from __future__ import annotations
 
@@ -107,14 +115,31 @@ def _judge(
     if not namespace_admitted(bmd, namespace, labels):
         return refuse("NotAllowed", f"namespace {namespace} is not admitted by {bmd.namespace}/{bmd.name}")
     adapter = desired_adapter(spec.served_name or name, spec)
-    for served in (adapter.name, *adapter.aliases):
-        if served in taken:
-            return refuse("NameConflict", f"served name {served!r} is already used by {taken[served]}")
+    contested = [served for served in (adapter.name, *adapter.aliases) if served in taken]
+    if contested and namespace == bmd.namespace:
+        # The platform's own namespace (or a team clashing with itself): the user must rename.
+        served = contested[0]
+        return refuse("NameConflict", f"served name {served!r} is already used by {taken[served]}")
     if meta.get("deletionTimestamp"):
         return refuse("Deleting", "being deleted: unloading from every pod")
+    qualified = qualified_name(namespace, name)
+    if contested:
+        # Another namespace's adapter (or the base) came first: this one is still served, under
+        # its always-unique qualified name; one team can never block another.
+        served = contested[0]
+        aliases = tuple(alias for alias in adapter.aliases if alias not in taken)
+        adapter = adapter.model_copy(update={"name": qualified, "aliases": aliases})
+        message = f"served only as {qualified!r}: {served!r} is already used by {taken[served]}"
+        return Verdict(namespace, name, True, "NameConflict", message, adapter, generation)
+    adapter = adapter.model_copy(update={"aliases": (*adapter.aliases, qualified)})
     return Verdict(
         namespace, name, True, "Accepted", f"attached to {bmd.namespace}/{bmd.name}", adapter, generation
     )
+
+
+def qualified_name(namespace: str, name: str) -> str:
+    """`<namespace>/<metadata.name>`: unique per base by construction (served names have no "/")."""
+    return f"{namespace}/{name}"
 
 
 def _age(body: Mapping[str, Any]) -> tuple[str, str, str]:
