@@ -3,6 +3,7 @@
 No I/O here: `loraplex.operator.k8s` applies what these functions return.
 """
 
+from loraplex.operator.render.access import build_access_secret
 from loraplex.operator.render.autoscaling import build_hpa, build_scaled_object
 from loraplex.operator.render.configmap import build_configmap
 from loraplex.operator.render.deployment import build_deployment
@@ -12,6 +13,7 @@ from loraplex.operator.render.pdb import build_pdb
 
 __all__ = [
     "RenderOptions",
+    "build_access_secret",
     "build_configmap",
     "build_deployment",
     "build_hpa",

@@ -10,6 +10,7 @@ from typing import Any
 
 from loraplex.operator.bmd import BaseModelDeployment
 from loraplex.operator.common import SecretKeyRef
+from loraplex.operator.render.access import ACCESS_KEY, access_secret_name
 from loraplex.operator.render.configmap import ADAPTERS_KEY
 from loraplex.operator.render.meta import (
     READINESS_GATE,
@@ -24,6 +25,7 @@ from loraplex.operator.render.meta import (
 from loraplex.operator.render.network import CONTAINER_PORT, PORT_NAME
 
 ADAPTERS_DIR = "/etc/loraplex/adapters"
+ACCESS_DIR = "/etc/loraplex/access"
 CACHE_DIR = "/cache"
 RUN_AS_USER = 1000
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -123,6 +125,7 @@ def build_server_container(bmd: BaseModelDeployment, options: RenderOptions) -> 
         "resources": build_resources(bmd),
         "volumeMounts": [
             {"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True},
+            {"name": "access", "mountPath": ACCESS_DIR, "readOnly": True},
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -157,6 +160,7 @@ def build_env(bmd: BaseModelDeployment) -> list[dict[str, Any]]:
         # address, so pin it to every interface or probes and port-forward can't connect.
         "HOSTNAME": "0.0.0.0",
         "ADAPTERS_FILE": f"{ADAPTERS_DIR}/{ADAPTERS_KEY}",
+        "ADAPTER_KEYS_FILE": f"{ACCESS_DIR}/{ACCESS_KEY}",
         "MAX_LORAS": engine.max_loras,
         "MAX_CPU_LORAS": engine.max_cpu_loras,
         "MAX_LORA_RANK": engine.max_lora_rank,
@@ -205,6 +209,8 @@ def _volumes(bmd: BaseModelDeployment) -> list[dict[str, Any]]:
     cache_size = build_resources(bmd)["requests"]["ephemeral-storage"]
     return [
         {"name": "adapters", "configMap": {"name": configmap_name(bmd)}},
+        # Key digests only; written before the Deployment, so pods never start without it.
+        {"name": "access", "secret": {"secretName": access_secret_name(bmd), "defaultMode": 0o440}},
         {"name": "cache", "emptyDir": {"sizeLimit": cache_size}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},

@@ -1,0 +1,114 @@
+"""Per-adapter access keys (`LoraAdapter.spec.access.apiKeySecretRefs`): the operator reads the
+referenced Secrets in each adapter's namespace and hands the pods only digests of the keys.
+
+Digest: HMAC-SHA256 of the key under one random 16-byte salt per BaseModelDeployment, kept in
+the `<bmd>-access` Secret itself and reused, so an unchanged key set renders the same Secret.
+Why not scrypt/PBKDF2 with a salt per entry: the server checks a Bearer token on every
+request, against every key of the adapter; a slow KDF would cost milliseconds of CPU per
+request (and per key) for no gain on machine-generated keys, whose entropy makes offline
+guessing hopeless anyway. What the salt buys: digests cannot be precomputed and differ between
+deployments, so one leaked file says nothing about another base's keys. Low-entropy keys stay
+guessable from a leaked file: that is why the file is a Secret, mounted only into the pods.
+
+The daemon renders this every cycle (rotation of a referenced Secret lands within one tick,
+then the kubelet's Secret refresh, then the server's file poll), never in a handler: no extra
+watch on Secrets, and one place that writes the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from loraplex.operator.admission import Verdict
+from loraplex.operator.bmd import BaseModelDeployment
+from loraplex.operator.common import SecretKeyRef
+from loraplex.operator.k8s import Kube
+from loraplex.operator.lora import LoraAdapterSpec
+from loraplex.operator.render.access import ACCESS_KEY, access_secret_name, build_access_secret
+
+log = logging.getLogger(__name__)
+SALT_BYTES = 16
+# (namespace, refs) of each protected adapter, by served name
+KeyRefs = dict[str, tuple[str, list[SecretKeyRef]]]
+
+
+def new_salt() -> bytes:
+    return secrets.token_bytes(SALT_BYTES)
+
+
+def digest_key(salt: bytes, key: str) -> str:
+    """Must equal `loraplex.server.auth.digest_key` (a contract test checks both)."""
+    return hmac.new(salt, key.encode(), hashlib.sha256).hexdigest()
+
+
+def access_document(salt: bytes, keys: Mapping[str, Iterable[str]], open_names: Iterable[str]) -> str:
+    """The file the server reads: stable text, so unchanged keys never rewrite the Secret."""
+    adapters = {name: sorted({digest_key(salt, key) for key in values}) for name, values in keys.items()}
+    document = {"salt": salt.hex(), "adapters": adapters, "open": sorted(set(open_names))}
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def salt_of(document: str | None) -> bytes | None:
+    try:
+        return bytes.fromhex(json.loads(document or "")["salt"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def key_refs(verdicts: Sequence[Verdict], bodies: Sequence[Mapping[str, Any]]) -> tuple[KeyRefs, list[str]]:
+    """Protected adapters' key references, and the served names of the open (unprotected) ones."""
+    specs = {(body["metadata"]["namespace"], body["metadata"]["name"]): body.get("spec") for body in bodies}
+    protected: KeyRefs = {}
+    open_names: list[str] = []
+    for verdict in verdicts:
+        if verdict.adapter is None:
+            continue
+        try:
+            access = LoraAdapterSpec.model_validate(specs[(verdict.namespace, verdict.name)] or {}).access
+        except ValidationError:
+            continue  # cannot happen for an accepted verdict; never open it by accident
+        if access is None:
+            open_names.append(verdict.adapter.name)
+        else:  # an empty list protects too: nobody may call it
+            protected[verdict.adapter.name] = (verdict.namespace, list(access.api_key_secret_refs))
+    return protected, open_names
+
+
+async def read_keys(kube: Kube, refs: KeyRefs) -> dict[str, list[str]]:
+    """The plain keys, by served name; a missing Secret or key just contributes none."""
+    keys: dict[str, list[str]] = {}
+    for name, (namespace, secret_refs) in refs.items():
+        keys[name] = []
+        for ref in secret_refs:
+            value = await kube.read_secret_key(namespace, ref.name, ref.key)
+            if value:
+                keys[name].append(value.strip())
+            else:
+                log.warning("access key %s/%s[%s] of %s not found", namespace, ref.name, ref.key, name)
+    return keys
+
+
+async def read_salt(kube: Kube, bmd: BaseModelDeployment) -> bytes:
+    """The salt of the existing access Secret (digests stay stable across restarts), else a new one."""
+    existing = await kube.read_secret_key(bmd.namespace, access_secret_name(bmd), ACCESS_KEY)
+    return salt_of(existing) or new_salt()
+
+
+async def render_access_secret(
+    kube: Kube,
+    bmd: BaseModelDeployment,
+    verdicts: Sequence[Verdict],
+    bodies: Sequence[Mapping[str, Any]],
+    salt: bytes,
+) -> dict[str, Any]:
+    refs, open_names = key_refs(verdicts, bodies)
+    keys = await read_keys(kube, refs)
+    return build_access_secret(bmd, access_document(salt, keys, open_names))
