@@ -17,6 +17,7 @@ import kopf
 
 from loraplex.operator import bmd as bmd_crd
 from loraplex.operator import lora as lora_crd
+from loraplex.operator.access import read_salt, render_access_secret
 from loraplex.operator.admission import Verdict, admit, desired_set
 from loraplex.operator.bmd import BaseModelDeployment, BaseModelDeploymentStatus
 from loraplex.operator.conditions import condition, merge_conditions, timestamp
@@ -63,6 +64,8 @@ class DaemonState:
 
     attempts: dict[tuple[str, str], Attempt] = field(default_factory=dict)
     configmap_hash: str | None = None
+    access_hash: str | None = None
+    access_salt: bytes | None = None  # read back from the access Secret once, then kept
     restored: bool = False
 
 
@@ -88,6 +91,7 @@ async def converge_once(
     bmd = BaseModelDeployment.from_body(world.bmd_body)
     verdicts = admit(bmd, world.adapters, world.namespace_labels)
     desired = desired_set(verdicts)
+    await _apply_access(kube, bmd, state, verdicts, world)  # before the list: keys land first
     configmap = build_configmap(bmd, desired.values())
     if (digest := content_hash(configmap)) != state.configmap_hash:
         await kube.apply(configmap)  # pods started from now on preload the current set
@@ -103,6 +107,19 @@ async def converge_once(
     if bmd.spec.readiness_gate:
         await _write_gates(kube, bmd, desired, result, world)
     return result.acted
+
+
+async def _apply_access(
+    kube: Kube, bmd: BaseModelDeployment, state: DaemonState, verdicts: Sequence[Verdict], world: World
+) -> None:
+    """Re-read the referenced key Secrets every cycle (rotation needs no watch) and rewrite the
+    access Secret when its content changed."""
+    if state.access_salt is None:
+        state.access_salt = await read_salt(kube, bmd)
+    secret = await render_access_secret(kube, bmd, verdicts, world.adapters, state.access_salt)
+    if (digest := content_hash(secret)) != state.access_hash:
+        await kube.apply(secret)
+        state.access_hash = digest
 
 
 def _restore_attempts(verdicts: Sequence[Verdict], world: World) -> dict[tuple[str, str], Attempt]:
