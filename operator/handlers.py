@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from loraplex.operator import bmd as bmd_crd
 from loraplex.operator import lora as lora_crd
+from loraplex.operator.access import read_salt, render_access_secret
 from loraplex.operator.admission import ATTACHED_ANNOTATION, admit, base_key, desired_set
 from loraplex.operator.bmd import BaseModelDeployment, BaseModelDeploymentStatus, BmdPhase
 from loraplex.operator.common import GROUP, VERSION
@@ -80,6 +81,15 @@ def namespace_labels(name: str, labels: Mapping[str, str], **_: Any) -> dict[str
     return {name: dict(labels)}
 
 
+@kopf.on.event("namespaces")
+def namespace_changed(name: str, memo: kopf.Memo, adapters_by_base: kopf.Index, **_: Any) -> None:
+    """A relabelled namespace may be admitted or refused now: wake the bases its adapters attach to
+    (the daemon re-admits from the `namespace_labels` index, which kopf updated first)."""
+    for key, store in adapters_by_base.items():
+        if any(body["metadata"]["namespace"] == name for body in store):
+            memo.wakers.wake(key)
+
+
 @kopf.on.event("pods", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
 def pod_changed(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
     memo.wakers.wake((namespace, labels.get(BASE_MODEL_LABEL, "")))
@@ -99,8 +109,12 @@ async def apply_children(
         await _report_invalid_spec(kube, body, str(error))
         raise kopf.PermanentError(f"invalid spec: {error}") from error
     key = (bmd.namespace, bmd.name)
-    verdicts = admit(bmd, list(adapters_by_base.get(key, [])), _labels(namespace_labels))
+    adapters = list(adapters_by_base.get(key, []))
+    verdicts = admit(bmd, adapters, _labels(namespace_labels))
+    state = memo.daemon_states.get(key)
+    salt = state.access_salt if state is not None and state.access_salt else await read_salt(kube, bmd)
     children = [
+        await render_access_secret(kube, bmd, verdicts, adapters, salt),  # the pods mount it
         build_configmap(bmd, desired_set(verdicts).values()),  # first: the pods mount it
         build_deployment(bmd, memo.options),
         build_service(bmd),
@@ -116,6 +130,7 @@ async def apply_children(
     await _apply_autoscaler(kube, bmd, memo.hpa_api_version)
     if (state := memo.daemon_states.get(key)) is not None:
         state.configmap_hash = None  # we just wrote the ConfigMap: the daemon re-checks it
+        state.access_hash = None
     memo.wakers.wake(key)
 
 
