@@ -70,6 +70,8 @@ class AdapterReport(BaseModel):
     pinned: bool = False
     tier: str | None = None
     requests_served: int = 0
+    prompt_tokens: int = 0  # since the pod started: the operator sums them into status.tokens
+    generated_tokens: int = 0
 
 
 class _AdapterList(BaseModel):

@@ -22,6 +22,7 @@ from loraplex.operator.lora import (
     LoraAdapterStatus,
     LoraPhase,
     ResolvedAdapter,
+    TokenUsage,
 )
 from loraplex.operator.pods import PodObservation
 from loraplex.operator.reconcile import Attempt, matches
@@ -156,7 +157,19 @@ def lora_status(
         desired_replicas=len(live),
         ready_replicas=ready,
         instances=instances,
-        tokens=old.tokens,
+        tokens=_tokens(adapter, live) or old.tokens,
+    )
+
+
+def _tokens(adapter: DesiredAdapter, pods: Sequence[PodObservation]) -> TokenUsage | None:
+    """Tokens served, summed over the pods that report the adapter (each counts since it started);
+    None when no pod answered, so an unreachable cycle keeps the last summary."""
+    reports = [report for pod in pods if (report := _report(pod, adapter.name)) is not None]
+    if not reports:
+        return None
+    return TokenUsage(
+        prompt=sum(report.prompt_tokens for report in reports),
+        generated=sum(report.generated_tokens for report in reports),
     )
 
 
