@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from loraplex.operator import bmd as bmd_crd
 from loraplex.operator import lora as lora_crd
 from loraplex.operator.access import read_salt, render_access_secret
-from loraplex.operator.admission import ATTACHED_ANNOTATION, admit, base_key, desired_set
+from loraplex.operator.admission import ATTACHED_ANNOTATION, admit, base_key, desired_set, qualified_name
 from loraplex.operator.bmd import BaseModelDeployment, BaseModelDeploymentStatus, BmdPhase
 from loraplex.operator.common import GROUP, VERSION
 from loraplex.operator.conditions import condition, merge_conditions, timestamp
@@ -251,7 +251,10 @@ async def adapter_deleted(body: kopf.Body, memo: kopf.Memo, server_pods: kopf.In
         return  # no base, or never loaded under this object: nothing to wait for
     memo.wakers.wake(key)  # the daemon now sees it as Deleting and unloads it
     spec = body.get("spec") or {}
-    served = (spec.get("servedName") or body["metadata"]["name"], spec.get("source", {}).get("uri"))
+    meta = body["metadata"]
+    # its bare served name, or the qualified one it is served under after a cross-namespace clash
+    names = {spec.get("servedName") or meta["name"], qualified_name(meta["namespace"], meta["name"])}
+    served = (frozenset(names), spec.get("source", {}).get("uri"))
     api_key = await _api_key(memo.kube, base)
     holders = await _pods_serving(memo, list(server_pods.get(key, [])), served, api_key)
     if holders:
@@ -259,7 +262,10 @@ async def adapter_deleted(body: kopf.Body, memo: kopf.Memo, server_pods: kopf.In
 
 
 async def _pods_serving(
-    memo: kopf.Memo, pod_bodies: list[Mapping[str, Any]], served: tuple[str, str | None], api_key: str | None
+    memo: kopf.Memo,
+    pod_bodies: list[Mapping[str, Any]],
+    served: tuple[frozenset[str], str | None],
+    api_key: str | None,
 ) -> list[str]:
     """Pods that list this adapter (served name and source: another adapter may take the name next)."""
     holders = []
@@ -269,7 +275,8 @@ async def _pods_serving(
                 continue
             try:
                 if any(
-                    (report.name, report.source) == served for report in await engine.list_adapters(pod.url)
+                    report.name in served[0] and report.source == served[1]
+                    for report in await engine.list_adapters(pod.url)
                 ):
                     holders.append(pod.name)
             except EngineClientError:
