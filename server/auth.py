@@ -5,13 +5,13 @@ HMAC-SHA256 digests of that adapter's keys under one random per-deployment salt 
 `loraplex.operator.access` for why that and not a slow KDF). A request's token is digested
 once and compared in constant time with every digest. Rules:
 
-- an adapter listed in the file needs one of its own keys: a valid key of anything else
-  (another adapter, the deployment key) is 403, no or an unknown key 401;
-- the base model and unlisted adapters follow the deployment key (`API_KEY`), or are open
-  when there is none; admin routes (`/v1/adapters`, load, unload) need the deployment key;
-- with a file, only adapters it lists as `open` follow the deployment key; any other adapter
-  (new, not yet in the mounted copy) is protected with no keys, and until the file could be
-  read once every adapter is (fail closed).
+- an adapter with keys in the file needs one of them: a valid key of anything else (another
+  adapter's, the deployment key) is 403, no or an unknown key 401;
+- the base model, and the adapters the file lists as `open` (every adapter when no file is
+  configured), follow the deployment key (`API_KEY`), or are open when there is none;
+- with a file, an adapter it does not name yet (loaded before the kubelet refreshed the mount)
+  is closed, and until the file could be read once every adapter is (fail closed);
+- admin routes (`/v1/adapters`, load, unload) need the deployment key when there is one.
 
 Keys and digests never reach logs, metrics or error messages: errors name the adapter only.
 """
