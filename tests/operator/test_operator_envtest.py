@@ -1,30 +1,37 @@
-"""The operator against a real kube-apiserver + controller-manager (no pod runner: pods stay
-Pending, so this checks rendering, admission and status wiring, not adapter loading)."""
+"""The operator against a real kube-apiserver + controller-manager, its pods run by the local pod
+runner as real `loraplex serve` processes on the tiny Llama (issue 7's done-when).
+
+The tests after `test_every_adapter_is_ready_on_every_pod` share one BaseModelDeployment and
+run in file order: each one starts from the state the one before left.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
+import urllib.error
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kopf.testing import KopfRunner
 from kubernetes import client
-from operator_kubelet import LocalKubelet
 
 from loraplex.localcluster.control_plane import LocalCluster
+from loraplex.localcluster.demo_workload import Workload, build_workload, manifest
+from loraplex.localcluster.pod_runner import PodRunner
 from loraplex.localcluster.processes import wait_until
 from loraplex.operator import crdgen
-from loraplex.server.app import create_app
-from loraplex.server.async_engine import AsyncEngine
-from loraplex.server.demo_assets import TinyAssets
-from loraplex.server.engine import EngineConfig
-from loraplex.server.routes.context import ServerSettings
 
 pytestmark = pytest.mark.envtest
 GROUP, VERSION = "loraplex.dev", "v1alpha1"
+BASE, SELECTOR = "tiny-llama", "app.kubernetes.io/instance=tiny-llama"
+GOOD = {"sql": "a4", "chat": "b8", "poem": "c16"}  # adapter -> recipe (e2e/demo/adapters.yaml)
+PROMPT, MAX_NEW = "the model serves", 6
 
 
 @pytest.fixture(scope="module")
@@ -41,256 +48,281 @@ def crds(local_cluster: LocalCluster) -> None:
             assert wait_until(established, timeout=30)
 
 
-@pytest.fixture
-def namespace(local_cluster: LocalCluster, crds: None) -> Iterator[str]:
-    name = f"op-{uuid.uuid4().hex[:8]}"
-    local_cluster.kubectl("create", "namespace", name)
-    yield name
-    local_cluster.kubectl("delete", "namespace", name, "--wait=false")
+class Operator:
+    """The kopf operator in this process, restartable (KopfRunner runs it in a thread)."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.runner: KopfRunner | None = None
+
+    def start(self) -> None:
+        args = ["run", "--standalone", "--namespace", self.namespace, "-m", "loraplex.operator.handlers"]
+        self.runner = KopfRunner(args, timeout=90, env={"LORAPLEX_TICK_SECONDS": "2"})
+        self.runner.__enter__()
+
+    def stop(self) -> None:
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            runner.__exit__(None, None, None)
+            assert runner.exception is None, runner.output
 
 
-@pytest.fixture
-def objects(local_cluster: LocalCluster) -> Iterator[client.CustomObjectsApi]:
-    with local_cluster.api_client() as api:
-        yield client.CustomObjectsApi(api)
+@dataclass
+class Live:
+    """One namespace with the operator, the pod runner and the tiny-llama BaseModelDeployment."""
+
+    cluster: LocalCluster
+    namespace: str
+    core: client.CoreV1Api
+    objects: client.CustomObjectsApi
+    runner: PodRunner
+    operator: Operator
+    workload: Workload
+
+    def apply(self, text: str) -> None:
+        self.cluster.kubectl("apply", "-n", self.namespace, "-f", "-", input=text)
+
+    def kubectl(self, *args: str) -> str:
+        return self.cluster.kubectl(*args[:1], "-n", self.namespace, *args[1:]).stdout
+
+    def status(self, plural: str, name: str) -> dict[str, Any]:
+        body = self.objects.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
+        return body.get("status", {})
+
+    def adapter(self, name: str) -> dict[str, Any]:
+        return self.status("loraadapters", name)
+
+    def pods(self) -> list[client.V1Pod]:
+        items = self.core.list_namespaced_pod(self.namespace, label_selector=SELECTOR).items
+        return [pod for pod in items if not pod.metadata.deletion_timestamp]
+
+    def url(self, pod: str) -> str:
+        return f"http://{self.runner.worker(self.namespace, pod).ip}:8080"
+
+    def served(self, pod: str) -> dict[str, int]:
+        """Adapter -> load generation, as the pod's own server reports it."""
+        _, body = http("GET", f"{self.url(pod)}/v1/adapters")
+        return {a["name"]: a["load_generation"] for a in body["data"] if a["state"] == "ready"}
+
+    def endpoint_ips(self) -> set[str]:
+        """Addresses of the Service's ready endpoints. EndpointSlices, not Endpoints: the API
+        server refuses loopback addresses in Endpoints (the slice controller fills both alike)."""
+        text = self.kubectl("get", "endpointslices", "-l", f"kubernetes.io/service-name={BASE}", "-o", "json")
+        slices = json.loads(text)["items"]
+        return {
+            address
+            for item in slices
+            for endpoint in item.get("endpoints") or []
+            if (endpoint.get("conditions") or {}).get("ready")
+            for address in endpoint["addresses"]
+        }
 
 
-def _apply(cluster: LocalCluster, namespace: str, manifest: str) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
+def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
 
 
-def _get(objects: client.CustomObjectsApi, namespace: str, plural: str, name: str) -> dict[str, Any]:
-    return objects.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+def generate(url: str, adapter: str | None) -> tuple[int, Any]:
+    parameters = {"max_new_tokens": MAX_NEW, **({"adapter_id": adapter} if adapter else {})}
+    return http("POST", f"{url}/generate", {"inputs": PROMPT, "parameters": parameters})
 
 
-def _condition(body: dict[str, Any], condition_type: str) -> dict[str, Any]:
-    conditions = body.get("status", {}).get("conditions", [])
-    return next((item for item in conditions if item["type"] == condition_type), {})
+def reference_text(workload: Workload, recipe: str) -> str:
+    """Greedy continuation from transformers + peft: what the adapter must answer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-def _operator(namespace: str) -> KopfRunner:
-    args = ["run", "--standalone", "--namespace", namespace, "-m", "loraplex.operator.handlers"]
-    return KopfRunner(args, timeout=90, env={"LORAPLEX_TICK_SECONDS": "2"})
-
-
-BASE = """
-apiVersion: loraplex.dev/v1alpha1
-kind: BaseModelDeployment
-metadata: {name: gemma}
-spec:
-  model: {id: google/gemma-2-2b-it}
-  replicas: 2
-"""
-ADAPTERS = """
-apiVersion: loraplex.dev/v1alpha1
-kind: LoraAdapter
-metadata: {name: sql}
-spec: {baseModel: {name: gemma}, source: {uri: hf://org/sql}}
----
-apiVersion: loraplex.dev/v1alpha1
-kind: LoraAdapter
-metadata: {name: keep}
-spec: {baseModel: {name: gemma}, source: {uri: hf://org/keep}, deletionPolicy: Orphan}
----
-apiVersion: loraplex.dev/v1alpha1
-kind: LoraAdapter
-metadata: {name: lost}
-spec: {baseModel: {name: missing}, source: {uri: hf://org/lost}}
-"""
-
-
-def test_operator_renders_admits_and_reports(
-    local_cluster: LocalCluster, namespace: str, objects: client.CustomObjectsApi
-) -> None:
-    with local_cluster.api_client() as api, _operator(namespace) as runner:
-        apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
-        _apply(local_cluster, namespace, BASE)
-        _apply(local_cluster, namespace, ADAPTERS)
-
-        def phase(plural: str, name: str) -> str | None:
-            return _get(objects, namespace, plural, name).get("status", {}).get("phase")
-
-        assert wait_until(lambda: phase("basemodeldeployments", "gemma") == "Provisioning", timeout=30)
-        deployment = apps.read_namespaced_deployment("gemma", namespace)
-        assert deployment.metadata.owner_references[0].kind == "BaseModelDeployment"
-        assert core.read_namespaced_service("gemma", namespace).spec.ports[0].port == 8080
-        assert wait_until(lambda: len(core.list_namespaced_pod(namespace).items) == 2, timeout=30)
-
-        def configmap_names() -> list[str]:
-            text = core.read_namespaced_config_map("gemma-adapters", namespace).data["adapters.json"]
-            return [entry["name"] for entry in yaml.safe_load(text)]
-
-        assert wait_until(lambda: configmap_names() == ["keep", "sql"], timeout=30), configmap_names()
-        assert wait_until(
-            lambda: _condition(_get(objects, namespace, "loraadapters", "sql"), "Accepted"), timeout=30
+    tokenizer = AutoTokenizer.from_pretrained(workload.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(workload.model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(workload.adapters[recipe])).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **ids, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
-        sql = _get(objects, namespace, "loraadapters", "sql")
-        assert _condition(sql, "Accepted")["status"] == "True"
-        assert sql["status"]["desiredReplicas"] == 2 and sql["status"]["phase"] == "Pending"
-        assert (
-            _condition(_get(objects, namespace, "loraadapters", "lost"), "Accepted")["reason"]
-            == "BaseModelNotFound"
-        )
-
-        bmd = _get(objects, namespace, "basemodeldeployments", "gemma")
-        assert (
-            bmd["status"]["selector"]
-            == "app.kubernetes.io/instance=gemma,app.kubernetes.io/name=loraplex-server"
-        )
-        assert bmd["status"]["adapters"]["desired"] == 2
-
-        local_cluster.kubectl("scale", "-n", namespace, "bmd/gemma", "--replicas=3")
-        assert wait_until(
-            lambda: apps.read_namespaced_deployment("gemma", namespace).spec.replicas == 3, timeout=30
-        )
-
-        patch = '{"spec": {"baseModel": {"name": "other"}}}'
-        local_cluster.kubectl("patch", "-n", namespace, "lora/sql", "--type=merge", "-p", patch)
-        assert wait_until(
-            lambda: (
-                _condition(_get(objects, namespace, "loraadapters", "sql"), "Accepted").get("reason")
-                == "BaseModelImmutable"
-            ),
-            timeout=30,
-        )
-        assert wait_until(lambda: configmap_names() == ["keep"], timeout=30)
-
-        def warnings() -> set[str]:
-            events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=sql").items
-            return {event.reason for event in events if event.type == "Warning"}
-
-        assert wait_until(lambda: "BaseModelImmutable" in warnings(), timeout=30), warnings()
-
-        # The base goes: its adapters say so, and an Unload adapter then deletes without waiting.
-        local_cluster.kubectl("delete", "-n", namespace, "bmd/gemma")
-
-        def sql_reason() -> str | None:
-            return _condition(_get(objects, namespace, "loraadapters", "sql"), "Accepted").get("reason")
-
-        assert wait_until(lambda: sql_reason() == "BaseModelNotFound", timeout=30), sql_reason()
-        local_cluster.kubectl("delete", "-n", namespace, "lora/sql", "--timeout=30s")
-    assert runner.exception is None, runner.output
-
-    # Operator stopped: an Orphan adapter still deletes at once (no finalizer deadlock).
-    assert "finalizers" not in _get(objects, namespace, "loraadapters", "keep")["metadata"]
-    local_cluster.kubectl("delete", "-n", namespace, "lora/keep", "--timeout=10s")
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def test_rules_the_old_api_server_cannot_check_become_conditions(
-    local_cluster: LocalCluster, namespace: str, objects: client.CustomObjectsApi
-) -> None:
-    bad = BASE.replace("replicas: 2", "replicas: 2\n  autoscaling: {minReplicas: 3, maxReplicas: 2}")
-    with _operator(namespace) as runner:
-        _apply(local_cluster, namespace, bad)  # 1.20 has no CEL: the API server takes it
+def ready_everywhere(live: Live, names: list[str], replicas: int) -> Callable[[], bool]:
+    def check() -> bool:
+        statuses = [live.adapter(name) for name in names]
+        return all(s.get("phase") == "Ready" and s.get("readyReplicas") == replicas for s in statuses)
 
-        def ready_reason() -> str | None:
-            return _condition(_get(objects, namespace, "basemodeldeployments", "gemma"), "Ready").get(
-                "reason"
+    return check
+
+
+def condition(status: dict[str, Any], condition_type: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == condition_type), {})
+
+
+@pytest.fixture(scope="module")
+def live(
+    local_cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory, tiny_assets: Any
+) -> Iterator[Live]:
+    workload = build_workload(tiny_assets.root.parent)
+    namespace = f"live-{uuid.uuid4().hex[:6]}"
+    local_cluster.kubectl("create", "namespace", namespace)
+    state = Path(tmp_path_factory.mktemp("pods"))
+    env = {"OMP_NUM_THREADS": "1", "LOG_FORMAT": "text", "LOG_LEVEL": "warning"}
+    with (
+        local_cluster.api_client() as api,
+        PodRunner(api, state, (namespace,), SELECTOR, extra_env=env) as runner,
+    ):
+        operator = Operator(namespace)
+        operator.start()
+        try:
+            yield Live(
+                local_cluster,
+                namespace,
+                client.CoreV1Api(api),
+                client.CustomObjectsApi(api),
+                runner,
+                operator,
+                workload,
             )
-
-        assert wait_until(lambda: ready_reason() == "InvalidSpec", timeout=30), ready_reason()
-        bmd = _get(objects, namespace, "basemodeldeployments", "gemma")
-        assert bmd["status"]["phase"] == "Failed"
-        assert "minReplicas" in _condition(bmd, "Ready")["message"]
-    assert runner.exception is None, runner.output
+        finally:
+            operator.stop()
+            local_cluster.kubectl("delete", "namespace", namespace, "--wait=false")
 
 
-def test_adapters_hot_load_into_running_pods_and_status_tells_the_truth(
-    local_cluster: LocalCluster, namespace: str, objects: client.CustomObjectsApi, tiny_assets: TinyAssets
-) -> None:
-    dirs = tiny_assets.adapters["llama"]
+def test_every_adapter_is_ready_on_every_pod_and_answers_its_own_text(live: Live) -> None:
+    live.apply(manifest("base-model.yaml", live.workload))
+    live.apply(manifest("adapters.yaml", live.workload))
+    assert wait_until(ready_everywhere(live, list(GOOD), 2), timeout=120), [live.adapter(n) for n in GOOD]
+    pods = [pod.metadata.name for pod in live.pods()]
+    assert len(pods) == 2
+    expected = {name: reference_text(live.workload, recipe) for name, recipe in GOOD.items()}
+    assert len(set(expected.values())) == 3  # the adapters really differ
+    for pod in pods:
+        assert set(live.served(pod)) == set(GOOD)
+        for name in GOOD:
+            status, body = generate(live.url(pod), name)
+            assert (status, body.get("generated_text")) == (200, expected[name]), (pod, name, body)
 
-    def make_app() -> tuple[Any, Any]:
-        # Rank limit 8: the rank-16 adapter is refused by the engine, with its own reason.
-        engine = AsyncEngine.from_config(
-            EngineConfig(model_path=str(tiny_assets.models["llama"]), max_lora_rank=8)
-        )
-        return create_app(engine, ServerSettings()), engine
+    def bmd() -> tuple[str | None, int | None]:
+        status = live.status("basemodeldeployments", BASE)
+        return status.get("phase"), status.get("readyReplicas")
 
-    def lora(name: str, source: str) -> str:
-        return (
-            f"apiVersion: loraplex.dev/v1alpha1\nkind: LoraAdapter\nmetadata: {{name: {name}}}\n"
-            f"spec: {{baseModel: {{name: gemma}}, source: {{uri: 'file://{dirs[source]}'}}}}"
-        )
+    assert wait_until(lambda: bmd() == ("Ready", 2), timeout=30), bmd()
+    ips = {live.runner.worker(live.namespace, pod).ip for pod in pods}
+    assert wait_until(lambda: live.endpoint_ips() == ips, timeout=10), live.endpoint_ips()
 
-    adapters = "\n---\n".join(
-        lora(name, source) for name, source in (("sql", "a4"), ("chat", "b8"), ("big", "c16"))
+
+def test_bad_adapters_fail_with_the_engines_reason_and_the_others_stay_ready(live: Live) -> None:
+    bad = (
+        ("too-big", f"file://{live.workload.adapters['r32']}"),
+        ("missing", f"file://{live.workload.model_dir.parent}/no-such-adapter"),
     )
-    selector = "app.kubernetes.io/instance=gemma"
-
-    def status(plural: str, name: str) -> dict[str, Any]:
-        return _get(objects, namespace, plural, name).get("status", {})
-
-    def converged(replicas: int) -> bool:
-        sql, chat, big = (status("loraadapters", n) for n in ("sql", "chat", "big"))
-        return (
-            sql.get("phase") == chat.get("phase") == "Ready"
-            and sql.get("readyReplicas") == chat.get("readyReplicas") == replicas
-            and big.get("phase") == "Failed"
-            and status("basemodeldeployments", "gemma").get("readyReplicas") == replicas
+    for name, uri in bad:
+        live.apply(
+            f"apiVersion: {GROUP}/{VERSION}\nkind: LoraAdapter\nmetadata: {{name: {name}}}\n"
+            f"spec: {{baseModel: {{name: {BASE}}}, source: {{uri: '{uri}'}}}}"
         )
 
-    def served(kubelet: LocalKubelet, pod: str) -> dict[str, int]:
-        """Adapter -> load generation, as the pod's engine reports it."""
-        return {a.name: a.load_generation for a in kubelet.engine(pod).list_adapters() if a.state == "ready"}
+    def failed() -> bool:
+        return all(live.adapter(name).get("phase") == "Failed" for name, _ in bad)
 
-    with local_cluster.api_client() as api, LocalKubelet(api, namespace, selector, make_app) as kubelet:
-        with _operator(namespace) as runner:
-            _apply(local_cluster, namespace, BASE)
-            _apply(local_cluster, namespace, adapters)
-            assert wait_until(lambda: converged(2), timeout=90), [
-                status("loraadapters", n) for n in ("sql", "big")
-            ]
-            for pod in kubelet.servers:  # the pods are the truth: each one serves both adapters
-                assert set(served(kubelet, pod)) == {"sql", "chat"}
-            big = _get(objects, namespace, "loraadapters", "big")
-            refusal = _condition(big, "RankExceedsBase") or _condition(big, "InvalidAdapter")
-            assert "rank" in refusal["message"]
-            bmd = status("basemodeldeployments", "gemma")
-            assert (bmd["phase"], bmd["adapters"]) == ("Ready", {"desired": 3, "ready": 2, "failed": 1})
-            assert all(pod["adaptersLoaded"] == 2 for pod in bmd["pods"])
-            assert status("loraadapters", "sql")["resolved"]["rank"] == 4
+    assert wait_until(failed, timeout=60), [live.adapter(name) for name, _ in bad]
+    assert "rank" in condition(live.adapter("too-big"), "RankExceedsBase")["message"]
+    assert "no-such-adapter" in condition(live.adapter("missing"), "SourceUnavailable")["message"]
+    assert ready_everywhere(live, list(GOOD), 2)()
+    live.kubectl("delete", "lora/too-big", "lora/missing", "--timeout=60s")
 
-            # A new adapter hot-loads while the pods keep serving: no pod leaves the Service.
-            _apply(local_cluster, namespace, lora("extra", "a4"))
-            assert wait_until(lambda: status("loraadapters", "extra").get("readyReplicas") == 2, timeout=60)
-            assert all(
-                history[history.index(True) :].count(False) == 0 for history in kubelet.readiness.values()
-            )
 
-            # A crashed and restarted server comes back empty: the operator reloads it (new epoch).
-            pod = sorted(kubelet.servers)[0]
-            kubelet.restart(pod)
+def test_a_fourth_adapter_hot_loads_while_requests_run(live: Live) -> None:
+    before = {pod.metadata.name: pod.status.container_statuses[0].restart_count for pod in live.pods()}
+    urls = [live.url(pod) for pod in before]
+    results: list[int] = []
+    stop = threading.Event()
 
-            def reloaded() -> bool:
-                body = client.CoreV1Api(api).read_namespaced_pod(pod, namespace)
-                gate = next(c for c in body.status.conditions if c.type == "loraplex.dev/adapters-ready")
-                return (
-                    set(served(kubelet, pod)) == {"sql", "chat", "extra"}
-                    and gate.status == "True"
-                    and gate.message.startswith("engine epoch 1@")
-                )
+    def traffic() -> None:
+        while not stop.is_set():
+            results.extend(generate(url, "sql")[0] for url in urls)
 
-            def gate_and_adapters() -> tuple[Any, set[str]]:
-                body = client.CoreV1Api(api).read_namespaced_pod(pod, namespace)
-                return body.status.conditions, set(served(kubelet, pod))
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        live.apply(manifest("adapter-live.yaml", live.workload))
+        assert wait_until(ready_everywhere(live, ["haiku"], 2), timeout=60), live.adapter("haiku")
+    finally:
+        stop.set()
+        thread.join()
+    assert results and set(results) == {200}
+    after = {pod.metadata.name: pod.status.container_statuses[0].restart_count for pod in live.pods()}
+    assert after == before  # same pods, no container restart
+    expected = reference_text(live.workload, "d8")
+    assert all(generate(url, "haiku") == (200, {"generated_text": expected}) for url in urls)
 
-            assert wait_until(reloaded, timeout=60), gate_and_adapters()
-            assert wait_until(lambda: converged(2), timeout=30)
-        assert runner.exception is None, runner.output
 
-        # A restarted operator reloads nothing: the pods still hold every adapter.
-        before = {pod: served(kubelet, pod) for pod in kubelet.servers}
-        with _operator(namespace) as runner:
-            # Scale up: the new pod turns Ready only with every adapter loaded.
-            local_cluster.kubectl("scale", "-n", namespace, "bmd/gemma", "--replicas=3")
-            assert wait_until(lambda: converged(3), timeout=60)
-            assert {pod: served(kubelet, pod) for pod in before} == before  # nothing reloaded on the others
-            (new_pod,) = set(kubelet.servers) - set(before)
-            assert kubelet.ready_with[new_pod] == {"sql", "chat", "extra"}
+def test_a_crashed_server_is_restarted_and_reloaded_before_it_takes_traffic(live: Live) -> None:
+    names = [*GOOD, "haiku"]
+    pod = sorted(p.metadata.name for p in live.pods())[0]
+    ip = live.runner.worker(live.namespace, pod).ip
+    assert ip in live.endpoint_ips()
+    live.runner.kill(live.namespace, pod)
+    dipped, left_endpoints = False, False
 
-            # Unload policy: the delete returns only once no pod serves the adapter.
-            local_cluster.kubectl("delete", "-n", namespace, "lora/sql", "--timeout=60s")
-            for pod in kubelet.servers:
-                assert "sql" not in served(kubelet, pod)
-        assert runner.exception is None, runner.output
+    def back() -> bool:
+        nonlocal dipped, left_endpoints
+        dipped |= live.adapter("sql").get("readyReplicas") != 2
+        in_endpoints = ip in live.endpoint_ips()
+        left_endpoints |= not in_endpoints
+        if in_endpoints and left_endpoints:  # back in the Service: every adapter is loaded
+            assert set(live.served(pod)) >= set(names)
+            return True
+        return False
+
+    assert wait_until(back, timeout=90, interval=0.2)
+    status = live.core.read_namespaced_pod(pod, live.namespace).status
+    assert status.container_statuses[0].restart_count == 1
+    gate = next(c for c in status.conditions if c.type == "loraplex.dev/adapters-ready")
+    assert gate.status == "True" and gate.message.startswith("engine epoch 1@")
+    assert dipped, "the adapters' readyReplicas never showed the crashed pod"
+    assert wait_until(ready_everywhere(live, names, 2), timeout=30)
+
+
+def test_a_restarted_operator_reloads_nothing_and_a_new_pod_is_ready_only_when_loaded(live: Live) -> None:
+    names = [*GOOD, "haiku"]
+    live.operator.stop()
+    before = {pod.metadata.name: live.served(pod.metadata.name) for pod in live.pods()}
+    live.operator.start()
+    live.kubectl("scale", "bmd/tiny-llama", "--replicas=3")
+    seen_ready_with: dict[str, set[str]] = {}
+
+    def scaled() -> bool:
+        for pod in live.pods():
+            name = pod.metadata.name
+            ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+            if name not in before and ready and name not in seen_ready_with:
+                seen_ready_with[name] = set(live.served(name))
+        return bool(seen_ready_with) and ready_everywhere(live, names, 3)()
+
+    assert wait_until(scaled, timeout=120, interval=0.2), [live.adapter(n) for n in names]
+    assert {pod: live.served(pod) for pod in before} == before  # nothing reloaded
+    assert len(seen_ready_with) == 1 and set(names) <= next(iter(seen_ready_with.values()))
+
+
+def test_a_deleted_adapter_is_unloaded_from_every_pod(live: Live) -> None:
+    live.kubectl("delete", "lora/sql", "--timeout=60s")  # Unload: returns once no pod serves it
+    for pod in live.pods():
+        assert "sql" not in live.served(pod.metadata.name)
+        assert generate(live.url(pod.metadata.name), "sql")[0] == 404
+
+
+def test_an_orphan_adapter_deletes_at_once_with_the_operator_stopped(live: Live) -> None:
+    live.operator.stop()
+    try:
+        body = live.objects.get_namespaced_custom_object(
+            GROUP, VERSION, live.namespace, "loraadapters", "haiku"
+        )
+        assert "finalizers" not in body["metadata"]
+        live.kubectl("delete", "lora/haiku", "--timeout=10s")
+    finally:
+        live.operator.start()
