@@ -169,6 +169,7 @@ def teams(
             for namespace in (llm, a, b):
                 local_cluster.kubectl("delete", "namespace", namespace, "--wait=false")
     assert operator.exception is None, operator.output
+    assert TEAM_KEY not in operator.output and TEAM_KEY_ROTATED not in operator.output
 
 
 def apply(teams: Teams, namespace: str, body: dict[str, Any]) -> None:
@@ -204,6 +205,8 @@ def test_pods_get_digests_only(teams: Teams) -> None:
     everything = (
         json.dumps([document, teams.adapter(teams.a), teams.adapter(teams.b), bmd, configmap]) + metrics
     )
+    for worker in list(teams.runner.workers.values()):
+        everything += worker.plan.log_path.read_text(errors="replace")  # the server's own log
     assert TEAM_KEY not in everything
 
 
