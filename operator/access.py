@@ -20,21 +20,21 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import logging
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from loraplex.operator.admission import Verdict
 from loraplex.operator.bmd import BaseModelDeployment
-from loraplex.operator.common import SecretKeyRef
+from loraplex.operator.common import Condition, SecretKeyRef
+from loraplex.operator.conditions import condition
 from loraplex.operator.k8s import Kube
 from loraplex.operator.lora import LoraAdapterSpec
 from loraplex.operator.render.access import ACCESS_KEY, access_secret_name, build_access_secret
 
-log = logging.getLogger(__name__)
 SALT_BYTES = 16
 # (namespace, refs) of each protected adapter, by served name
 KeyRefs = dict[str, tuple[str, list[SecretKeyRef]]]
@@ -82,18 +82,38 @@ def key_refs(verdicts: Sequence[Verdict], bodies: Sequence[Mapping[str, Any]]) -
     return protected, open_names
 
 
-async def read_keys(kube: Kube, refs: KeyRefs) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class FoundKeys:
+    keys: dict[str, list[str]]  # served name -> plain keys (kept in memory only, to digest them)
+    missing: dict[str, list[str]]  # served name -> `secret[key]` references not found
+
+
+async def read_keys(kube: Kube, refs: KeyRefs) -> FoundKeys:
     """The plain keys, by served name; a missing Secret or key just contributes none."""
-    keys: dict[str, list[str]] = {}
+    found = FoundKeys({}, {})
     for name, (namespace, secret_refs) in refs.items():
-        keys[name] = []
+        found.keys[name] = []
         for ref in secret_refs:
             value = await kube.read_secret_key(namespace, ref.name, ref.key)
             if value:
-                keys[name].append(value.strip())
+                found.keys[name].append(value.strip())
             else:
-                log.warning("access key %s/%s[%s] of %s not found", namespace, ref.name, ref.key, name)
-    return keys
+                found.missing.setdefault(name, []).append(f"{ref.name}[{ref.key}]")
+    return found
+
+
+def access_condition(name: str, refs: KeyRefs, found: FoundKeys, generation: int) -> Condition | None:
+    """`AccessKeys` on a protected adapter: are its keys all there? (names only, never values)"""
+    if name not in refs:
+        return None
+    if missing := found.missing.get(name):
+        message = f"Secret keys not found in {refs[name][0]}: {', '.join(missing)}; the others still work"
+        return condition("AccessKeys", False, "SecretNotFound", message, generation)
+    if not refs[name][1]:
+        return condition(
+            "AccessKeys", False, "NoKeys", "access lists no keys: nobody may call it", generation
+        )
+    return condition("AccessKeys", True, "KeysFound", f"{len(refs[name][1])} key(s)", generation)
 
 
 async def read_salt(kube: Kube, bmd: BaseModelDeployment) -> bytes:
@@ -109,6 +129,24 @@ async def render_access_secret(
     bodies: Sequence[Mapping[str, Any]],
     salt: bytes,
 ) -> dict[str, Any]:
+    secret, _ = await render_access(kube, bmd, verdicts, bodies, salt)
+    return secret
+
+
+async def render_access(
+    kube: Kube,
+    bmd: BaseModelDeployment,
+    verdicts: Sequence[Verdict],
+    bodies: Sequence[Mapping[str, Any]],
+    salt: bytes,
+) -> tuple[dict[str, Any], dict[str, Condition]]:
+    """The access Secret, and an `AccessKeys` condition per protected adapter (by served name)."""
     refs, open_names = key_refs(verdicts, bodies)
-    keys = await read_keys(kube, refs)
-    return build_access_secret(bmd, access_document(salt, keys, open_names))
+    found = await read_keys(kube, refs)
+    conditions = {
+        verdict.adapter.name: item
+        for verdict in verdicts
+        if verdict.adapter is not None
+        and (item := access_condition(verdict.adapter.name, refs, found, verdict.generation)) is not None
+    }
+    return build_access_secret(bmd, access_document(salt, found.keys, open_names)), conditions

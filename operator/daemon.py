@@ -17,9 +17,10 @@ import kopf
 
 from loraplex.operator import bmd as bmd_crd
 from loraplex.operator import lora as lora_crd
-from loraplex.operator.access import read_salt, render_access_secret
+from loraplex.operator.access import read_salt, render_access
 from loraplex.operator.admission import Verdict, admit, desired_set
 from loraplex.operator.bmd import BaseModelDeployment, BaseModelDeploymentStatus
+from loraplex.operator.common import Condition
 from loraplex.operator.conditions import condition, merge_conditions, timestamp
 from loraplex.operator.cycle import CycleResult, run_cycle
 from loraplex.operator.engine_client import EngineClient
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]
 # Refusals that need the user to change something; NotAllowed may resolve from the base's side.
 _REFUSED_PHASE = {"NotAllowed": LoraPhase.PENDING}
+ACCESS_OWNED = ("AccessKeys",)  # dropped once the adapter no longer has `access`
 
 
 class Wakers:
@@ -91,7 +93,7 @@ async def converge_once(
     bmd = BaseModelDeployment.from_body(world.bmd_body)
     verdicts = admit(bmd, world.adapters, world.namespace_labels)
     desired = desired_set(verdicts)
-    await _apply_access(kube, bmd, state, verdicts, world)  # before the list: keys land first
+    access = await _apply_access(kube, bmd, state, verdicts, world)  # before the list: keys land first
     configmap = build_configmap(bmd, desired.values())
     if (digest := content_hash(configmap)) != state.configmap_hash:
         await kube.apply(configmap)  # pods started from now on preload the current set
@@ -103,7 +105,7 @@ async def converge_once(
     result = await run_cycle(engine, desired, world.pods, state.attempts, now, config.pod_concurrency)
     state.attempts = result.attempts
     await _write_bmd_status(kube, bmd, desired, result, world, now)
-    await _write_lora_statuses(kube, verdicts, result, world, now)
+    await _write_lora_statuses(kube, verdicts, result, world, now, access)
     if bmd.spec.readiness_gate:
         await _write_gates(kube, bmd, desired, result, world)
     return result.acted
@@ -111,15 +113,16 @@ async def converge_once(
 
 async def _apply_access(
     kube: Kube, bmd: BaseModelDeployment, state: DaemonState, verdicts: Sequence[Verdict], world: World
-) -> None:
+) -> dict[str, Condition]:
     """Re-read the referenced key Secrets every cycle (rotation needs no watch) and rewrite the
-    access Secret when its content changed."""
+    access Secret when its content changed; the AccessKeys conditions, by served name."""
     if state.access_salt is None:
         state.access_salt = await read_salt(kube, bmd)
-    secret = await render_access_secret(kube, bmd, verdicts, world.adapters, state.access_salt)
+    secret, conditions = await render_access(kube, bmd, verdicts, world.adapters, state.access_salt)
     if (digest := content_hash(secret)) != state.access_hash:
         await kube.apply(secret)
         state.access_hash = digest
+    return conditions
 
 
 def _restore_attempts(verdicts: Sequence[Verdict], world: World) -> dict[tuple[str, str], Attempt]:
@@ -152,15 +155,23 @@ async def _write_bmd_status(
 
 
 async def _write_lora_statuses(
-    kube: Kube, verdicts: Sequence[Verdict], result: CycleResult, world: World, now: float
+    kube: Kube,
+    verdicts: Sequence[Verdict],
+    result: CycleResult,
+    world: World,
+    now: float,
+    access: Mapping[str, Condition],
 ) -> None:
+    """`access`: the AccessKeys condition of each protected adapter, by served name."""
     bodies = {_key(body): body for body in world.adapters}
     for verdict in verdicts:
         if verdict.reason == "Deleting":
             continue  # the object is going away; its delete handler waits for the unload
         body = bodies[(verdict.namespace, verdict.name)]
         old_raw = body.get("status") or {}
-        new_status = lora_verdict_status(verdict, result, LoraAdapterStatus.model_validate(old_raw), now)
+        old = LoraAdapterStatus.model_validate(old_raw)
+        keys = access.get(verdict.adapter.name) if verdict.adapter is not None else None
+        new_status = lora_verdict_status(verdict, result, old, now, keys)
         new = new_status.to_k8s()
         if new != _ours(old_raw, new):
             await kube.patch_status(lora_crd.PLURAL, verdict.namespace, verdict.name, new)
@@ -172,14 +183,14 @@ def _warn(body: Mapping[str, Any], status: LoraAdapterStatus) -> None:
     """A Kubernetes Warning event on the adapter when it turns Failed (kubectl describe shows it)."""
     failure = next((c for c in status.conditions if c.status.value == "False" and c.type == "Accepted"), None)
     failure = failure or next(
-        (c for c in status.conditions if c.type not in ("Accepted", "Loaded", "Ready")), None
+        (c for c in status.conditions if c.type not in ("Accepted", "Loaded", "Ready", *ACCESS_OWNED)), None
     )
     if failure is not None:
         kopf.warn(dict(body), reason=failure.reason or failure.type, message=failure.message)
 
 
 def lora_verdict_status(
-    verdict: Verdict, result: CycleResult, old: LoraAdapterStatus, now: float
+    verdict: Verdict, result: CycleResult, old: LoraAdapterStatus, now: float, keys: Condition | None = None
 ) -> LoraAdapterStatus:
     accepted = condition("Accepted", verdict.accepted, verdict.reason, verdict.message, verdict.generation)
     if verdict.adapter is None:  # refused: nothing of it is loaded, only the verdict to report
@@ -193,7 +204,8 @@ def lora_verdict_status(
         pod: attempt for (pod, name), attempt in result.attempts.items() if name == verdict.adapter.name
     }
     status = lora_status(verdict.adapter, verdict.generation, result.pods, by_pod, old, now)
-    conditions = merge_conditions(status.conditions, [accepted], timestamp(now))
+    asserted = [accepted] if keys is None else [accepted, keys]
+    conditions = merge_conditions(status.conditions, asserted, timestamp(now), ACCESS_OWNED)
     return status.model_copy(update={"conditions": conditions})
 
 

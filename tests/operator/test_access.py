@@ -12,6 +12,7 @@ from loraplex.operator.access import (
     digest_key,
     key_refs,
     read_salt,
+    render_access,
     render_access_secret,
     salt_of,
 )
@@ -153,3 +154,19 @@ def test_status_tokens_sum_the_pods_reports() -> None:
     )
     kept = lora_status(sql, 1, [silent], {}, status, 0.0)
     assert kept.tokens == TokenUsage(prompt=15, generated=5)
+
+
+async def test_access_keys_condition_names_what_is_missing_never_values() -> None:
+    refs = {"apiKeySecretRefs": [{"name": "team-a", "key": "k"}, {"name": "gone", "key": "k"}]}
+    adapters = [lora("sql", "a", access=refs), lora("chat", "b"), lora("nobody", "a", access={})]
+    bmd = base(adapterNamespaces=SELECTOR)
+    verdicts = admit(bmd, adapters, LABELS)
+    kube = FakeSecrets({("a", "team-a", "k"): "key-of-team-a"})
+    _, conditions = await render_access(kube, bmd, verdicts, adapters, SALT)  # type: ignore[arg-type]
+    assert set(conditions) == {"sql", "nobody"}
+    assert (conditions["sql"].status.value, conditions["sql"].reason) == ("False", "SecretNotFound")
+    assert "gone[k]" in conditions["sql"].message and "key-of-team-a" not in conditions["sql"].message
+    assert conditions["nobody"].reason == "NoKeys"
+    kube.secrets[("a", "gone", "k")] = "second-key"
+    _, conditions = await render_access(kube, bmd, verdicts, adapters, SALT)  # type: ignore[arg-type]
+    assert (conditions["sql"].status.value, conditions["sql"].reason) == ("True", "KeysFound")

@@ -191,6 +191,8 @@ def test_selector_admits_a_and_refuses_b(teams: Teams) -> None:
     assert {"sql", f"{teams.a}/sql"} <= teams.served() and f"{teams.b}/sql" not in teams.served()
     assert generate(teams, f"{teams.a}/sql") == 200
     assert generate(teams, f"{teams.b}/sql") == 404
+    keys = next(c for c in teams.adapter(teams.a)["conditions"] if c["type"] == "AccessKeys")
+    assert (keys["status"], keys["reason"]) == ("True", "KeysFound")
     # usage for charge-back: the pod's per-adapter totals, summed into the adapter's status
     assert wait_until(lambda: teams.adapter(teams.a).get("tokens", {}).get("generated", 0) >= 3, timeout=30)
     assert teams.adapter(teams.a)["tokens"]["prompt"] > 0
