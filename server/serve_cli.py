@@ -64,6 +64,7 @@ _FLAGS: tuple[tuple[str, str, Any, Any, str], ...] = (
     ("--strict-base-model", "STRICT_BASE_MODEL", _boolean, None, "refuse adapters trained on another base"),
     ("--adapter-cache-dir", "ADAPTER_CACHE_DIR", str, None, "disk cache for downloaded adapters"),
     ("--adapters-file-poll", "ADAPTERS_FILE_POLL_S", float, 5.0, "seconds between checks of --adapters-file"),
+    ("--adapter-keys-file", "ADAPTER_KEYS_FILE", str, None, "per-adapter access key digests (operator-written JSON), watched"),
     ("--kv-cache-memory-fraction", "KV_CACHE_MEMORY_FRACTION", float, None, "GPU memory share for the KV cache"),
     ("--cuda-graphs", "CUDA_GRAPHS", _boolean, None, "decode under CUDA graphs (true/false)"),
     ("--dtype", "DTYPE", str, "auto", "auto, bfloat16, float16 or float32"),
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     settings = ServerSettings(
         api_key=args.api_key or None,
+        adapter_keys_file=args.adapter_keys_file or None,
+        adapter_keys_poll_s=args.adapters_file_poll,
         startup_adapters=adapters,
         model_id=model_id,
         info=_info(args),

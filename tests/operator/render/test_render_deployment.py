@@ -57,7 +57,8 @@ def test_secrets_reach_the_pod_only_as_the_named_keys(bmd, make_bmd) -> None:
     assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
     assert env["API_KEY"] == {"secretKeyRef": {"name": "keys", "key": "server"}}
     assert "envFrom" not in _container(deployment)
-    assert not any("secret" in volume for volume in _pod(deployment)["volumes"])
+    secrets = [v["secret"]["secretName"] for v in _pod(deployment)["volumes"] if "secret" in v]
+    assert secrets == ["gemma-access"]  # operator-owned key digests only, never the named Secrets
 
 
 def test_volumes_mount_adapter_list_cache_and_shm(make_bmd) -> None:
