@@ -4,14 +4,19 @@ chart installs into the local cluster and uninstalls cleanly."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
+from typing import IO
 
 import pytest
+import yaml
 from chart_tools import CHART, CRDS, MANIFESTS, documents, helm
 
 from loraplex.localcluster.control_plane import LocalCluster
-from loraplex.localcluster.processes import wait_until
+from loraplex.localcluster.processes import free_ports, wait_until
 
 pytestmark = pytest.mark.envtest
 MANIFEST_FILES = sorted(MANIFESTS.rglob("*.yaml"))
@@ -92,3 +97,62 @@ def test_helm_install_and_uninstall(cluster: LocalCluster) -> None:
     for path in CRDS.glob("*.yaml"):  # Helm never deletes CRDs: the custom objects elsewhere survive
         cluster.kubectl("get", "crd", documents(path)[0]["metadata"]["name"])
     cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+def _service_account_kubeconfig(cluster: LocalCluster, namespace: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as the chart's operator ServiceAccount."""
+    token = cluster.kubectl("create", "token", "loraplex-operator", "--namespace", namespace).stdout.strip()
+    config = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    for user in config["users"]:
+        user["user"] = {"token": token}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _exists(cluster: LocalCluster, namespace: str, *kinds: str) -> bool:
+    return all(
+        cluster.kubectl("get", kind, "--namespace", namespace, check=False).returncode == 0 for kind in kinds
+    )
+
+
+def test_operator_runs_under_the_chart_rbac(cluster: LocalCluster, tmp_path: Path) -> None:
+    """Namespace scope (its rules are the cluster scope's, split): the operator renders every
+    child, writes status and releases its finalizers without a single 403."""
+    namespace = f"rbac-{uuid.uuid4().hex[:6]}"
+    kubeconfig = f"--kubeconfig={cluster.kubeconfig}"
+    helm(
+        "install", "lp", str(CHART), kubeconfig, "--namespace", namespace, "--create-namespace",
+        "--server-side=false", "--set", "scope=namespace", "--set", "operator.enabled=false",
+    )  # fmt: skip
+    env = {**os.environ, "KUBECONFIG": str(_service_account_kubeconfig(cluster, namespace, tmp_path / "sa"))}
+    (port,) = free_ports(1)
+    log = (tmp_path / "operator.log").open("w+")
+    command = [sys.executable, "-m", "loraplex.cli", "operator", "--namespace", namespace]
+    operator = subprocess.Popen(
+        [*command, f"--liveness=http://127.0.0.1:{port}/healthz"], env=env, stdout=log, stderr=log
+    )
+    try:
+        cluster.kubectl("apply", "--namespace", namespace, "-f", str(MANIFESTS / "samples"))
+        base = "qwen2-5-0-5b-instruct"
+        children = [
+            f"deployment/{base}",
+            f"service/{base}",
+            f"configmap/{base}-adapters",
+            f"secret/{base}-access",
+        ]
+        assert wait_until(lambda: _exists(cluster, namespace, *children), 60), log_tail(log)
+        phase = ["get", "bmd", base, "--namespace", namespace, "-o", "jsonpath={.status.phase}"]
+        assert wait_until(lambda: cluster.kubectl(*phase).stdout != "", 30), log_tail(log)
+        cluster.kubectl("delete", "--namespace", namespace, "-f", str(MANIFESTS / "samples"), "--timeout=60s")
+    finally:
+        operator.terminate()
+        operator.wait(timeout=30)
+        helm("uninstall", "lp", kubeconfig, "--namespace", namespace)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    assert "Forbidden" not in log_tail(log, 10**7)
+
+
+def log_tail(log: IO[str], size: int = 4000) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()[-size:]

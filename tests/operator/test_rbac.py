@@ -1,4 +1,7 @@
-"""The operator's RBAC covers what it renders and touches, and nothing dangerous."""
+"""The operator's RBAC covers what it renders and touches, and nothing dangerous.
+
+manifests/rbac/ is rendered from the Helm chart (`python manifests/generate.py`); tests/deploy
+checks it is current and that the operator runs under it without a 403."""
 
 from __future__ import annotations
 
@@ -9,10 +12,13 @@ import yaml
 from loraplex.operator.bmd import BaseModelDeployment
 from loraplex.operator.render import (
     RenderOptions,
+    build_access_secret,
     build_configmap,
     build_deployment,
+    build_hpa,
     build_inference_pool,
     build_pdb,
+    build_scaled_object,
     build_service,
 )
 
@@ -23,7 +29,12 @@ PLURALS = {
     "ConfigMap": "configmaps",
     "PodDisruptionBudget": "poddisruptionbudgets",
     "InferencePool": "inferencepools",
+    "Secret": "secrets",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "ScaledObject": "scaledobjects",
 }
+# Children the operator also deletes when the spec stops asking for them.
+DELETED = {"InferencePool", "HorizontalPodAutoscaler", "ScaledObject"}
 
 
 def _rules(name: str) -> list[dict]:
@@ -39,26 +50,37 @@ def _allows(rules: list[dict], group: str, resource: str, verb: str) -> bool:
     )
 
 
-def test_operator_may_apply_every_rendered_child() -> None:
+def _bmd(autoscaling: dict) -> BaseModelDeployment:
     body = {
         "metadata": {"name": "g", "namespace": "n", "uid": "u"},
         "spec": {
             "model": {"id": "m"},
             "routing": {"inferencePool": {"enabled": True, "endpointPickerRef": {"name": "epp"}}},
+            "autoscaling": autoscaling,
         },
     }
-    bmd = BaseModelDeployment.from_body(body)
+    return BaseModelDeployment.from_body(body)
+
+
+def test_operator_may_apply_every_rendered_child() -> None:
+    bmd = _bmd({"maxReplicas": 3})
+    keda = _bmd({"maxReplicas": 3, "provider": "KEDA", "serverAddress": "http://prometheus:9090"})
     children = [
         build_deployment(bmd, RenderOptions()),
         build_service(bmd),
         build_configmap(bmd, []),
         build_pdb(bmd, RenderOptions()),
         build_inference_pool(bmd),
+        build_access_secret(bmd, "{}"),
+        build_hpa(bmd),
+        build_scaled_object(keda),
     ]
+    assert set(PLURALS) == {child["kind"] for child in children}
     rules = _rules("loraplex-operator")
     for child in children:
         group = child["apiVersion"].rpartition("/")[0]
-        for verb in ("create", "patch"):
+        verbs = ("get", "create", "patch", "delete") if child["kind"] in DELETED else ("create", "patch")
+        for verb in verbs:
             assert _allows(rules, group, PLURALS[child["kind"]], verb), (child["kind"], verb)
 
 

@@ -67,10 +67,18 @@ what it renders: tests/operator/test_rbac.py). No pods/exec, no wildcards, Secre
 - apiGroups: [""]
   resources: [pods/status]
   verbs: [patch]
-# API keys the operator presents to the pods' admin API.
+# Secrets: API keys read one by one (no list/watch), and the `<bmd>-access` Secret of key
+# digests written for the pods.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get]
+  verbs: [get, create, patch]
+# spec.autoscaling: an HPA or a KEDA ScaledObject, and the unwanted one deleted.
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, create, patch, delete]
+- apiGroups: [keda.sh]
+  resources: [scaledobjects]
+  verbs: [get, create, patch, delete]
 # kopf: events on warnings.
 - apiGroups: ["", events.k8s.io]
   resources: [events]
