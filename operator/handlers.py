@@ -127,11 +127,11 @@ async def apply_children(
         await kube.apply(pool)
     elif await kube.served(INFERENCE_POOL_API_VERSION, "InferencePool"):
         await kube.delete(INFERENCE_POOL_API_VERSION, "InferencePool", bmd.namespace, bmd.name)
-    await _apply_autoscaler(kube, bmd, memo.hpa_api_version)
     if (state := memo.daemon_states.get(key)) is not None:
         state.configmap_hash = None  # we just wrote the ConfigMap: the daemon re-checks it
         state.access_hash = None
     memo.wakers.wake(key)
+    await _apply_autoscaler(kube, bmd, memo.hpa_api_version)  # last: it may retry (KEDA missing)
 
 
 async def _apply_autoscaler(kube: Kube, bmd: BaseModelDeployment, hpa_api_version: str) -> None:
