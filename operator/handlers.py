@@ -101,7 +101,8 @@ def pod_changed(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_:
 async def apply_children(
     body: kopf.Body, memo: kopf.Memo, adapters_by_base: kopf.Index, namespace_labels: kopf.Index, **_: Any
 ) -> None:
-    """Render and server-side-apply the Deployment, Service, ConfigMap, PDB and InferencePool."""
+    """Render and server-side-apply the Deployment, Service, ConfigMap, PDB, InferencePool and
+    autoscaler (HPA or KEDA ScaledObject)."""
     kube: Kube = memo.kube
     try:
         bmd = BaseModelDeployment.from_body(body)
