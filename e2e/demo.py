@@ -19,15 +19,16 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from loraplex.localcluster.binaries import cache_root, find_binary
+from loraplex.localcluster.binaries import cache_root
 from loraplex.localcluster.control_plane import STATE_FILE, LocalCluster
 from loraplex.localcluster.demo_workload import BASE_MODEL, build_workload, manifest
+from loraplex.localcluster.install import install_chart
 from loraplex.localcluster.processes import ManagedProcess, free_ports, pid_alive, stop_group
-from loraplex.operator import crdgen
 
 REPO = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("LORAPLEX_DEMO_STATE", cache_root() / "demo"))
@@ -55,20 +56,6 @@ def start_cluster() -> LocalCluster:
         running.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return LocalCluster.start(with_controllers=True, workdir=workdir, tie_to_parent=False)
-
-
-def install(cluster: LocalCluster) -> None:
-    """The chart without the operator Deployment (no kubelet runs images here). Its CRDs carry
-    CEL rules that the 1.20 API server can't take (helm's server-side apply fails on them), so
-    the same CRDs without CEL are applied first and helm skips its own."""
-    for crd in crdgen.all_crds(cel=False).values():
-        kubectl(cluster, "apply", "-f", "-", input=json.dumps(crd))
-    kubectl(cluster, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-    helm = str(find_binary("helm"))
-    argv = [helm, "upgrade", "--install", RELEASE, str(REPO / "helm" / "loraplex")]
-    argv += ["--kubeconfig", str(cluster.kubeconfig), "-n", RELEASE_NAMESPACE, "--create-namespace"]
-    argv += ["--skip-crds", "--set", "operator.enabled=false", "--wait"]
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
 
 
 def spawn(name: str, argv: list[str], cluster: LocalCluster, env: dict[str, str] | None = None) -> None:
@@ -150,8 +137,17 @@ def generate(address: str, adapter: str | None) -> str:
     parameters = {"max_new_tokens": 8, "details": True, **({"adapter_id": adapter} if adapter else {})}
     body = json.dumps({"inputs": PROMPT, "parameters": parameters}).encode()
     request = urllib.request.Request(f"http://{address}/generate", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as reply:
-        answer = json.loads(reply.read())
+    for _ in range(60):  # 401 until the pod's mounted access Secret names a just-loaded adapter
+        try:
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                answer = json.loads(reply.read())
+                break
+        except urllib.error.HTTPError as error:
+            if error.code != 401:
+                raise
+            time.sleep(1)
+    else:
+        raise SystemExit(f"{adapter} still refused (401) on {address}")
     ids = [token["id"] for token in answer["details"]["tokens"]]
     return f"{answer['generated_text']!r:<40} tokens {ids}"
 
@@ -186,7 +182,7 @@ def up() -> int:
     cluster = start_cluster()
     print(f"  API server {cluster.server}")
     step("Installing the Helm chart (CRDs, RBAC) and starting the operator and the pod runner")
-    install(cluster)
+    install_chart(cluster, RELEASE, RELEASE_NAMESPACE)
     start_operator_and_runner(cluster)
     step("Building the tiny Llama and its LoRA adapters (cached)")
     workload = quietly(build_workload, STATE / "assets")
