@@ -329,3 +329,20 @@ def test_an_orphan_adapter_deletes_at_once_with_the_operator_stopped(live: Live)
         live.kubectl("delete", "lora/haiku", "--timeout=10s")
     finally:
         live.operator.start()
+
+
+def test_scaling_down_stops_the_removed_pods_process(live: Live) -> None:
+    workers = {
+        pod.metadata.name: live.runner.worker(live.namespace, pod.metadata.name) for pod in live.pods()
+    }
+    live.kubectl("scale", "bmd/tiny-llama", "--replicas=2")
+    assert wait_until(lambda: len(live.pods()) == 2, timeout=60)
+    (gone,) = set(workers) - {pod.metadata.name for pod in live.pods()}
+    assert wait_until(lambda: workers[gone].finished.is_set(), timeout=90)
+    assert workers[gone].process is None  # SIGTERM (then SIGKILL after the grace period) reaped it
+
+    def pod_names() -> set[str]:
+        return {pod.metadata.name for pod in live.core.list_namespaced_pod(live.namespace).items}
+
+    # The runner finishes the delete once the process is gone (kubelet's part of it).
+    assert wait_until(lambda: gone not in pod_names(), timeout=30), pod_names()
