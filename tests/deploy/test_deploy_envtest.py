@@ -143,7 +143,9 @@ def test_operator_runs_under_the_chart_rbac(cluster: LocalCluster, tmp_path: Pat
         assert wait_until(lambda: _exists(cluster, namespace, *children), 60), log_tail(log)
         phase = ["get", "bmd", base, "--namespace", namespace, "-o", "jsonpath={.status.phase}"]
         assert wait_until(lambda: cluster.kubectl(*phase).stdout != "", 30), log_tail(log)
-        cluster.kubectl("delete", "--namespace", namespace, "-f", str(MANIFESTS / "samples"), "--timeout=60s")
+        # Adapters first, then the base: the operator's finalizer on the base must come off.
+        for kind in ("lora", "bmd"):
+            cluster.kubectl("delete", kind, "--all", "--namespace", namespace, "--timeout=40s")
     finally:
         operator.terminate()
         operator.wait(timeout=30)
