@@ -37,6 +37,7 @@ ADAPTERS = ("sql", "chat", "poem")  # e2e/demo/adapters.yaml
 LIVE_ADAPTER = "haiku"  # e2e/demo/adapter-live.yaml
 PROMPT = "the model serves"
 WAIT_S = 300
+SERVER_PODS = "app.kubernetes.io/name=loraplex-server"  # the label of every server pod
 
 
 def step(message: str) -> None:
@@ -78,9 +79,10 @@ def _pids() -> dict[str, int]:
 def start_operator_and_runner(cluster: LocalCluster) -> None:
     bin_dir = Path(sys.executable).parent
     liveness = f"http://127.0.0.1:{free_ports(1)[0]}/healthz"
-    operator = [str(bin_dir / "loraplex"), "operator", "--namespace", NAMESPACE, "--liveness", liveness]
+    # Cluster-wide, so `make e2e` can run its own namespace against the demo cluster.
+    operator = [str(bin_dir / "loraplex"), "operator", "--all-namespaces", "--liveness", liveness]
     spawn("operator", operator, cluster, {"LORAPLEX_TICK_SECONDS": "5"})
-    runner = [sys.executable, "-m", "loraplex.localcluster", "pods", "--namespace", NAMESPACE]
+    runner = [sys.executable, "-m", "loraplex.localcluster", "pods", "--selector", SERVER_PODS]
     runner += ["--state-dir", str(STATE / "pods"), "--env", "OMP_NUM_THREADS=1", "--env", "LOG_FORMAT=text"]
     spawn("pod-runner", runner, cluster)
 
