@@ -43,6 +43,18 @@ def test_custom_object_fields_are_declared(source: str, doc: dict[str, Any]) -> 
     MODELS[doc["kind"]].model_validate(doc["spec"])
 
 
+def test_guide_shows_the_shipped_files() -> None:
+    shipped = {
+        (d["kind"], d["metadata"]["name"]): d
+        for path in sorted((MANIFESTS / "gke-autopilot").glob("*.yaml"))
+        for d in documents(path)
+    }
+    shown = [d for d in _guide_documents() if (d["kind"], d["metadata"]["name"]) in shipped]
+    assert len(shown) == 2  # the base and the adapter added live
+    for doc in shown:
+        assert doc == shipped[(doc["kind"], doc["metadata"]["name"])]
+
+
 def test_unknown_field_checker_finds_misspellings() -> None:
     schema = crd_schemas()["BaseModelDeployment"]["properties"]["spec"]
     spec = {"model": {"id": "m", "dType": "x"}, "scheduling": {"tolerations": [{"keys": "a"}]}, "replica": 1}
