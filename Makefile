@@ -40,10 +40,16 @@ lint: install ## ruff check + format check + CRDs up to date
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m loraplex.operator.crdgen --check
+	$(BIN)/python manifests/generate.py --check
 
 .PHONY: crds
-crds: install ## Regenerate crds/ from the pydantic models
+crds: install ## Regenerate crds/ from the pydantic models, then the chart's copy and manifests/
 	$(BIN)/python -m loraplex.operator.crdgen
+	$(BIN)/python manifests/generate.py
+
+.PHONY: manifests
+manifests: install ## Copy crds/ into the chart; render manifests/install.yaml and manifests/rbac/ from it
+	$(BIN)/python manifests/generate.py
 
 .PHONY: format
 format: install ## Apply ruff's fixes and formatting
@@ -61,6 +67,15 @@ cluster-up: install cluster-provision ## Start a local control plane in the back
 
 cluster-down: install ## Stop the local control plane
 	$(BIN)/python -m loraplex.localcluster down
+
+##@ Deployment
+
+HELM ?= $${LORAPLEX_CACHE:-$$HOME/.cache/loraplex}/k8s/bin/helm
+
+.PHONY: helm-lint
+helm-lint: cluster-provision ## helm lint the chart (cluster scope; namespace scope with samples)
+	$(HELM) lint --strict helm/loraplex
+	$(HELM) lint --strict helm/loraplex --set scope=namespace --set samples.enabled=true
 
 ##@ Benchmarks (GPU)
 

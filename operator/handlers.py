@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from loraplex.operator import bmd as bmd_crd
@@ -214,9 +215,13 @@ async def base_deleted(body: kopf.Body, memo: kopf.Memo, adapters_by_base: kopf.
     """Children go by owner reference; attached adapters learn that their base is gone."""
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     for adapter in list(adapters_by_base.get(key, [])):
-        await _refuse(
-            memo.kube, adapter, "BaseModelNotFound", f"BaseModelDeployment {key[0]}/{key[1]} was deleted"
-        )
+        try:
+            await _refuse(
+                memo.kube, adapter, "BaseModelNotFound", f"BaseModelDeployment {key[0]}/{key[1]} was deleted"
+            )
+        except ApiException as error:
+            if error.status != 404:  # deleted together with its base: nothing left to tell
+                raise
 
 
 @kopf.on.create(GROUP, VERSION, lora_crd.PLURAL)

@@ -9,6 +9,7 @@ from typing import Any
 
 from loraplex.operator.bmd import KIND, BaseModelDeployment
 from loraplex.operator.common import API_VERSION, GROUP
+from loraplex.version import __version__
 
 MANAGED_BY = "loraplex-operator"
 BASE_MODEL_LABEL = f"{GROUP}/base-model"
@@ -20,7 +21,7 @@ READINESS_GATE = f"{GROUP}/adapters-ready"
 class RenderOptions:
     """Operator-wide rendering settings (from the operator's own configuration, not the CR)."""
 
-    default_image: str = "ghcr.io/loraplex/loraplex:latest"
+    default_image: str = f"ghcr.io/loraplex/server:{__version__}"  # images/server.Dockerfile
     # policy/v1 needs Kubernetes 1.21+; the local 1.20 control plane serves only policy/v1beta1.
     pdb_api_version: str = "policy/v1"
 
