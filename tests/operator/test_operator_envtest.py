@@ -239,6 +239,7 @@ def test_bad_adapters_fail_with_the_engines_reason_and_the_others_stay_ready(liv
 def test_a_fourth_adapter_hot_loads_while_requests_run(live: Live) -> None:
     before = {pod.metadata.name: pod.status.container_statuses[0].restart_count for pod in live.pods()}
     urls = [live.url(pod) for pod in before]
+    serving = live.endpoint_ips()
     results: list[int] = []
     stop = threading.Event()
 
@@ -250,7 +251,12 @@ def test_a_fourth_adapter_hot_loads_while_requests_run(live: Live) -> None:
     thread.start()
     try:
         live.apply(manifest("adapter-live.yaml", live.workload))
-        assert wait_until(ready_everywhere(live, ["haiku"], 2), timeout=60), live.adapter("haiku")
+
+        def loaded_and_still_serving() -> bool:
+            assert live.endpoint_ips() == serving  # no pod leaves the Service for a hot-load
+            return ready_everywhere(live, ["haiku"], 2)()
+
+        assert wait_until(loaded_and_still_serving, timeout=60), live.adapter("haiku")
     finally:
         stop.set()
         thread.join()
@@ -259,9 +265,8 @@ def test_a_fourth_adapter_hot_loads_while_requests_run(live: Live) -> None:
     assert after == before  # same pods, no container restart
     expected = (200, {"generated_text": reference_text(live.workload, "d8")})
     for url in urls:  # 401 until the pod's mounted access Secret names the new adapter
-        assert wait_until(lambda url=url: generate(url, "haiku") == expected, timeout=30), generate(
-            url, "haiku"
-        )
+        answered = wait_until(lambda url=url: generate(url, "haiku") == expected, timeout=30)
+        assert answered, generate(url, "haiku")
 
 
 def test_a_crashed_server_is_restarted_and_reloaded_before_it_takes_traffic(live: Live) -> None:
