@@ -82,3 +82,18 @@ helm-lint: cluster-provision ## helm lint the chart (cluster scope; namespace sc
 .PHONY: bench-kernels
 bench-kernels: install ## Batched-LoRA kernel benchmark; needs CUDA (docs/benchmarks/kernels.md)
 	$(BIN)/python bench/kernels.py
+
+##@ Demo and end to end
+
+.PHONY: demo demo-down e2e e2e-kind
+demo: install cluster-provision ## The whole loop locally: cluster, chart, operator, 2 pods, 3 adapters, live hot-load
+	$(BIN)/python e2e/demo.py up
+
+demo-down: install ## Stop everything `make demo` started
+	$(BIN)/python e2e/demo.py down
+
+e2e: install ## The e2e suite against $$KUBECONFIG (settings: e2e/conftest.py)
+	$(BIN)/pytest e2e $(PYTEST_ARGS)
+
+e2e-kind: install ## The e2e suite on kind (needs docker, kind, helm; LORAPLEX_E2E_MANIFESTS=hub-backed manifests)
+	PYTHON=$(BIN)/python bash e2e/kind.sh $(PYTEST_ARGS)
