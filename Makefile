@@ -79,9 +79,19 @@ helm-lint: cluster-provision ## helm lint the chart (cluster scope; namespace sc
 
 ##@ Benchmarks (GPU)
 
-.PHONY: bench-kernels
+.PHONY: bench-kernels bench-engine bench-serve bench-smoke
 bench-kernels: install ## Batched-LoRA kernel benchmark; needs CUDA (docs/benchmarks/kernels.md)
 	$(BIN)/python bench/kernels.py
+
+bench-engine: install ## Decode-step benchmark vs transformers/PEFT at Gemma-2-2B shapes; needs CUDA
+	$(BIN)/python bench/engine.py
+
+bench-serve: install ## HTTP serving scenarios (adapters, rates, hot-load) then plots; needs CUDA
+	$(BIN)/python bench/run_suite.py --gpu
+	$(BIN)/python bench/plots.py
+
+bench-smoke: install ## The serving benchmark harness on CPU against `loraplex serve --demo` (seconds)
+	$(BIN)/python bench/run_suite.py --smoke
 
 ##@ Demo and end to end
 
@@ -92,7 +102,7 @@ demo: install cluster-provision ## The whole loop locally: cluster, chart, opera
 demo-down: install ## Stop everything `make demo` started
 	$(BIN)/python e2e/demo.py down
 
-e2e: install ## The e2e suite against $$KUBECONFIG (settings: e2e/conftest.py)
+e2e: install ## The e2e suite against the cluster in KUBECONFIG (settings: e2e/conftest.py)
 	$(BIN)/pytest e2e $(PYTEST_ARGS)
 
 e2e-kind: install ## The e2e suite on kind (needs docker, kind, helm; LORAPLEX_E2E_MANIFESTS=hub-backed manifests)
