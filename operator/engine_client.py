@@ -72,6 +72,9 @@ class AdapterReport(BaseModel):
     requests_served: int = 0
     prompt_tokens: int = 0  # since the pod started: the operator sums them into status.tokens
     generated_tokens: int = 0
+    # "open", "protected", or "pending": loaded but not in the pod's mounted keys file yet, which
+    # the server reports as state "loading" (clients would get 401 until the mount refreshes)
+    access: str | None = None
 
 
 class _AdapterList(BaseModel):

@@ -82,6 +82,15 @@ class AccessTable:
             return True
         return self.open is not None and adapter not in self.open
 
+    def access_of(self, adapter: str) -> str:
+        """ "protected" (keys of its own), "open" (deployment key or none) or "pending": a keys
+        file is configured but does not name the adapter yet, so every request would get 401."""
+        if adapter in self.digests:
+            return "protected"
+        if not self.loaded or (self.open is not None and adapter not in self.open):
+            return "pending"
+        return "open"
+
     def adapters_opened_by(self, token: str) -> frozenset[str]:
         """Every adapter whose keys include `token` (each digest compared in constant time)."""
         if not token or not self.salt:

@@ -35,16 +35,27 @@ def with_usage(ctx: ServerContext, info: AdapterInfo) -> AdapterInfo:
     return dataclasses.replace(info, prompt_tokens=totals.prompt, generated_tokens=totals.generated)
 
 
+def adapter_report(ctx: ServerContext, info: AdapterInfo) -> dict[str, Any]:
+    """What `/v1/adapters` says of one adapter. An adapter the mounted keys file does not name
+    yet answers 401 to everyone, so it is reported `loading`, not `ready`: the operator must not
+    call it Ready before clients can reach it."""
+    report = adapter_json(with_usage(ctx, info))
+    report["access"] = ctx.access.table.access_of(info.name)
+    if report["access"] == "pending" and report["state"] == "ready":
+        report["state"] = "loading"
+    return report
+
+
 async def list_adapters(http: web.Request) -> web.Response:
     ctx = get_context(http)
-    adapters = [adapter_json(with_usage(ctx, info)) for info in ctx.engine.list_adapters()]
+    adapters = [adapter_report(ctx, info) for info in ctx.engine.list_adapters()]
     return web.json_response({"object": "list", "data": adapters})
 
 
 async def get_adapter(http: web.Request) -> web.Response:
     ctx = get_context(http)
     info = ctx.engine.get_adapter(http.match_info["name"])
-    return web.json_response(adapter_json(with_usage(ctx, info)))
+    return web.json_response(adapter_report(ctx, info))
 
 
 async def load_adapter(http: web.Request) -> web.Response:
@@ -65,7 +76,7 @@ async def load_adapter(http: web.Request) -> web.Response:
         ctx.metrics.adapter_loads.labels(exc.error_type).inc()
         raise
     ctx.metrics.adapter_loads.labels("ok").inc()
-    return web.json_response(adapter_json(info))
+    return web.json_response(adapter_report(ctx, info))
 
 
 async def unload_adapter(http: web.Request) -> web.Response:

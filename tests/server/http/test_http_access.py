@@ -157,8 +157,16 @@ def test_adapters_the_file_does_not_name_are_closed(url: str, keys_dir: Path) ->
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert call("POST", f"{url}/generate", _generate("c16"), _bearer(DEPLOYMENT_KEY))[0] == 200
+    # ... and reported `loading` meanwhile, so the operator never calls it Ready too early
+    report = call("GET", f"{url}/v1/adapters/a4-copy", None, _bearer(DEPLOYMENT_KEY))[2]
+    assert (report["state"], report["access"]) == ("loading", "pending")
+    listed = call("GET", f"{url}/v1/adapters", None, _bearer(DEPLOYMENT_KEY))[2]["data"]
+    states = {item["name"]: (item["state"], item["access"]) for item in listed}
+    assert states["c16"] == ("ready", "open") and states["a4"] == ("ready", "protected")
     _publish(keys_dir, _keys_document({"a4": [KEY_A], "b8": [KEY_B]}))
     _wait_for(url, "a4-copy", DEPLOYMENT_KEY, 200)
+    report = call("GET", f"{url}/v1/adapters/a4-copy", None, _bearer(DEPLOYMENT_KEY))[2]
+    assert (report["state"], report["access"]) == ("ready", "open")
 
 
 def test_rotation_takes_effect_without_restart(url: str, keys_dir: Path) -> None:

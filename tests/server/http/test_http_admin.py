@@ -17,7 +17,7 @@ from loraplex.server.async_engine import AsyncEngine, load_local_adapter
 from loraplex.server.engine import EngineConfig
 from loraplex.server.engine_api import AdapterInfo, LoadAdapterSpec
 
-FIELDS = {f.name for f in dataclasses.fields(AdapterInfo)}
+FIELDS = {f.name for f in dataclasses.fields(AdapterInfo)} | {"access"}  # + what the HTTP layer knows
 
 
 def _generate(server: LiveServer, adapter: str | None) -> tuple[int, dict]:
