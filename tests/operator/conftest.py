@@ -119,3 +119,11 @@ async def start_fake_pod() -> AsyncIterator[Callable[..., Awaitable[FakePod]]]:
     yield start
     for server in servers:
         await server.close()
+
+
+@pytest.fixture(scope="module")
+def crds(local_cluster) -> None:
+    """Both CRDs (no CEL: the local API server is 1.20), applied and Established (idempotent)."""
+    from loraplex.localcluster.install import apply_crds
+
+    apply_crds(local_cluster)

@@ -32,7 +32,6 @@ from loraplex.localcluster.control_plane import LocalCluster
 from loraplex.localcluster.demo_workload import build_workload, manifest
 from loraplex.localcluster.pod_runner import PodRunner
 from loraplex.localcluster.processes import wait_until
-from loraplex.operator import crdgen
 
 pytestmark = pytest.mark.envtest
 GROUP, VERSION, PLURAL = "loraplex.dev", "v1alpha1", "basemodeldeployments"
@@ -47,20 +46,6 @@ spec:
   autoscaling: {minReplicas: 1, maxReplicas: 4, metric: runningRequests, target: 8,
                 scaleDownStabilizationSeconds: 120}
 """
-
-
-@pytest.fixture(scope="module")
-def crds(local_cluster: LocalCluster) -> None:
-    with local_cluster.api_client() as api:
-        extensions = client.ApiextensionsV1Api(api)
-        for crd in crdgen.all_crds(cel=False).values():  # 1.20 has no CEL
-            local_cluster.kubectl("apply", "-f", "-", input=json.dumps(crd))
-
-            def established(name: str = crd["metadata"]["name"]) -> bool:
-                conditions = extensions.read_custom_resource_definition(name).status.conditions or []
-                return any(c.type == "Established" and c.status == "True" for c in conditions)
-
-            assert wait_until(established, timeout=30)
 
 
 @pytest.fixture

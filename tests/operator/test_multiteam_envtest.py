@@ -27,7 +27,6 @@ from loraplex.localcluster.control_plane import LocalCluster
 from loraplex.localcluster.demo_workload import Workload, build_workload
 from loraplex.localcluster.pod_runner import PodRunner
 from loraplex.localcluster.processes import wait_until
-from loraplex.operator import crdgen
 
 pytestmark = pytest.mark.envtest
 GROUP, VERSION = "loraplex.dev", "v1alpha1"
@@ -125,14 +124,6 @@ def base_model(workload: Workload, label: str) -> dict[str, Any]:
         "metadata": {"name": BASE},
         "spec": spec,
     }
-
-
-@pytest.fixture(scope="module")
-def crds(local_cluster: LocalCluster) -> None:
-    for crd in crdgen.all_crds(cel=False).values():  # the local 1.20 API server has no CEL
-        local_cluster.kubectl("apply", "-f", "-", input=json.dumps(crd))
-    for crd in crdgen.all_crds(cel=False).values():
-        local_cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd['metadata']['name']}")
 
 
 @pytest.fixture(scope="module")

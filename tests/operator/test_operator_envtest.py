@@ -25,27 +25,12 @@ from loraplex.localcluster.control_plane import LocalCluster
 from loraplex.localcluster.demo_workload import Workload, build_workload, manifest
 from loraplex.localcluster.pod_runner import PodRunner
 from loraplex.localcluster.processes import wait_until
-from loraplex.operator import crdgen
 
 pytestmark = pytest.mark.envtest
 GROUP, VERSION = "loraplex.dev", "v1alpha1"
 BASE, SELECTOR = "tiny-llama", "app.kubernetes.io/instance=tiny-llama"
 GOOD = {"sql": "a4", "chat": "b8", "poem": "c16"}  # adapter -> recipe (e2e/demo/adapters.yaml)
 PROMPT, MAX_NEW = "the model serves", 6
-
-
-@pytest.fixture(scope="module")
-def crds(local_cluster: LocalCluster) -> None:
-    with local_cluster.api_client() as api:
-        extensions = client.ApiextensionsV1Api(api)
-        for crd in crdgen.all_crds(cel=False).values():  # 1.20 has no CEL
-            local_cluster.kubectl("apply", "-f", "-", input=json.dumps(crd))
-
-            def established(name: str = crd["metadata"]["name"]) -> bool:
-                conditions = extensions.read_custom_resource_definition(name).status.conditions or []
-                return any(c.type == "Established" and c.status == "True" for c in conditions)
-
-            assert wait_until(established, timeout=30)
 
 
 class Operator:
