@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from benchutil import copy_bandwidth, markdown_table
 
 from loraplex.kernels import paged_attention
 from loraplex.server.forward_batch import ForwardBatch, SequenceChunk
@@ -152,16 +153,6 @@ def time_graph(fn: Callable[[], object]) -> float:
     return ms * 1e3
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write of 1 GiB)."""
-    import triton.testing
-
-    src = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
-
-
 def measure(
     shapes: Shapes, point: Point, dtype: torch.dtype, device: str = "cuda", timer: Timer = time_graph
 ) -> Result:
@@ -196,13 +187,6 @@ def row(result: Result, copy_bw: float) -> dict[str, float | int | str]:
     }  # fmt: skip
 
 
-def table(rows: list[dict]) -> str:
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(r[k]) for k in head) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def write_reports(results: list[Result], copy_bw: float, dtype: str, json_path: Path, md_path: Path) -> None:
     env = {
         "gpu": torch.cuda.get_device_name(),
@@ -228,7 +212,7 @@ def write_reports(results: list[Result], copy_bw: float, dtype: str, json_path: 
         "alone; `*_layer_us`: the engine's attention layer (K/V store + attention) with each backend; "
         "`rel_err`: Triton layer against the torch layer.",
         "",
-        table(rows),
+        markdown_table(rows),
         "",
     ]
     md_path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for point in points:
         results.append(measure(shapes, point, dtype))
-        print(table([row(results[-1], copy_bw)]).splitlines()[-1], flush=True)
+        print(markdown_table([row(results[-1], copy_bw)]).splitlines()[-1], flush=True)
         torch.cuda.empty_cache()
-    print(table([row(r, copy_bw) for r in results]))
+    print(markdown_table([row(r, copy_bw) for r in results]))
     write_reports(results, copy_bw, args.dtype, args.json, args.markdown)
     print(f"wrote {args.markdown} and {args.json}")
     return 0

@@ -21,7 +21,6 @@ import gc
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 import baselines  # bench/ is sys.path[0] when run as a script
 import random_checkpoint
 import torch
+from benchutil import copy_bandwidth, git_commit, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = Path("/tmp/loraplex-bench/gemma-2-2b")
@@ -93,16 +93,6 @@ def floors_for(config: dict, rank: int, copy_bytes_per_s: float) -> Floors:
 def sweep(batches: list[int], adapters: list[int]) -> list[Point]:
     """Every batch x adapters pair where the batch can hold that many distinct adapters."""
     return [Point(b, a) for b in batches for a in adapters if a <= b]
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write of 1 GiB), as bench/kernels.py measures it."""
-    import triton.testing
-
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3)
 
 
 def build_engine(checkpoint: Path, adapter_dirs: list[Path], args: argparse.Namespace, device: str = "cuda"):
@@ -207,16 +197,6 @@ def measure_point(engine, point: Point, args: argparse.Namespace, floors: Floors
     )
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def environment(floors: Floors) -> dict:
     import transformers
 
@@ -231,15 +211,6 @@ def environment(floors: Floors) -> dict:
         "weight_GB": round(floors.weight_bytes / 1e9, 3),
         "adapter_MB": round(floors.adapter_bytes / 1e6, 1),
     }
-
-
-def table(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def headline(results: list[PointResult], base: list[dict]) -> str:
@@ -278,11 +249,11 @@ def write_reports(results: list[PointResult], base: list[dict], env: dict, args:
         "",
         headline(results, base),
         "",
-        table(rows),
+        markdown_table(rows),
         "",
     ]
     if base:
-        md += ["## Baselines (same process, same checkpoint)", "", table(base), ""]
+        md += ["## Baselines (same process, same checkpoint)", "", markdown_table(base), ""]
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
     args.markdown.write_text("\n".join(md))
 
@@ -346,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         base = [r.row() for r in found]
         print(json.dumps(base), flush=True)
     write_reports(results, base, environment(floors), args)
-    print(table([r.row() for r in results]))
+    print(markdown_table([r.row() for r in results]))
     print(f"wrote {args.markdown} and {args.json}")
     return 0
 

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from benchutil import copy_bandwidth, markdown_table
 
 from loraplex.kernels import reference, triton_lora
 from loraplex.kernels.meta import LoraBatchMeta
@@ -170,16 +171,6 @@ def time_graph(fn: Callable[[], None]) -> float:
     return ms * 1e3
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write of 1 GiB)."""
-    import triton.testing
-
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3)
-
-
 def check_accuracy(layer: Layer) -> float:
     """Largest relative error of the Triton layer against the reference, over the groups."""
     worst = 0.0
@@ -261,13 +252,6 @@ def row(result: Result, copy_bw: float) -> dict[str, float | int | str]:
     }  # fmt: skip
 
 
-def table(rows: list[dict]) -> str:
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(r[k]) for k in head) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def headline(results: list[Result], copy_bw: float) -> str:
     hits = [r for r in results if r.point == Point("gemma-2-2b", 32, 32, 16)]
     if not hits:
@@ -320,7 +304,7 @@ def write_reports(
         "",
         headline(results, copy_bw),
         "",
-        table(rows),
+        markdown_table(rows),
         "",
     ]
     if tuning:
@@ -330,7 +314,7 @@ def write_reports(
             "Each kernel alone (graph replay, median): the launchers' default tiles against the fastest "
             "of a small grid (`bench/kernels.py --tune`).",
             "",
-            table(tuning),
+            markdown_table(tuning),
             "",
         ]
     md_path.parent.mkdir(parents=True, exist_ok=True)
@@ -370,9 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for point in sweep(args):
         results.append(measure(point, getattr(torch, args.dtype)))
-        print(table([row(results[-1], copy_bw)]).splitlines()[-1], flush=True)
+        print(markdown_table([row(results[-1], copy_bw)]).splitlines()[-1], flush=True)
         torch.cuda.empty_cache()
-    print(table([row(r, copy_bw) for r in results]))
+    print(markdown_table([row(r, copy_bw) for r in results]))
     print(headline(results, copy_bw))
     tuning = tune(Point("gemma-2-2b", 32, 32, 16), getattr(torch, args.dtype)) if args.tune else None
     env = environment(copy_bw, args.dtype)

@@ -14,9 +14,15 @@ import json
 import sys
 from pathlib import Path
 
+from benchutil import markdown_table
+
 ROOT = Path(__file__).resolve().parent.parent
 # issue 9's targets: (description, ratio that must hold)
 PEFT_FACTOR, LORA_OFF_SHARE, THOUSAND_SHARE = 300.0, 0.8, 0.7
+
+
+def results_table(rows: list[dict]) -> str:
+    return markdown_table(rows, empty="(no results)")
 
 
 def load(results: Path, name: str) -> dict | None:
@@ -188,14 +194,6 @@ def targets(engine: dict | None, adapters: dict | None) -> list[dict]:
     ]  # fmt: skip
 
 
-def table(rows: list[dict]) -> str:
-    if not rows:
-        return "(no results)"
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    return "\n".join(lines + ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows])
-
-
 def load_rows(points: list[dict], first: tuple[str, ...]) -> list[dict]:
     """One table row per load point: its own keys, then throughput and latency percentiles (ms)."""
     return [
@@ -237,17 +235,17 @@ def write_serve_markdown(results: Path, md_path: Path) -> Path:
         "",
         "## Targets (issue 9)",
         "",
-        table(targets(engine, adapters)),
+        results_table(targets(engine, adapters)),
         "",
     ]
     if adapters:
         md += ["## Throughput vs adapters (closed loop; 0 = LoRA off)", "",
-               table(load_rows(adapters["points"], ("api", "adapters_in_use"))), ""]  # fmt: skip
+               results_table(load_rows(adapters["points"], ("api", "adapters_in_use"))), ""]  # fmt: skip
     if rates:
         md += [
             "## Poisson arrivals over 32 adapters",
             "",
-            table(load_rows(rates["points"], ("offered_rate",))),
+            results_table(load_rows(rates["points"], ("offered_rate",))),
             "",
         ]
     if hotload:
@@ -255,10 +253,10 @@ def write_serve_markdown(results: Path, md_path: Path) -> Path:
         md += ["## Hot-loading adapters under load", "",
                f"{len(loads)} adapters loaded one after another, each in "
                + ", ".join(f"{load['end_s'] - load['start_s']:.2f} s" for load in loads) + ".", "",
-               table(hotload_rows(hotload)), ""]  # fmt: skip
+               results_table(hotload_rows(hotload)), ""]  # fmt: skip
     rows = comparison_rows(engine, adapters)
     if rows:
-        md += ["## loraplex vs baselines", "", table(rows), ""]
+        md += ["## loraplex vs baselines", "", results_table(rows), ""]
     md_path.write_text("\n".join(md))
     return md_path
 

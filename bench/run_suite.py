@@ -35,7 +35,7 @@ from pathlib import Path
 import plots  # bench/ is sys.path[0] when run as a script
 import random_checkpoint
 import serve
-from engine import git_commit
+from benchutil import git_commit
 from server_process import ServerProcess, http_json
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
 
 
@@ -18,10 +20,12 @@ def bench():
     spec = importlib.util.spec_from_file_location("loraplex_bench_kernels", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    sys.path.insert(0, str(BENCH_DIR))  # the script imports its sibling benchutil.py
     try:
         spec.loader.exec_module(module)
         yield module
     finally:
+        sys.path.remove(str(BENCH_DIR))
         del sys.modules[spec.name]
 
 

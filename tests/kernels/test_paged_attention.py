@@ -29,6 +29,8 @@ from loraplex.server.layers.attention import ATTENTION_ENV, attention_backend
 from loraplex.server.layers.metadata import build_forward_metadata
 from loraplex.server.model_runner import ModelRunner, RunnerConfig
 
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 KV_HEADS = 2
 
@@ -465,10 +467,12 @@ def bench():
     spec = importlib.util.spec_from_file_location("loraplex_bench_attention", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    sys.path.insert(0, str(BENCH_DIR))  # the script imports its sibling benchutil.py
     try:
         spec.loader.exec_module(module)
         yield module
     finally:
+        sys.path.remove(str(BENCH_DIR))
         del sys.modules[spec.name]
 
 
