@@ -62,6 +62,7 @@ _LOAD_CLIENT_ERRORS = {
     "unsupported": 422,
     "too_large": 413,
     "adapter_not_found": 404,  # nothing at the adapter's source
+    "credentials": 403,  # the store refused (or found no) credentials for the source
     "adapter_download": 502,  # the source's server failed us
 }
 
