@@ -45,7 +45,7 @@ def fetch_adapter(source: AdapterSource, staging: Path, options: FetchOptions) -
 
 
 def _store(source: AdapterSource, options: FetchOptions) -> ObjectStore:
-    return open_store(source.scheme, source.location, options.credentials_dir)
+    return open_store(source.scheme, source.location, options.credentials)
 
 
 def _key(source: AdapterSource, name: str) -> str:

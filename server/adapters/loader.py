@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from loraplex.server.adapters.credentials import read_credentials
 from loraplex.server.adapters.errors import SourceError
 from loraplex.server.adapters.lora_weights import LoraWeights
 from loraplex.server.adapters.peft_format import WEIGHTS_FILE, AdapterValidationError, load_peft_adapter
@@ -68,6 +69,7 @@ class SourceLoader:
             sha256=spec.sha256,
             max_bytes=self.config.max_adapter_bytes,
             progress=_ProgressLog(spec.name),
+            credentials=read_credentials(spec.name),
         )
         try:
             return fetch(parse_source(spec.source, spec.revision), options)

@@ -2,9 +2,9 @@
 
 One small interface over `google-cloud-storage` and `boto3`, used for adapters
 (`sources.py`) and base models (`model_loader.py`). Credentials, in order:
-- a credentials directory (the operator mounts the keys named by `source.credentialsSecretRef`
-  there): `service-account.json` for gs://, `AWS_ACCESS_KEY_ID` + `AWS_SECRET_ACCESS_KEY`
-  (+ `AWS_SESSION_TOKEN`) for s3://;
+- explicit keys (`credentials.py` reads the ones the operator copied from
+  `source.credentialsSecretRef`): `service-account.json` for gs://, `AWS_ACCESS_KEY_ID` +
+  `AWS_SECRET_ACCESS_KEY` (+ `AWS_SESSION_TOKEN`) for s3://;
 - else the library's own chain: on GKE, Workload Identity through the metadata server (no key);
   `STORAGE_EMULATOR_HOST` / `AWS_ENDPOINT_URL_S3` point the clients at other endpoints.
 
@@ -15,8 +15,9 @@ whose `error_type` says whose fault it is: `credentials` (401/403), `adapter_not
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -45,11 +46,11 @@ class ObjectStore(Protocol):
     def read_into(self, obj: StoredObject, start: int, out: BinaryIO) -> None: ...
 
 
-def open_store(scheme: str, bucket: str, credentials_dir: Path | None = None) -> ObjectStore:
+def open_store(scheme: str, bucket: str, credentials: Mapping[str, str] | None = None) -> ObjectStore:
     opener = {"gs": GcsStore, "s3": S3Store}.get(scheme)
     if opener is None:
         raise SourceError(f"{scheme}:// is not an object store", "validation")
-    return opener(bucket, credentials_dir)
+    return opener(bucket, credentials or {})
 
 
 def download(store: ObjectStore, obj: StoredObject, dest: Path, progress: Progress | None = None) -> Path:
@@ -73,7 +74,7 @@ def download(store: ObjectStore, obj: StoredObject, dest: Path, progress: Progre
 
 
 class GcsStore:
-    def __init__(self, bucket: str, credentials_dir: Path | None = None) -> None:
+    def __init__(self, bucket: str, credentials: Mapping[str, str]) -> None:
         try:
             from google.cloud import storage
         except ImportError as exc:
@@ -81,10 +82,9 @@ class GcsStore:
                 "gs:// needs the `gcs` extra: pip install 'loraplex[gcs]'", "unsupported"
             ) from exc
         self.url = f"gs://{bucket}"
-        key_file = credentials_dir / GCS_KEY_FILE if credentials_dir else None
         with _gcs_errors(self.url):
-            if key_file is not None and key_file.is_file():
-                client = storage.Client.from_service_account_json(str(key_file))
+            if GCS_KEY_FILE in credentials:
+                client = storage.Client.from_service_account_info(json.loads(credentials[GCS_KEY_FILE]))
             else:
                 client = storage.Client()  # ADC: Workload Identity on GKE, emulator when configured
         self._bucket = client.bucket(bucket)
@@ -135,7 +135,7 @@ class _gcs_errors:
 
 
 class S3Store:
-    def __init__(self, bucket: str, credentials_dir: Path | None = None) -> None:
+    def __init__(self, bucket: str, credentials: Mapping[str, str]) -> None:
         try:
             import boto3
         except ImportError as exc:
@@ -144,11 +144,10 @@ class S3Store:
             ) from exc
         self.url = f"s3://{bucket}"
         self.bucket = bucket
-        keys = _read_keys(credentials_dir, AWS_KEY_FILES) if credentials_dir else {}
         session = boto3.session.Session(
-            aws_access_key_id=keys.get("AWS_ACCESS_KEY_ID"),
-            aws_secret_access_key=keys.get("AWS_SECRET_ACCESS_KEY"),
-            aws_session_token=keys.get("AWS_SESSION_TOKEN"),
+            aws_access_key_id=credentials.get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=credentials.get("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=credentials.get("AWS_SESSION_TOKEN"),
         )
         # boto3 itself honours AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, moto, other clouds).
         self._client = session.client("s3")
@@ -203,7 +202,3 @@ class _s3_errors(_gcs_errors):
         if isinstance(exc, boto.BotoCoreError | OSError):
             raise SourceError(f"{self.where}: {exc}", "adapter_download") from exc
         return False
-
-
-def _read_keys(directory: Path, names: tuple[str, ...]) -> dict[str, str]:
-    return {name: (directory / name).read_text().strip() for name in names if (directory / name).is_file()}

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -92,7 +92,7 @@ class FetchOptions:
     sha256: str | None = None
     max_bytes: int = 2 << 30
     progress: Callable[[int, int | None], None] | None = None  # (bytes done, total)
-    credentials_dir: Path | None = None  # gs/s3 keys mounted from source.credentialsSecretRef
+    credentials: Mapping[str, str] | None = None  # gs/s3 keys from source.credentialsSecretRef
 
 
 def fetch(source: AdapterSource, options: FetchOptions) -> Path:

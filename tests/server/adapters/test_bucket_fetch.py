@@ -100,7 +100,7 @@ class _RefusingTokenEndpoint(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def revoked_key_dir(tmp_path: Path):
+def revoked_key(tmp_path: Path):
     """A real service-account key file whose token endpoint refuses it (the emulator checks no auth)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -119,21 +119,18 @@ def revoked_key_dir(tmp_path: Path):
         "client_id": "1",
         "token_uri": f"http://127.0.0.1:{server.server_address[1]}/token",
     }
-    directory = tmp_path / "creds"
-    directory.mkdir()
-    (directory / "service-account.json").write_text(json.dumps(key))
-    yield directory
+    yield {"service-account.json": json.dumps(key)}
     server.shutdown()
 
 
 def test_gs_refused_credentials_are_typed(
-    gcs_bucket, gcs_upload, llama_adapters, revoked_key_dir, tmp_path
+    gcs_bucket, gcs_upload, llama_adapters, revoked_key, tmp_path
 ) -> None:
     gcs_upload(gcs_bucket, llama_adapters["a4"], "a4")
     with pytest.raises(SourceError) as info:
         fetch(
             parse_source(f"gs://{gcs_bucket.name}/a4"),
-            FetchOptions(tmp_path, credentials_dir=revoked_key_dir),
+            FetchOptions(tmp_path, credentials=revoked_key),
         )
     assert info.value.error_type == "credentials" and "invalid_grant" in str(info.value)
 
@@ -180,26 +177,23 @@ def test_s3_missing_object(s3_bucket, tmp_path: Path) -> None:
     assert info.value.error_type == "adapter_not_found"
 
 
-def _key_dir(root: Path, access: str, secret: str) -> Path:
-    root.mkdir()
-    (root / "AWS_ACCESS_KEY_ID").write_text(access + "\n")
-    (root / "AWS_SECRET_ACCESS_KEY").write_text(secret + "\n")
-    return root
+def _keys(access: str, secret: str) -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
 
 
-def test_s3_credentials_dir(s3_env, s3_bucket, s3_upload, llama_adapters, tmp_path, monkeypatch) -> None:
+def test_s3_explicit_keys(s3_env, s3_bucket, s3_upload, llama_adapters, tmp_path, monkeypatch) -> None:
     s3_upload(s3_bucket, llama_adapters["a4"], "a4")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")  # the dir's keys win over the env
-    good = _key_dir(tmp_path / "good", s3_env.access_key, s3_env.secret_key)
-    got = fetch(parse_source(f"s3://{s3_bucket}/a4"), FetchOptions(tmp_path / "c1", credentials_dir=good))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")  # the adapter's keys win over the env
+    good = _keys(s3_env.access_key, s3_env.secret_key)
+    got = fetch(parse_source(f"s3://{s3_bucket}/a4"), FetchOptions(tmp_path / "c1", credentials=good))
     _same_files(got, llama_adapters["a4"])
-    bad = _key_dir(tmp_path / "bad", s3_env.access_key, "not-the-secret")
+    bad = _keys(s3_env.access_key, "not-the-secret")
     with pytest.raises(SourceError) as info:
-        fetch(parse_source(f"s3://{s3_bucket}/a4"), FetchOptions(tmp_path / "c2", credentials_dir=bad))
+        fetch(parse_source(f"s3://{s3_bucket}/a4"), FetchOptions(tmp_path / "c2", credentials=bad))
     assert info.value.error_type == "credentials" and "403" in str(info.value)  # HEAD: no error body
-    unknown = _key_dir(tmp_path / "unknown", "AKIANOBODYNOBODY0000", "x")
+    unknown = _keys("AKIANOBODYNOBODY0000", "x")
     with pytest.raises(SourceError) as who:
-        fetch(parse_source(f"s3://{s3_bucket}/a4"), FetchOptions(tmp_path / "c3", credentials_dir=unknown))
+        fetch(parse_source(f"s3://{s3_bucket}/a4"), FetchOptions(tmp_path / "c3", credentials=unknown))
     assert who.value.error_type == "credentials"
 
 
@@ -209,3 +203,26 @@ def test_credentials_refusal_is_a_403() -> None:
 
     error = from_engine_error(AdapterLoadError("adapter 'a': s3://b/a: credentials refused", "credentials"))
     assert (error.status, error.error_type) == (403, "credentials")
+
+
+def test_loader_uses_the_keys_the_operator_copied(
+    s3_env, s3_bucket, s3_upload, llama_adapters, tmp_path, monkeypatch
+):
+    """CREDENTIALS_DIR holds `<served name>.<key>` files (operator/render/credentials.py); another
+    adapter's keys are never used, and without files the default chain (here: wrong env keys) runs."""
+    from loraplex.server.adapters.loader import LoaderConfig, SourceLoader
+    from loraplex.server.engine_api import AdapterLoadError, LoadAdapterSpec
+
+    s3_upload(s3_bucket, llama_adapters["a4"], "a4")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    mounted = tmp_path / "credentials"
+    mounted.mkdir()
+    (mounted / "team-a.AWS_ACCESS_KEY_ID").write_text(s3_env.access_key)
+    (mounted / "team-a.AWS_SECRET_ACCESS_KEY").write_text(s3_env.secret_key + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIR", str(mounted))
+    loader = SourceLoader(LoaderConfig(cache_dir=tmp_path / "cache"))
+    got = loader.resolve(LoadAdapterSpec("team-a", f"s3://{s3_bucket}/a4"))
+    _same_files(got, llama_adapters["a4"])
+    with pytest.raises(AdapterLoadError) as info:
+        loader.resolve(LoadAdapterSpec("team-b", f"s3://{s3_bucket}/a4"))
+    assert info.value.error_type == "credentials"
