@@ -8,16 +8,19 @@ and writes them into its own Secret `<base>-credentials` as `<served name>.<key>
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from loraplex.server.adapters.object_store import AWS_KEY_FILES, GCS_KEY_FILE
 
-CREDENTIAL_KEYS = (GCS_KEY_FILE, *AWS_KEY_FILES)
+CREDENTIAL_KEYS = (GCS_KEY_FILE, *AWS_KEY_FILES, "token")  # token: hf:// and https:// sources
 
 
-def credential_file(name: str, key: str) -> str:
-    """The file (and operator Secret key) holding `key` for the adapter served as `name`."""
-    return f"{name}.{key}"
+def credential_file(served_name: str, key: str) -> str:
+    """`<served name>.<key>`, with what a Secret key can't hold (`/` of qualified names, `:`) as `_xx`
+    hex escapes: served names never contain `_`, so the mapping is one to one."""
+    safe = re.sub(r"[^A-Za-z0-9.-]", lambda m: f"_{ord(m.group()):02x}", served_name)
+    return f"{safe}.{key}"
 
 
 def read_credentials(name: str, directory: str | Path | None = None) -> dict[str, str]:

@@ -58,7 +58,8 @@ def test_secrets_reach_the_pod_only_as_the_named_keys(bmd, make_bmd) -> None:
     assert env["API_KEY"] == {"secretKeyRef": {"name": "keys", "key": "server"}}
     assert "envFrom" not in _container(deployment)
     secrets = [v["secret"]["secretName"] for v in _pod(deployment)["volumes"] if "secret" in v]
-    assert secrets == ["gemma-access"]  # operator-owned key digests only, never the named Secrets
+    # operator-owned: key digests, and the adapters' store keys copied key by key; never the named Secrets
+    assert secrets == ["gemma-access", "gemma-credentials"]
 
 
 def test_volumes_mount_adapter_list_cache_and_shm(make_bmd) -> None:
