@@ -95,7 +95,7 @@ def test_cpu_pod_has_no_gpu_and_no_accelerator_selector(bmd) -> None:
 
 def test_gke_autopilot_gpu_spot_and_compute_class(make_bmd) -> None:
     gpu = make_bmd(
-        accelerator={"type": "nvidia-l4", "count": 2},
+        accelerator={"type": "nvidia-l4", "count": 1},
         resources={"cpu": 8, "memory": "32Gi"},
         scheduling={
             "spot": True,
@@ -114,7 +114,7 @@ def test_gke_autopilot_gpu_spot_and_compute_class(make_bmd) -> None:
         "cloud.google.com/compute-class": "l4-spot",
     }
     resources = _container(deployment)["resources"]
-    assert resources["limits"]["nvidia.com/gpu"] == "2"
+    assert resources["limits"]["nvidia.com/gpu"] == "1"
     assert resources["requests"]["cpu"] == "8"
     assert resources["requests"]["memory"] == resources["limits"]["memory"] == "32Gi"
     keys = [toleration["key"] for toleration in pod["tolerations"]]
