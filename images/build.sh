@@ -34,7 +34,7 @@ pick_builder() {
 
 builder=$(pick_builder)
 for image in $IMAGES; do
-    ref="$REGISTRY/loraplex-$image:$TAG"
+    ref="$REGISTRY/$image:$TAG"
     echo "== $builder: $ref from images/$image.Dockerfile"
     case "$builder" in
         buildah) buildah bud --layers -f "images/$image.Dockerfile" -t "$ref" . ;;
