@@ -34,7 +34,9 @@ def _pins(lock: Path) -> dict[str, str]:
 
 
 def _run(*args: str, cwd: Path = REPO, timeout: float = 1800, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    result = subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
     assert result.returncode == 0, f"{' '.join(args)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result.stdout
 
@@ -89,7 +91,11 @@ def test_demo_serves_from_the_image_set(image_venv: Path, tmp_path: Path) -> Non
     env = {**os.environ, "LORAPLEX_DEMO_DIR": str(tmp_path / "demo"), "HOSTNAME": "127.0.0.1"}
     cli = str(image_venv / "bin" / "loraplex")
     server = subprocess.Popen(
-        [cli, "serve", "--demo", "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [cli, "serve", "--demo", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 300
@@ -111,8 +117,22 @@ def test_demo_serves_from_the_image_set(image_venv: Path, tmp_path: Path) -> Non
 
 
 def test_server_tier_passes_on_the_image_set(image_venv: Path, tmp_path: Path) -> None:
-    where = _run(str(image_venv / "bin" / "python"), "-c", "import loraplex.server; print(*loraplex.server.__path__)", cwd=tmp_path)
+    where = _run(
+        str(image_venv / "bin" / "python"),
+        "-c",
+        "import loraplex.server; print(*loraplex.server.__path__)",
+        cwd=tmp_path,
+    )
     assert str(image_venv) in where, where  # the installed package, not the checkout
-    args = [str(image_venv / "bin" / "pytest"), "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu", "tests/server"]
+    args = [
+        str(image_venv / "bin" / "pytest"),
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "not gpu",
+        "tests/server",
+    ]
     out = _run(*args, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, timeout=3000)
     assert " passed" in out and " failed" not in out, out[-2000:]

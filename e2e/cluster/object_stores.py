@@ -1,4 +1,5 @@
-"""Real object-store servers on loopback for gs:// and s3:// tests (no mock of the storage protocol).
+"""pytest plugin: real object-store servers on loopback for gs:// and s3:// tests (no mock of the
+storage protocol). Enabled in tests/conftest.py next to `pytest_plugin` (the control plane).
 
 - `gcs_server`: `gcp-storage-emulator` (the GCS JSON API over HTTP), reached by
   `google-cloud-storage` through `STORAGE_EMULATOR_HOST`.
