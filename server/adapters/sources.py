@@ -59,12 +59,17 @@ def parse_source(uri: str, revision: str | None = None) -> AdapterSource:
     uri = uri.strip()
     if not uri:
         raise SourceError("empty adapter source", "validation")
+    if revision and uri.startswith(("file://", "/", "./", "../", "https://", "http://")):
+        # Nothing versions a directory or a URL: accepting a revision here would ignore it.
+        raise SourceError(
+            f"{uri!r}: revision {revision!r} can't be honoured here; pin with sha256", "validation"
+        )
     if uri.startswith("file://"):
         return AdapterSource("file", _absolute(urlparse(uri).path or uri[len("file://") :]))
     if uri.startswith("/") or uri.startswith("./") or uri.startswith("../"):
         return AdapterSource("file", _absolute(uri))
     if uri.startswith("https://") or uri.startswith("http://"):
-        return AdapterSource("https", uri, revision=revision)
+        return AdapterSource("https", uri)
     if uri.startswith(("gs://", "s3://")):
         scheme, rest = uri.split("://", 1)
         bucket, _, prefix = rest.partition("/")

@@ -226,3 +226,10 @@ def test_loader_uses_the_keys_the_operator_copied(
     with pytest.raises(AdapterLoadError) as info:
         loader.resolve(LoadAdapterSpec("team-b", f"s3://{s3_bucket}/a4"))
     assert info.value.error_type == "credentials"
+
+
+@pytest.mark.parametrize("uri", ["file:///data/a", "/data/a", "https://example.org/a.tar.gz"])
+def test_a_revision_nothing_can_honour_is_refused(uri: str) -> None:
+    with pytest.raises(SourceError) as info:
+        parse_source(uri, revision="v2")
+    assert info.value.error_type == "validation" and "sha256" in str(info.value)
