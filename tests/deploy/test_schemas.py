@@ -16,6 +16,7 @@ import yaml
 from chart_tools import CHART, MANIFESTS, ROOT, documents, helm
 from schema_tools import FOREIGN, K8S_VERSIONS, schema_errors
 
+from loraplex.operator import autopilot
 from loraplex.operator.access import access_document
 from loraplex.operator.admission import admit, desired_set
 from loraplex.operator.bmd import BaseModelDeployment
@@ -192,6 +193,12 @@ def _errors(docs: list[dict[str, Any]], version: str) -> list[str]:
 @pytest.mark.parametrize("name", SPECS)
 def test_rendered_objects_are_valid(name: str, version: str) -> None:
     assert _errors(rendered(SPECS[name]), version) == []
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_rendered_pod_is_admitted_by_autopilot_unchanged(name: str) -> None:
+    (deployment,) = [doc for doc in rendered(SPECS[name]) if doc["kind"] == "Deployment"]
+    assert autopilot.check(deployment["spec"]["template"]) == []
 
 
 def test_the_matrix_renders_every_kind_it_claims() -> None:
