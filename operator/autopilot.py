@@ -7,14 +7,18 @@ features (privileged containers, host namespaces, writable hostPath) are refused
 Deployment whose pods Autopilot would reject (`AutopilotRejected`) when
 `spec.scheduling.autopilot` says the cluster is Autopilot.
 
-Where the rules come from (read on `READ_ON`, see `SOURCES`): the policy sentences (raise below
-minimum, reject above maximum, no default requests for GPU pods, 1 GiB default ephemeral
-storage, the CPU:memory ratio of the general-purpose class) were read in stored copies of the
-GKE pages. The stored copies hold the pages' opening sections only, not the per-accelerator
-table further down: the per-GPU figures below are the page's table as recalled, cross-checked
-against the Compute Engine machine shapes each row stands for (e.g. one L4 = up to
-g2-standard-32, 32 vCPU / 128 GB, of which Autopilot leaves 31 vCPU / 115 GiB to the pod).
-Re-read the page before relying on a figure at an edge.
+Where the rules come from (`SOURCES`, read on `READ_ON` in stored copies of the GKE pages,
+which hold each page's opening sections only):
+- read there: a request below the minimum is raised and one above the maximum refused; GPU
+  (Accelerator) pods get no default requests; other containers default to 1 GiB of ephemeral
+  storage; Autopilot applies security constraints of its own (the security page's opening).
+- not in the stored sections, written from the pages as recalled: the per-GPU table (allowed
+  counts; CPU, memory, ephemeral-storage ranges), the general-purpose ranges and its 1:1-1:6.5
+  vCPU:GiB window, the selectable node labels, and the forbidden features (privileged, host
+  namespaces, hostPort, hostPath other than read-only /var/log). A test checks every GPU row
+  against the Compute Engine machine it stands for (one L4 = up to g2-standard-32, 32 vCPU /
+  128 GB, of which Autopilot leaves 31 vCPU / 115 GiB to the pod).
+Re-read the pages before relying on a figure at an edge.
 """
 
 from __future__ import annotations
