@@ -77,6 +77,7 @@ MI = Decimal(2**20)
 class Effect(StrEnum):
     REJECTED = "Rejected"  # Autopilot refuses the pod
     CHANGED = "Changed"  # Autopilot admits it after raising a request
+    UNCHECKED = "Unchecked"  # hardware this table has no row for: not refused here, not vouched for
 
 
 @dataclass(frozen=True)
@@ -240,9 +241,7 @@ def _accelerator(
 ) -> list[Violation]:
     shapes = ACCELERATORS.get(accelerator)
     if shapes is None:
-        return [
-            Violation("accelerator-type", Effect.REJECTED, f"{accelerator} is not in the Autopilot table")
-        ]
+        return [Violation("accelerator-type", Effect.UNCHECKED, f"{accelerator} has no row in this table")]
     count = int(requests.get(GPU_RESOURCE, 0))
     if count not in shapes:
         allowed = ", ".join(map(str, shapes))

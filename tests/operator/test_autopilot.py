@@ -106,7 +106,7 @@ ROWS = [
         None,
         None,
     ),
-    ({"accelerator": {"type": "nvidia-tesla-v100", "count": 1}}, "accelerator-type", Effect.REJECTED),
+    ({"accelerator": {"type": "nvidia-b200", "count": 8}}, "accelerator-type", Effect.UNCHECKED),
     ({"scheduling": {"autopilot": True, "spot": True}}, None, None),
     ({"scheduling": {"autopilot": True, "computeClass": "Accelerator"}}, None, None),
     ({"scheduling": {"autopilot": True, "computeClass": "my-l4-class"}}, None, None),
@@ -205,6 +205,13 @@ def test_the_table_fits_inside_the_machines_it_stands_for() -> None:
         "security",
         "gpus",
     }
+
+
+def test_hardware_without_a_row_is_not_refused() -> None:
+    spec = _l4()
+    spec["accelerator"] = {"type": "nvidia-h200-141gb", "count": 8}
+    assert [item.effect for item in check(_pod(spec))] == [Effect.UNCHECKED]
+    assert rejected_condition(_bmd(spec)) is None
 
 
 def test_rejections_are_reported_only_when_scheduling_says_autopilot() -> None:
