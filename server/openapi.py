@@ -33,6 +33,7 @@ ROUTES: tuple[Route, ...] = (
     Route("post", "/generate_stream", "TGI generate, streamed as SSE (no [DONE])", "tgi", s.TGIGenerateRequest,
           streams=True),
     Route("get", "/info", "TGI server info, with the loaded adapters", "tgi"),
+    Route("post", "/tokenize", "TGI tokenize: token ids and offsets of `inputs`", "tgi", s.TokenizeRequest),
     Route("post", "/v1/completions", "OpenAI completions; `model` = adapter or base name", "openai",
           s.CompletionRequest, streams=True),
     Route("post", "/v1/chat/completions", "OpenAI chat completions (the tokenizer's chat template)", "openai",
