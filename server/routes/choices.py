@@ -100,7 +100,11 @@ def cumulative_logprob(events: Sequence[TokenEvent]) -> float:
     return sum(e.logprob or 0.0 for e in events if e.token_id is not None)
 
 
+def ranked(candidates: Sequence[Sequence[TokenEvent]]) -> list[int]:
+    """Candidate indices, highest cumulative logprob first (TGI's and vLLM's `best_of` order)."""
+    return sorted(range(len(candidates)), key=lambda i: -cumulative_logprob(candidates[i]))
+
+
 def best_choices(candidates: Sequence[Sequence[TokenEvent]], n: int) -> list[int]:
-    """Indices of the `n` candidates with the highest cumulative logprob (vLLM's and TGI's `best_of`)."""
-    order = sorted(range(len(candidates)), key=lambda i: -cumulative_logprob(candidates[i]))
-    return sorted(order[:n]) if n == len(candidates) else order[:n]
+    """Indices of the `n` best candidates; all of them in their own order when `n` is all."""
+    return list(range(n)) if n == len(candidates) else ranked(candidates)[:n]

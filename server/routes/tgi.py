@@ -25,7 +25,7 @@ from loraplex.server.api_schemas import (
     unsupported_fields_set,
 )
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent, TokenLogprob
-from loraplex.server.routes.choices import best_choices, choice_requests, collect, open_streams
+from loraplex.server.routes.choices import choice_requests, collect, open_streams, ranked
 from loraplex.server.routes.context import ServerContext, get_context
 from loraplex.server.routes.errors import ApiError, read_json
 from loraplex.server.routes.generation import (
@@ -181,7 +181,7 @@ async def generate_json(
     p = body.parameters
     async with open_streams(ctx, requests, "generate") as streams:
         outputs = await collect(streams)
-    order = best_choices(outputs, len(outputs))  # best first
+    order = ranked(outputs)  # best first
     best = _Sequence(ctx, outputs[order[0]])
 
     def full(text: str) -> str:
