@@ -26,6 +26,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
+	# TGI's client pins huggingface-hub<1.0, which transformers 5 can't use; it runs fine on 1.x/2.x
+	$(BIN)/pip install -q --no-deps "text-generation==0.7.0"
 	touch $@
 
 .PHONY: install
