@@ -9,7 +9,9 @@ One resolution, five requirement sets (Linux x86_64, CPython 3.11, every line ha
 - `operator.txt`     the operator image: the `operator` extra only (no torch).
 
 `server-cuda.txt` is resolved first and every other set is constrained to its versions, so
-torch, Triton and transformers are the same everywhere; tests/test_locks.py checks it.
+torch, Triton and transformers are the same everywhere; tests/test_locks.py checks it. The
+`[tool.loraplex.lock] no-deps` packages are appended to the dev sets, hash-pinned, without
+their dependencies (every install from a lock is `--no-deps`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ def normalise(name: str) -> str:
     return name.strip().lower().replace("_", "-").replace(".", "-").split("[")[0]
 
 
+def no_deps_requirements() -> list[str]:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return pyproject.get("tool", {}).get("loraplex", {}).get("lock", {}).get("no-deps", [])
+
+
 def operator_requirements() -> list[str]:
     """The `operator` extra plus the build backend (the image builds the wheel without isolation)."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -87,7 +94,22 @@ def compile_target(name: str, uv: str, work: Path) -> None:
         cmd += ["--constraint", str(constraints)]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
+    if extras and "test" in extras and no_deps_requirements():
+        _append_no_deps(uv, LOCKS / f"{name}.txt", work)
     _finish(LOCKS / f"{name}.txt", name, work)
+
+
+def _append_no_deps(uv: str, lock: Path, work: Path) -> None:
+    requirements = work / "no-deps.in"
+    requirements.write_text("\n".join(no_deps_requirements()) + "\n")
+    out = work / "no-deps.txt"
+    cmd = [uv, "pip", "compile", *PLATFORM, "--generate-hashes", "--no-header", "--quiet", "--no-deps"]
+    subprocess.run([*cmd, "--index-url", PYPI, "-o", str(out), str(requirements)], check=True, cwd=REPO)
+    lock.write_text(
+        lock.read_text()
+        + "# installed without its dependencies ([tool.loraplex.lock] no-deps):\n"
+        + out.read_text()
+    )
 
 
 def is_cuda_runtime(name: str) -> bool:

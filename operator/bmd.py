@@ -131,6 +131,14 @@ class SchedulingSpec(K8sModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     priority_class_name: str | None = None
+    autopilot: bool = Field(
+        default=False,
+        description=(
+            "The cluster is GKE Autopilot: the operator checks the pods against Autopilot's admission "
+            "rules and reports AutopilotRejected (with the rule) instead of applying a Deployment whose "
+            "pods Autopilot would refuse."
+        ),
+    )
 
 
 class ServiceType(StrEnum):

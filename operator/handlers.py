@@ -13,6 +13,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from loraplex.operator import autopilot
 from loraplex.operator import bmd as bmd_crd
 from loraplex.operator import lora as lora_crd
 from loraplex.operator.access import read_salt, render_access_secret
@@ -124,6 +125,8 @@ async def apply_children(
         build_service(bmd),
         build_pdb(bmd, memo.options),
     ]
+    if autopilot.bmd_rejections(bmd):  # pods Autopilot refuses: status says AutopilotRejected
+        children = [child for child in children if child["kind"] != "Deployment"]
     for child in children:
         await kube.apply(child)
     pool = build_inference_pool(bmd)

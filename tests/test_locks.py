@@ -42,6 +42,8 @@ def _requirements(target: str) -> list[Requirement]:
     found = [Requirement(line) for line in PYPROJECT["project"]["dependencies"]]
     for extra in extras:
         found += [Requirement(line) for line in PYPROJECT["project"]["optional-dependencies"][extra]]
+    if "test" in extras:
+        found += [Requirement(line) for line in update.no_deps_requirements()]
     return [req for req in found if req.marker is None or req.marker.evaluate({**LINUX_311, "extra": ""})]
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from loraplex.operator import crdgen
+from loraplex.operator import autopilot, crdgen
 from loraplex.operator.access import key_refs
 from loraplex.operator.admission import admit, desired_set
 from loraplex.operator.bmd import BaseModelDeployment, BaseModelDeploymentSpec
@@ -66,6 +66,7 @@ FULL_BMD_SPEC: dict[str, Any] = {
             {"key": "k", "operator": "Equal", "value": "v", "effect": "NoSchedule", "tolerationSeconds": 5}
         ],
         "priorityClassName": "inference",
+        "autopilot": True,
     },
     "service": {"type": "LoadBalancer", "port": 80},
     "apiKeySecretRef": SECRET_REF,
@@ -230,6 +231,7 @@ def _run_the_operator(bmd_spec: dict[str, Any], lora_spec: dict[str, Any]) -> No
     build_scaled_object(bmd)
     key_refs(verdicts, [lora])
     credential_refs(verdicts, [lora])
+    autopilot.bmd_rejections(bmd)
 
 
 def test_every_spec_field_is_read_by_the_system() -> None:
