@@ -58,6 +58,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized by the model runner
     kv_cache_memory_fraction: float = 0.9
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True  # decode steps under CUDA graphs (CUDA only); False: eager
     adapters: tuple[LoadAdapterSpec, ...] = ()  # loaded at start
 
     def __post_init__(self) -> None:
@@ -96,6 +97,10 @@ class EngineConfig:
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,
             revision=self.revision,
+            max_num_seqs=self.max_num_seqs,
+            max_batch_tokens=self.max_batch_tokens,
+            max_model_len=self.max_total_tokens,
+            cuda_graphs=self.cuda_graphs,
         )
 
 
@@ -238,6 +243,7 @@ class LLMEngine:
                     block_table=tuple(seq.block_table),
                     lora_slot=seq.lora_slot,
                     needs_logits=start + num_new == seq.num_tokens,
+                    continues=start != seq.num_prefix_hit_tokens,  # not its first step since admission
                 )
             )
         return ForwardBatch(tuple(chunks))
