@@ -197,8 +197,11 @@ class BatchBuffers:
         slot_ranks: torch.Tensor,
         host_ranks: np.ndarray,
         pad_to: int = 0,
+        force_lora: bool = False,
     ) -> StepInputs:
         """Step inputs for `chunks` (decodes run first); `pad_to` pads a decode-only batch with idle rows.
+
+        `force_lora` builds the LoRA grouping even when no token has an adapter (graph capture).
 
         When the step has the layout of the previous one (the same sequences in the same rows, the
         same adapters, as in steady decoding), only token ids, positions, cache slots and context
@@ -212,10 +215,10 @@ class BatchBuffers:
                 f"({self.max_tokens} / {self.max_seqs})"
             )
         layout = self._layout
-        if layout is not None and layout.matches(host, host_ranks):
+        if layout is not None and not force_lora and layout.matches(host, host_ranks):
             self._restage(host, layout)
         else:
-            layout = self._stage(host, order, host_ranks)
+            layout = self._stage(host, order, host_ranks, force_lora)
         tables_changed = self.tables.flush()
         self.i64.send()
         self.i32.send()
@@ -241,7 +244,9 @@ class BatchBuffers:
             ids.extend(c.token_ids)
         return _HostStep.make(self.tables.host, bs, rows, cached, new, slots, ids, pad_to)
 
-    def _stage(self, host: _HostStep, order: tuple[int, ...], host_ranks: np.ndarray) -> _Layout:
+    def _stage(
+        self, host: _HostStep, order: tuple[int, ...], host_ranks: np.ndarray, force_lora: bool
+    ) -> _Layout:
         """Write every field; the dynamic ones first, so a later step of this layout rewrites just those."""
         s64, s32 = self.i64.put, self.i32.put
         spans = {
@@ -256,7 +261,7 @@ class BatchBuffers:
                 host.query_starts[host.num_decodes :] - host.query_starts[host.num_decodes]
             ),
         }
-        if self.num_slots and host.uses_lora(host_ranks):
+        if force_lora or host.uses_lora(host_ranks):
             lora = lora_meta_arrays(host.token_slots, host_ranks)
             spans.update({f"lora_{name}": s32(values) for name, values in lora.items()})
         return _Layout(host, host_ranks.copy(), spans, self.i64.used, self.i32.used)

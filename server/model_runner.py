@@ -10,8 +10,9 @@ import torch
 
 from loraplex.kernels.lora import kernel_backend
 from loraplex.server.adapters.lora_weights import LoraWeights
-from loraplex.server.batch_buffers import BatchBuffers
-from loraplex.server.forward_batch import ForwardBatch
+from loraplex.server.batch_buffers import BatchBuffers, StepInputs
+from loraplex.server.cuda_graphs import DecodeGraphs, decode_buckets
+from loraplex.server.forward_batch import ForwardBatch, SequenceChunk
 from loraplex.server.kv_cache import KVCache, KVCacheSpec
 from loraplex.server.layers.attention import attention_backend
 from loraplex.server.model_loader import load_config, load_model, resolve_model_path
@@ -26,6 +27,7 @@ DTYPES: dict[str, torch.dtype] = {
 # The CPU cache is sized by tokens (tests, demo), capped in bytes so big models stay within RAM.
 _CPU_CACHE_TOKENS = 8192
 _CPU_CACHE_MAX_BYTES = 1 << 30
+_WARM_UP_SEQ_ID = -2  # the start-up prefill's sequence (real ones count up from 0)
 # Room left on the GPU for activations and the allocator's own slack.
 _CUDA_ACTIVATION_RESERVE = 1 << 30
 
@@ -45,6 +47,9 @@ class RunnerConfig:
     max_batch_tokens: int = 2048  # tokens in one step
     max_model_len: int = 4096  # positions of one sequence (prompt + generated)
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA only; False: always eager)
+    # Decode steps padded to graph buckets over static buffers. None: exactly when CUDA graphs
+    # run; True on the CPU runs that path eagerly (tests compare it with the eager path).
+    static_decode: bool | None = None
 
 
 def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
@@ -106,6 +111,40 @@ class ModelRunner:
             attention_backend=self.attention_backend,
             lora_backend=self.lora_backend,
         )
+        if self.device.type == "cuda":
+            self._warm_up_prefill()
+        self.graphs = self._decode_graphs(config)
+
+    def _decode_graphs(self, config: RunnerConfig) -> DecodeGraphs | None:
+        """Capture the decode graphs now (CUDA), before the engine serves anything; None: all eager."""
+        on_cuda = self.device.type == "cuda"
+        static = config.static_decode if config.static_decode is not None else config.cuda_graphs and on_cuda
+        if not static:
+            return None
+        capture = config.cuda_graphs and on_cuda
+        graphs = DecodeGraphs(self.buffers, self._forward_all, decode_buckets(config.max_num_seqs), capture)
+        with torch.inference_mode():
+            graphs.capture_all(self.slot_ranks, self._host_ranks)
+        return graphs
+
+    @torch.inference_mode()
+    def _warm_up_prefill(self) -> None:
+        """Run a short prefill with and without LoRA so no request waits on a Triton compile (CUDA).
+
+        It writes K/V into block 0, which no sequence holds yet.
+        """
+        length = min(self.block_size, self.buffers.max_tokens)
+        chunk = SequenceChunk(_WARM_UP_SEQ_ID, (0,) * length, 0, (0,), None)
+        for force_lora in (False, True):
+            inputs = self.buffers.build([chunk], self.slot_ranks, self._host_ranks, force_lora=force_lora)
+            self._forward_all(inputs)
+        torch.cuda.synchronize(self.device)
+
+    def _forward_all(self, inputs: StepInputs) -> torch.Tensor:
+        """Float32 logits of every token of the step (the decode graphs' body)."""
+        meta = inputs.meta
+        hidden = self.model(inputs.input_ids, meta.positions, self.kv_cache.layers, meta)
+        return self.model.compute_logits(hidden)
 
     def _default_num_blocks(self, spec: KVCacheSpec) -> int:
         if self.device.type != "cuda":
@@ -124,6 +163,9 @@ class ModelRunner:
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits [len(batch.chunks), vocab] of each chunk's last token (see ForwardBatch)."""
         self._check_batch(batch)
+        bucket = self.graphs.bucket_for(batch.chunks) if self.graphs is not None else None
+        if bucket is not None:
+            return self.graphs.run(batch.chunks, bucket, self.slot_ranks, self._host_ranks)
         inputs = self.buffers.build(batch.chunks, self.slot_ranks, self._host_ranks)
         meta = inputs.meta
         hidden = self.model(inputs.input_ids, meta.positions, self.kv_cache.layers, meta)
