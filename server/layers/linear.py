@@ -67,10 +67,12 @@ class LoraLinear(nn.Module):
             a[slot].zero_()
             b[slot].zero_()
 
-    def forward(self, x: torch.Tensor, lora: LoraBatchMeta | None) -> torch.Tensor:
-        """x [T, in] -> [T, sum(out_features)]."""
+    def forward(
+        self, x: torch.Tensor, lora: LoraBatchMeta | None, backend: str | None = None
+    ) -> torch.Tensor:
+        """x [T, in] -> [T, sum(out_features)]; `backend` of the LoRA ops (None: chosen per call)."""
         out = F.linear(x, self.weight, self.bias)
         if lora is not None and self.lora_a:
-            shrunk = lora_shrink(x, self.lora_a, lora)  # [slices, T, max_rank]
-            lora_expand(shrunk, self.lora_b, lora, out, add=True)
+            shrunk = lora_shrink(x, self.lora_a, lora, backend=backend)  # [slices, T, max_rank]
+            lora_expand(shrunk, self.lora_b, lora, out, add=True, backend=backend)
         return out
