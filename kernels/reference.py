@@ -1,22 +1,28 @@
-"""Torch reference ops (gather + bmm): the CPU path of the engine and the kernels' oracle.
+"""Torch reference ops: the CPU path of the engine and the kernels' oracle.
 
-Same signatures and contract as the Triton kernels. Values in slot buffers beyond an
-adapter's rank are never used (they are masked, so stale data from a bigger adapter that
-held the slot before cannot leak in). y is float32; rows of tokens without an adapter and
-columns >= the token's rank are zero here (the contract leaves them unspecified).
+Same signatures and contract as the Triton kernels. Tokens are taken slot by slot in the
+order `LoraBatchMeta` sorted them: each active adapter costs one `[n, in] @ A^T` and one
+`[n, r] @ B^T` per slice on its own n tokens, with A and B read in place (rows and columns
+beyond an adapter's rank are never touched, so stale data from a bigger adapter that held the
+slot before cannot leak in). A slot whose tokens are consecutive in the batch (a prefill, or
+one adapter for the whole batch) works on views, others gather their rows once per call.
+y is float32; rows of tokens without an adapter and columns >= the token's rank are zero here
+(the contract leaves them unspecified).
+
+The slot plan is read on the host (`tolist`): free on the CPU, a sync on an accelerator,
+where the Triton kernels run instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from loraplex.kernels.meta import LoraBatchMeta
 from loraplex.kernels.shapes import check_expand, check_shrink
 
-# Bytes of gathered per-token adapter weights materialised at once; bounds memory on long prefills.
-GATHER_BYTES = 64 << 20
+Rows = slice | torch.Tensor  # consecutive token rows as a slice, others as an index tensor
 
 
 def lora_shrink(x: torch.Tensor, a_slots: Sequence[torch.Tensor], meta: LoraBatchMeta) -> torch.Tensor:
@@ -24,14 +30,11 @@ def lora_shrink(x: torch.Tensor, a_slots: Sequence[torch.Tensor], meta: LoraBatc
     check_shrink(x, a_slots, meta)
     num_tokens, max_rank = x.shape[0], a_slots[0].shape[1]
     y = torch.zeros((len(a_slots), num_tokens, max_rank), dtype=torch.float32, device=x.device)
-    slots, rank_mask = _token_slots(meta, max_rank)
     compute = _compute_dtype(x)
-    for rows in _token_chunks(num_tokens, max_rank * x.shape[1] * 4):
-        x_rows = x[rows].to(compute).unsqueeze(1)  # [t, 1, in]
-        mask = rank_mask[rows].unsqueeze(2)  # [t, R, 1]
+    for slot, rank, rows in _slot_groups(meta):
+        xs = x[rows].to(compute)  # [n, in]
         for s, a in enumerate(a_slots):
-            a_rows = a[slots[rows]].masked_fill(~mask, 0).to(compute)  # [t, R, in]
-            y[s, rows] = torch.bmm(x_rows, a_rows.transpose(1, 2)).squeeze(1).float()
+            y[s, rows, :rank] = (xs @ a[slot, :rank].to(compute).T).float()
     return y
 
 
@@ -44,42 +47,37 @@ def lora_expand(
 ) -> torch.Tensor:
     """out[t, off_s:off_s+out_s] (+)= y[s, t, :r] @ B_s[slot(t)][:, :r]^T, in place."""
     check_expand(y, b_slots, meta, out)
-    max_rank = b_slots[0].shape[2]
-    slots, rank_mask = _token_slots(meta, max_rank)
-    has_adapter = rank_mask[:, :1]  # [T, 1]: rank >= 1 exactly when the token has an adapter
+    if not add:
+        out.zero_()  # tokens without an adapter get zeros
     compute = _compute_dtype(out)
-    widest = max(b.shape[1] for b in b_slots)
-    for rows in _token_chunks(meta.num_tokens, widest * max_rank * 4):
-        mask = rank_mask[rows]
+    for slot, rank, rows in _slot_groups(meta):
+        block = out[rows]  # a view for consecutive rows, else a copy written back below
         offset = 0
         for s, b in enumerate(b_slots):
             width = b.shape[1]
-            y_rows = y[s, rows].masked_fill(~mask, 0).to(compute).unsqueeze(2)  # [t, R, 1]
-            b_rows = b[slots[rows]].masked_fill(~mask.unsqueeze(1), 0).to(compute)  # [t, out_s, R]
-            delta = torch.bmm(b_rows, y_rows).squeeze(2).float()
-            cols = out[rows, offset : offset + width]
-            base = cols.float() + delta if add else delta
-            # where() rather than adding zeros: tokens without an adapter keep out bit for bit
-            fallback = cols if add else torch.zeros_like(cols)
-            cols.copy_(torch.where(has_adapter[rows], base.to(out.dtype), fallback))
+            delta = (y[s, rows, :rank].to(compute) @ b[slot, :, :rank].to(compute).T).float()
+            cols = block[:, offset : offset + width]
+            cols.copy_(cols.float() + delta if add else delta)
             offset += width
+        if not isinstance(rows, slice):
+            out.index_copy_(0, rows, block)
     return out
 
 
-def _token_slots(meta: LoraBatchMeta, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token: a gatherable slot index and the mask r < rank(slot) (all False without an adapter)."""
-    slots = meta.token_slots.to(torch.int64)
-    gather_slots = slots.clamp(min=0)
-    ranks = torch.where(slots >= 0, meta.slot_ranks.to(torch.int64)[gather_slots], 0)
-    columns = torch.arange(max_rank, device=slots.device)
-    return gather_slots, columns.unsqueeze(0) < ranks.unsqueeze(1)
+def _slot_groups(meta: LoraBatchMeta) -> Iterator[tuple[int, int, Rows]]:
+    """(slot, rank, token rows) of each slot holding tokens, from the metadata's sorted order."""
+    counts, starts = meta.slot_counts.tolist(), meta.slot_starts.tolist()
+    ranks = meta.slot_ranks.tolist()
+    sorted_ids = meta.sorted_token_ids.to(torch.int64)
+    for slot, (count, start) in enumerate(zip(counts, starts, strict=True)):
+        if count == 0:
+            continue
+        ids = sorted_ids[start : start + count]
+        first, last = int(ids[0]), int(ids[-1])
+        # ids ascend within a slot (stable sort): consecutive exactly when they span count rows
+        yield slot, ranks[slot], slice(first, last + 1) if last - first + 1 == count else ids
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     # Half-precision matmuls on CPU are slow or missing; CUDA's accumulate in float32 anyway.
     return t.dtype if t.is_cuda else torch.float32
-
-
-def _token_chunks(num_tokens: int, bytes_per_token: int) -> list[slice]:
-    step = max(1, GATHER_BYTES // max(1, bytes_per_token))
-    return [slice(i, min(i + step, num_tokens)) for i in range(0, num_tokens, step)]
