@@ -25,11 +25,17 @@ from loraplex.kernels.shapes import check_expand, check_shrink
 Rows = slice | torch.Tensor  # consecutive token rows as a slice, others as an index tensor
 
 
-def lora_shrink(x: torch.Tensor, a_slots: Sequence[torch.Tensor], meta: LoraBatchMeta) -> torch.Tensor:
-    """y[s, t, :r] = x[t] @ A_s[slot(t)][:r]^T, float32 [slices, T, max_rank]."""
-    check_shrink(x, a_slots, meta)
+def lora_shrink(
+    x: torch.Tensor, a_slots: Sequence[torch.Tensor], meta: LoraBatchMeta, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y[s, t, :r] = x[t] @ A_s[slot(t)][:r]^T, float32 [slices, T, max_rank] (into a zeroed `out`)."""
+    check_shrink(x, a_slots, meta, out)
     num_tokens, max_rank = x.shape[0], a_slots[0].shape[1]
-    y = torch.zeros((len(a_slots), num_tokens, max_rank), dtype=torch.float32, device=x.device)
+    y = (
+        torch.zeros((len(a_slots), num_tokens, max_rank), dtype=torch.float32, device=x.device)
+        if out is None
+        else out
+    )
     compute = _compute_dtype(x)
     for slot, rank, rows in _slot_groups(meta):
         xs = x[rows].to(compute)  # [n, in]
