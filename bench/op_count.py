@@ -9,8 +9,12 @@ interpreter. `loraplex.kernels.op_count.OpCounter` counts what a GPU would launc
 aten ops + Triton launches) inside each decoder layer and outside them, and the blocking syncs.
 On the CPU, host-side torch work outside the layers counts as device ops too (see op_count).
 
-    python bench/op_count.py                       # both layouts, batch 32, 32 adapters
+    python bench/op_count.py                       # both layouts, batch 32, 32 adapters, H100 configs
+    python bench/op_count.py --layers 2 --sms 4    # quicker: per-layer counts are the same in every layer
     python bench/op_count.py --layout gemma-2-2b --batch 4 --json /tmp/ops.json
+
+The launch configs depend on the GPU's SM count (split-K in the LoRA shrink, split attention),
+so `--sms` picks the GPU to count for; more SMs mean more interpreted programs (slower).
 """
 
 from __future__ import annotations
@@ -101,6 +105,13 @@ def fast_interpreter() -> None:
     interpreter.interpreter_builder.options = dataclasses.replace(options, sanitize_overflow=False)
 
 
+def emulate_sms(count: int) -> None:
+    """Launch configs as on a GPU with `count` SMs (split-K, attention splits change the launch count)."""
+    from loraplex.kernels import triton_common
+
+    triton_common.num_sms = lambda device: count
+
+
 def count_step(runner: ModelRunner, batch: ForwardBatch) -> OpCounter:
     """Count one `runner.execute`, with a scope per decoder layer ("layer.<i>")."""
     counter = OpCounter()
@@ -157,10 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters", type=int, default=32, help="distinct adapters (0: base model only)")
     p.add_argument("--context", type=int, default=64, help="tokens per sequence, the new one included")
     p.add_argument("--layers", type=int, help="decoder layers (default: the layout's own count)")
+    p.add_argument(
+        "--sms", type=int, default=132, help="SMs of the GPU whose launch configs to use (H100: 132)"
+    )
     p.add_argument("--json", type=Path, help="also write the summaries here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     fast_interpreter()
+    emulate_sms(args.sms)
     summaries = []
     with tempfile.TemporaryDirectory(prefix="loraplex-ops-") as work:
         for layout in LAYOUTS if args.layout == "all" else (args.layout,):
