@@ -34,8 +34,14 @@ def test_all_tokens_without_adapter_leave_out_alone(lora_checks):
     [[2] * 9, [0, 0, 0, 2, 2, -1, 4, 4, 4], [2, 0, 2, 4, 0, 2, -1, 4, 2]],
     ids=["one_adapter", "consecutive_runs", "interleaved"],
 )
-def test_consecutive_and_interleaved_tokens_match_float64(lora_checks, token_slots):
-    # consecutive tokens of a slot are computed on views, interleaved ones on gathered rows
+@pytest.mark.parametrize("strategy", ["per_adapter", "batched"])
+def test_consecutive_and_interleaved_tokens_match_float64(lora_checks, token_slots, strategy, monkeypatch):
+    # per adapter: consecutive tokens on views, interleaved ones on gathered rows; batched: padded bmm
+    if strategy == "per_adapter":
+        monkeypatch.setattr(reference, "MIN_BATCHED_SLOTS", 10**6)
+    else:
+        monkeypatch.setattr(reference, "MIN_BATCHED_SLOTS", 1)
+        monkeypatch.setattr(reference, "PAD_FACTOR", 10**6)
     case = lora_checks.make_case(9, RANKS, (16, 8), in_features=32, seed=3, token_slots=token_slots)
     lora_checks.check_shrink(reference.lora_shrink, case)
     lora_checks.check_expand(reference.lora_expand, case, add=True)
@@ -79,3 +85,13 @@ class _LargestOutput(TorchDispatchMode):
         sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         self.numel = max(self.numel, *sizes, 0)
         return out
+
+
+@pytest.mark.parametrize("ranks", [(8, 16, 4), (16, 16, 16)], ids=["mixed_ranks", "equal_ranks"])
+def test_every_slot_active_reads_the_slot_buffers_in_place(lora_checks, ranks):
+    case = lora_checks.make_case(
+        7, ranks, (16, 8), in_features=32, seed=5, token_slots=[2, 0, 1, 1, 0, 2, -1]
+    )
+    lora_checks.check_shrink(reference.lora_shrink, case)
+    lora_checks.check_expand(reference.lora_expand, case, add=True)
+    lora_checks.check_expand(reference.lora_expand, case, add=False)
