@@ -29,17 +29,24 @@ def _resolve(backend: str | None, device: torch.device) -> str:
 
 
 def lora_shrink(
-    x: torch.Tensor, a_slots: Sequence[torch.Tensor], meta: LoraBatchMeta, backend: str | None = None
+    x: torch.Tensor,
+    a_slots: Sequence[torch.Tensor],
+    meta: LoraBatchMeta,
+    backend: str | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[s, t, :r] = x[t] @ A_s[slot(t)][:r]^T as float32 [slices, T, max_rank].
 
     Rows of tokens without an adapter and columns >= the token's rank are unspecified.
+    `out`: a contiguous float32 y that the caller has filled with zeros, returned filled. The
+    Triton kernels split K across programs that add into y, so a fresh y costs a zero-fill
+    launch per call; one workspace zeroed once per step for all layers saves those launches.
     """
     if _resolve(backend, x.device) == "triton":
         from loraplex.kernels import triton_lora  # Triton is imported only where it runs
 
-        return triton_lora.lora_shrink(x, a_slots, meta)
-    return reference.lora_shrink(x, a_slots, meta)
+        return triton_lora.lora_shrink(x, a_slots, meta, out=out)
+    return reference.lora_shrink(x, a_slots, meta, out=out)
 
 
 def lora_expand(

@@ -26,6 +26,7 @@ show (an explicit `copy_` into a buffer does). One counter at a time, one thread
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -170,8 +171,15 @@ class _DispatchCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         counter = self.counter
+        if not counter._interpreting and _is_composite(func):
+            # Under inference_mode composite ops (linear, type_as, ...) arrive whole: count what
+            # they are made of (type_as to the same dtype is nothing, linear one matmul).
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
         if counter._interpreting or func.is_view or func.overloadpacket in NO_LAUNCH:
             return out
         tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
@@ -183,6 +191,11 @@ class _DispatchCounter(TorchDispatchMode):
         else:
             counter.record_sync(kind)
         return out
+
+
+@functools.cache
+def _is_composite(func) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
 
 
 def _sync_kind(func, args, kwargs, out) -> str | None:

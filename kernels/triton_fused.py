@@ -18,8 +18,8 @@ from loraplex.kernels import triton_common
 _SUM = triton_common.SUM
 _ACT_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 _ACT_BLOCK = 1024  # columns per act_mul program
-_SQRT_2_OVER_PI = 0.7978845608028654
-_SQRT_HALF = 0.7071067811865476
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # kernels read constexpr globals only
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
 
 
 def _add_rmsnorm_kernel(
@@ -131,7 +131,7 @@ def add_rmsnorm(
     _kernel(_add_rmsnorm_kernel, x.device)[(num_tokens,)](
         x, res, weight, out, new_residual,
         hidden, float(eps), float(offset), x.stride(0), res.stride(0), out.stride(0), new_residual.stride(0),
-        HAS_RESIDUAL=residual is not None, HAS_OFFSET=bool(offset), BLOCK=block, num_warps=_warps(block),
+        HAS_RESIDUAL=residual is not None, HAS_OFFSET=bool(offset), BLOCK=block, num_warps=_warps(block), enable_fp_fusion=False,
     )  # fmt: skip
     return out, new_residual
 
@@ -165,7 +165,7 @@ def rope_kv_write(
         q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping, q_rot, k_rot,
         float(scaling), num_heads, k_cache.shape[1], q.stride(0), k.stride(0), v.stride(0),
         k_cache.stride(0), k_cache.stride(1), q_rot.stride(0), k_rot.stride(0),
-        HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1 if half <= 64 else 2,
+        HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1 if half <= 64 else 2, enable_fp_fusion=False,
     )  # fmt: skip
     return q_rot, k_rot
 
@@ -180,6 +180,6 @@ def act_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     block = min(_ACT_BLOCK, triton.next_power_of_2(inter))
     _kernel(_act_mul_kernel, gate_up.device)[(num_tokens, triton.cdiv(inter, block))](
         gate_up, out, inter, gate_up.stride(0), out.stride(0),
-        ACT=_ACT_IDS[activation], BLOCK=block, num_warps=_warps(block),
+        ACT=_ACT_IDS[activation], BLOCK=block, num_warps=_warps(block), enable_fp_fusion=False,
     )  # fmt: skip
     return out

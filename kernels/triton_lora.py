@@ -172,13 +172,15 @@ def lora_shrink(
     a_slots: Sequence[torch.Tensor],
     meta: LoraBatchMeta,
     config: ShrinkConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[s, t, :r] = x[t] @ A_s[slot(t)][:r]^T as float32 [slices, T, max_rank].
 
     Entries the contract leaves unspecified (tokens without an adapter, columns >= rank) are
-    zero when K is split and uninitialised otherwise.
+    zero when K is split and uninitialised otherwise. `out`: a zero-filled y to accumulate
+    into (see `loraplex.kernels.lora.lora_shrink`); no zero-fill is launched then.
     """
-    check_shrink(x, a_slots, meta)
+    check_shrink(x, a_slots, meta, out)
     _assert_layout(meta, x.device)
     assert x.stride(1) == 1, "x rows must be contiguous"
     assert all(a.is_contiguous() for a in a_slots), "A slot buffers must be contiguous"
@@ -190,7 +192,7 @@ def lora_shrink(
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.block_k), config.split_k) * config.block_k
     split_k = triton.cdiv(in_features, k_per_split)
     rank_steps = triton.cdiv(max_rank, BLOCK_R)
-    y = _new_y((len(a_slots), num_tokens, max_rank), x.device, zeroed=split_k > 1)
+    y = _new_y((len(a_slots), num_tokens, max_rank), x.device, zeroed=split_k > 1) if out is None else out
     if num_tokens == 0:
         return y
     kernel = _kernel(_shrink_kernel, x.device.type == "cpu")
