@@ -176,7 +176,10 @@ class BatchBuffers:
         device: torch.device,
         attention_backend: str,
         lora_backend: str,
+        lora_workspace_per_token: int = 0,
     ) -> None:
+        """`lora_workspace_per_token` floats of LoRA workspace per token, for steps of up to max_seqs
+        tokens on the Triton backend (decodes; longer steps let each layer allocate its own)."""
         pin = device.type == "cuda"
         self.block_size, self.num_kv_blocks, self.num_slots = block_size, num_kv_blocks, num_slots
         self.max_seqs, self.max_tokens = max_seqs, max_tokens
@@ -190,6 +193,8 @@ class BatchBuffers:
         )
         self.step_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
         self._layout: _Layout | None = None
+        self.workspace_per_token = lora_workspace_per_token if lora_backend == "triton" else 0
+        self.workspace = torch.zeros(max_seqs * self.workspace_per_token, dtype=torch.float32, device=device)
 
     def build(
         self,
@@ -288,6 +293,9 @@ class BatchBuffers:
 
     def _meta(self, host: _HostStep, layout: _Layout) -> ForwardMetadata:
         views = layout.views
+        workspace = None
+        if "lora" in views and self.workspace_per_token and host.num_tokens <= self.max_seqs:
+            workspace = self.workspace[: host.num_tokens * self.workspace_per_token]
         groups = _groups(
             host, layout.tables, views["context_lens"], views["decode_starts"], views["prefill_starts"]
         )
@@ -300,6 +308,7 @@ class BatchBuffers:
             block_size=self.block_size,
             attention_backend=self.attention_backend,
             lora_backend=self.lora_backend,
+            lora_workspace=workspace,
         )
 
 

@@ -84,8 +84,10 @@ class ModelRunner:
         self.num_layers: int = self.hf_config.num_hidden_layers
         self._lora_shapes = lora_module_shapes(self.hf_config)
         self._attention_windows = self.model.attention_windows
+        num_slices = 0
         for layer in self.model.lora_layers():
             layer.create_lora_slots(self.max_loras, self.max_lora_rank)
+            layer.workspace_offset, num_slices = num_slices, num_slices + len(layer.out_features)
         self.slot_ranks = torch.zeros(self.max_loras, dtype=torch.int32, device=self.device)
         self._host_ranks = np.zeros(self.max_loras, dtype=np.int64)
         spec = KVCacheSpec(
@@ -110,6 +112,7 @@ class ModelRunner:
             device=self.device,
             attention_backend=self.attention_backend,
             lora_backend=self.lora_backend,
+            lora_workspace_per_token=num_slices * self.max_lora_rank,
         )
         if self.device.type == "cuda":
             self._warm_up_prefill()

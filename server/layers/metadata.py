@@ -84,6 +84,7 @@ class ForwardMetadata:
     block_size: int
     attention_backend: str = "torch"  # triton | torch, chosen once by the model runner
     lora_backend: str = "reference"  # triton | reference (loraplex.kernels.backend)
+    lora_workspace: torch.Tensor | None = None  # flat float32, zeroed by the model each step (see LoraLinear)
 
 
 def lora_meta_arrays(token_slots: np.ndarray, slot_ranks: np.ndarray) -> dict[str, np.ndarray]:

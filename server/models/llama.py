@@ -105,7 +105,9 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rope: Rope, kv_cache: LayerKVCache, meta: ForwardMetadata
     ) -> torch.Tensor:
         num_tokens, backend = x.shape[0], meta.lora_backend
-        q, k, v = self.qkv_proj(x, meta.lora, backend).split(self.qkv_proj.out_features, dim=-1)
+        q, k, v = self.qkv_proj(x, meta.lora, backend, meta.lora_workspace).split(
+            self.qkv_proj.out_features, dim=-1
+        )
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -125,7 +127,7 @@ class Attention(nn.Module):
             out = self.attn(q, None, None, kv_cache, meta)
         else:  # the reference path: the step's cos/sin, computed once for all layers
             out = self.attn(apply_rotary(q, *rope), apply_rotary(k, *rope), v, kv_cache, meta)
-        return self.o_proj(out, meta.lora, backend)
+        return self.o_proj(out, meta.lora, backend, meta.lora_workspace)
 
 
 class MLP(nn.Module):
@@ -138,8 +140,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: ForwardMetadata) -> torch.Tensor:
         backend = meta.lora_backend
-        hidden = act_mul(self.gate_up_proj(x, meta.lora, backend), self.act, backend)
-        return self.down_proj(hidden, meta.lora, backend)
+        hidden = act_mul(self.gate_up_proj(x, meta.lora, backend, meta.lora_workspace), self.act, backend)
+        return self.down_proj(hidden, meta.lora, backend, meta.lora_workspace)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -194,6 +196,8 @@ class DecoderModel(nn.Module):
         meta: ForwardMetadata,
     ) -> torch.Tensor:
         """input_ids, positions [T] -> hidden states [T, hidden]."""
+        if meta.lora_workspace is not None:
+            meta.lora_workspace.zero_()  # one fill per step for every layer's LoRA shrink
         hidden = self.embed_tokens(input_ids)
         if self.embed_scale is not None:
             hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
