@@ -4,7 +4,7 @@ Random float32 weights in the SmolLM-135M layout (bench/configs/smollm-135m-conf
 written once by bench/random_checkpoint.py) and 16 distinct rank-16 PEFT adapters on all 7
 projections. Every system generates the same job greedily: a batch of 16 requests, 32-token
 prompts, exactly 32 new tokens each; tokens/s = 16 x 32 / wall time of the whole job
-(prefill included), after one warm-up job.
+(prefill included), after a short warm-up job.
 
 - loraplex `mixed` (request i on adapter i), `one` (all on adapter 0), `base` (no adapter):
   the offline `LLMEngine`, stepped until the batch is done.
@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "bench" / "configs" / "smollm-135m-config.json"
 CHECKPOINT = Path("/tmp/loraplex-bench/smollm-135m-f32")
 BATCH, PROMPT, NEW, ADAPTERS, RANK = 16, 32, 32, 16, 16
+WARMUP_NEW = 2
 TARGETS = {"mixed / peft_mixed": 1.6, "mixed / base": 0.8, "one / base": 0.9}
 
 
@@ -62,12 +63,12 @@ def build_engine(adapter_dirs: list[Path]):
     return engine
 
 
-def run_engine(engine, prompts: torch.Tensor, adapters: list[str | None], tag: str) -> float:
-    """Seconds to generate NEW tokens for every prompt."""
+def run_engine(engine, prompts: torch.Tensor, adapters: list[str | None], tag: str, new: int = NEW) -> float:
+    """Seconds to generate `new` tokens for every prompt."""
     from loraplex.server.request import GenerationRequest
     from loraplex.server.sampling_params import SamplingParams
 
-    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     start = time.perf_counter()
     for i, (prompt, adapter) in enumerate(zip(prompts.tolist(), adapters, strict=True)):
         engine.add_request(GenerationRequest(f"{tag}-{i}", tuple(prompt), params, adapter))
@@ -75,23 +76,27 @@ def run_engine(engine, prompts: torch.Tensor, adapters: list[str | None], tag: s
     while engine.has_unfinished():
         generated += sum(1 for event in engine.step() if event.token_id is not None)
     seconds = time.perf_counter() - start
-    if generated != BATCH * NEW:
-        raise RuntimeError(f"loraplex {tag}: {generated} tokens, expected {BATCH * NEW}")
+    if generated != BATCH * new:
+        raise RuntimeError(f"loraplex {tag}: {generated} tokens, expected {BATCH * new}")
     return seconds
 
 
 def systems(engine, base_model, peft_model, prompts: torch.Tensor) -> dict:
+    """name -> run(new_tokens) -> seconds."""
     mixed = [f"a{i % ADAPTERS}" for i in range(BATCH)]
 
     def peft(names: list[str]):
-        return lambda: baselines.time_generate(peft_model, prompts, NEW, adapter_names=names)[0]
+        return lambda new: baselines.time_generate(peft_model, prompts, new, adapter_names=names)[0]
 
-    counter = iter(range(1 << 30))
+    def ours(names: list[str | None], tag: str):
+        counter = iter(range(1 << 30))
+        return lambda new: run_engine(engine, prompts, names, f"{tag}{next(counter)}", new)
+
     return {
-        "mixed": lambda: run_engine(engine, prompts, mixed, f"m{next(counter)}"),
-        "one": lambda: run_engine(engine, prompts, ["a0"] * BATCH, f"o{next(counter)}"),
-        "base": lambda: run_engine(engine, prompts, [None] * BATCH, f"b{next(counter)}"),
-        "transformers": lambda: baselines.time_generate(base_model, prompts, NEW)[0],
+        "mixed": ours(mixed, "m"),
+        "one": ours(["a0"] * BATCH, "o"),
+        "base": ours([None] * BATCH, "b"),
+        "transformers": lambda new: baselines.time_generate(base_model, prompts, new)[0],
         "peft_mixed": peft(mixed),
         "peft_one": peft(["a0"] * BATCH),
     }
@@ -108,13 +113,13 @@ def measure(rounds: int, threads: int) -> tuple[dict[str, list[float]], dict]:
         0, base_model.config.vocab_size, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0)
     )
     runs = systems(engine, base_model, peft_model, prompts)
-    for name, run in runs.items():  # warm-up
-        print(f"warm-up {name}: {run():.2f} s", flush=True)
+    for name, run in runs.items():  # warm-up: allocator, first-call paths
+        print(f"warm-up {name}: {run(WARMUP_NEW):.2f} s", flush=True)
     tok_s: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            tok_s[name].append(BATCH * NEW / runs[name]())
+            tok_s[name].append(BATCH * NEW / runs[name](NEW))
             print(f"round {r} {name}: {tok_s[name][-1]:.1f} tok/s", flush=True)
     env = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(), "cpu": _cpu_model(),
