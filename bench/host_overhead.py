@@ -9,8 +9,10 @@ times every decode step by part:
 - `schedule`: `Scheduler.schedule`; `fwd_batch`: `LLMEngine._forward_batch` (the scheduler's plan
   as a `ForwardBatch`); `prepare`: `ModelRunner.execute` minus the model (step metadata,
   input copies); `sample`: the sampler; `post`: the rest of `_postprocess` (stop checks,
-  detokenisation, events); `commit`: `Scheduler.update_after_step`; `other`: what is left of
-  `step()` (slot updates, observers); `host`: all of it, i.e. the step minus `model`.
+  events; detokenisation too for `--inline-text`); `commit`: `Scheduler.update_after_step`;
+  `other`: what is left of `step()` (slot updates, observers); `host`: all of it, i.e. the step
+  minus `model` (median; `host_min`: the least of the steps). `text`: the detokenisation the server's fan-out thread does after the step
+  (`LLMEngine.defer_text`, as `AsyncEngine` runs it), not part of `host`.
 
 Prefill runs with the model's forward replaced by zeros (the cache content does not change
 what a decode step's host side does, and long prefills of 64 x 2000 tokens would take
@@ -53,7 +55,19 @@ LAYOUTS = {
                "final_logit_softcapping": 30.0, "tie_word_embeddings": True, "max_position_embeddings": 4096},
 }  # fmt: skip
 TARGETS_MS = {"llama": 0.3, "gemma2": 0.4}  # issue 14, batch 32, context 512
-PARTS = ("schedule", "fwd_batch", "prepare", "sample", "post", "commit", "other", "host", "model")
+PARTS = (
+    "schedule",
+    "fwd_batch",
+    "prepare",
+    "sample",
+    "post",
+    "commit",
+    "other",
+    "host",
+    "host_min",
+    "model",
+    "text",
+)
 
 
 def checkpoint(layout: str) -> tuple[Path, list[Path]]:
@@ -159,7 +173,7 @@ def _requests(batch: int, context: int, vocab: int, steps: int) -> list:
     ]
 
 
-def measure(engine, batch: int, context: int, steps: int, warmup: int) -> dict[str, float]:
+def measure(engine, batch: int, context: int, steps: int, warmup: int, inline_text: bool) -> dict[str, float]:
     """Median ms per part over `steps` decode steps of `batch` sequences at ~`context` tokens."""
     requests = _requests(batch, context, engine.runner.vocab_size, steps + warmup)
     for request in requests:
@@ -171,8 +185,9 @@ def measure(engine, batch: int, context: int, steps: int, warmup: int) -> dict[s
             started.update(event.request_id for event in engine.step())
     finally:
         del engine.runner.model.forward
+    complete = _text_completion(engine, inline_text)
     for _ in range(warmup):
-        engine.step()
+        complete(engine.step(), engine.take_text_jobs())
     timers = Timers()
     timers.wrap("schedule", engine.scheduler, "schedule")
     timers.wrap("batch", engine, "_forward_batch")
@@ -191,13 +206,29 @@ def measure(engine, batch: int, context: int, steps: int, warmup: int) -> dict[s
             total = time.perf_counter() - start
             if len(events) != batch:
                 raise RuntimeError(f"a step decoded {len(events)} sequences, not {batch}")
+            start = time.perf_counter()
+            complete(events, engine.take_text_jobs())
+            samples["text"].append((time.perf_counter() - start) * 1e3)
             for name, value in _parts(timers.seconds, total).items():
                 samples[name].append(value * 1e3)
     finally:
         timers.undo()
         for request in requests:
             engine.abort(request.request_id)
-    return {name: statistics.median(values) for name, values in samples.items()}
+        engine.take_text_jobs()
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return medians | {"host_min": min(samples["host"])}
+
+
+def _text_completion(engine, inline_text: bool):
+    """Defer detokenisation as AsyncEngine does; engines from before text deferral detokenise inline."""
+    if not hasattr(engine, "take_text_jobs"):
+        engine.take_text_jobs = list
+        return lambda events, jobs: events
+    from loraplex.server.text_fanout import complete
+
+    engine.defer_text = not inline_text
+    return complete
 
 
 def _parts(s: dict[str, float], total: float) -> dict[str, float]:
@@ -215,7 +246,12 @@ def _parts(s: dict[str, float], total: float) -> dict[str, float]:
 
 
 def run(
-    layouts: list[str], batches: list[int], contexts: list[int], steps: int, cuda_graphs: bool
+    layouts: list[str],
+    batches: list[int],
+    contexts: list[int],
+    steps: int,
+    cuda_graphs: bool,
+    inline_text: bool,
 ) -> list[dict]:
     rows = []
     for layout in layouts:
@@ -223,7 +259,7 @@ def run(
         engine = build_engine(model_dir, adapter_dirs, max(batches), max(contexts), cuda_graphs)
         for context in contexts:
             for batch in batches:
-                ms = measure(engine, batch, context, steps, warmup=3)
+                ms = measure(engine, batch, context, steps, warmup=3, inline_text=inline_text)
                 row = {"layout": layout, "batch": batch, "context": context}
                 row.update({part: round(ms[part], 3) for part in PARTS})
                 rows.append(row)
@@ -286,14 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", default="64,512,1024,2000")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cuda-graphs", action="store_true", help="(CPU) run the static-buffer decode path")
+    p.add_argument(
+        "--inline-text", action="store_true", help="detokenise inside the step (LLMEngine default)"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "host_overhead")
     p.add_argument("--label", default="CPU")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     batches = [32] if args.quick else [int(b) for b in args.batches.split(",")]
     contexts = [512] if args.quick else [int(c) for c in args.contexts.split(",")]
-    rows = run(args.layouts.split(","), batches, contexts, args.steps, args.cuda_graphs)
+    rows = run(args.layouts.split(","), batches, contexts, args.steps, False, args.inline_text)
     write_results(rows, args.out, args.label)
     print(f"wrote {args.out.with_suffix('.md')}")
     return 0

@@ -309,6 +309,7 @@ class BatchBuffers:
             attention_backend=self.attention_backend,
             lora_backend=self.lora_backend,
             lora_workspace=workspace,
+            padded=host.num_real < host.num_seqs,
         )
 
 

@@ -42,13 +42,20 @@ def attention_backend(device: torch.device) -> str:
 
 
 def store_kv(
-    key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+    padded: bool | None = None,
 ) -> None:
     """Write k, v [T, kv_heads, head_dim] to the flat slots of caches [blocks, block_size, kv_heads, head_dim].
 
-    Negative slots (padding rows of a fixed-size batch) write nothing.
+    Negative slots (padding rows of a fixed-size batch, `padded`; None: look) write nothing.
     """
-    if bool((slots < 0).any()):  # only padded batches have them; the CPU path, where this costs nothing
+    if padded is None:
+        padded = bool((slots < 0).any())
+    if padded:  # the CPU path (the Triton one writes in rope_kv_write)
         keep = slots >= 0
         k, v, slots = k[keep], v[keep], slots[keep]
     key_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
@@ -96,7 +103,7 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] (None: already in the cache) -> [T, heads * head_dim]."""
         if k is not None and v is not None:
-            store_kv(*kv_cache, k, v, meta.slot_mapping)
+            store_kv(*kv_cache, k, v, meta.slot_mapping, meta.padded)
         if meta.attention_backend == "triton":
             return self._forward_triton(q, kv_cache, meta)
         out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)

@@ -84,6 +84,7 @@ class ForwardMetadata:
     block_size: int
     attention_backend: str = "torch"  # triton | torch, chosen once by the model runner
     lora_backend: str = "reference"  # triton | reference (loraplex.kernels.backend)
+    padded: bool = False  # idle rows at the end (slot_mapping -1): a graph bucket's padding
     lora_workspace: torch.Tensor | None = None  # flat float32, zeroed by the model each step (see LoraLinear)
 
 

@@ -105,13 +105,16 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rope: Rope, kv_cache: LayerKVCache, meta: ForwardMetadata
     ) -> torch.Tensor:
         num_tokens, backend = x.shape[0], meta.lora_backend
-        q, k, v = self.qkv_proj(x, meta.lora, backend, meta.lora_workspace).split(
-            self.qkv_proj.out_features, dim=-1
-        )
+        qkv = self.qkv_proj(x, meta.lora, backend, meta.lora_workspace)
+        q, k, v = qkv.split(self.qkv_proj.out_features, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if rope is None:  # one kernel: rotate q and k, write k and v to the cache
+        if rope is not None:  # the reference path: the step's cos/sin, q and k rotated together
+            qk = qkv[:, : -self.qkv_proj.out_features[2]].view(num_tokens, -1, self.head_dim)
+            q, k = apply_rotary(qk, *rope).split((self.num_heads, self.num_kv_heads), dim=1)
+            out = self.attn(q, k, v, kv_cache, meta)
+        else:  # one kernel: rotate q and k, write k and v to the cache
             rotary = self.rotary
             q, _ = rope_kv_write(
                 q,
@@ -125,8 +128,6 @@ class Attention(nn.Module):
                 backend,
             )
             out = self.attn(q, None, None, kv_cache, meta)
-        else:  # the reference path: the step's cos/sin, computed once for all layers
-            out = self.attn(apply_rotary(q, *rope), apply_rotary(k, *rope), v, kv_cache, meta)
         return self.o_proj(out, meta.lora, backend, meta.lora_workspace)
 
 
