@@ -146,14 +146,20 @@ class AsyncEngine:
             self._wakeup.notify()
 
     def _call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        """Run `fn` on the engine thread between steps."""
+        """Run `fn` on the engine thread between steps.
+
+        The future resolves on the fan-out thread, after the events of the steps before it were
+        delivered: a caller that awaits it sees the streams as the engine left them.
+        """
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def command() -> None:
             try:
-                future.set_result(fn())
+                result = fn()
             except BaseException as exc:
-                future.set_exception(exc)
+                self._fanout.call(lambda error=exc: future.set_exception(error))
+            else:
+                self._fanout.call(lambda: future.set_result(result))
 
         self._submit(command)
         return future

@@ -50,7 +50,10 @@ class FanOut:
 
     def __init__(self, deliver: Callable[[TokenEvent], None]) -> None:
         self._deliver = deliver
-        self._queue: queue.SimpleQueue[tuple[list[TokenEvent], list[TextJob]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[list[TokenEvent], list[TextJob]] | Callable[[], None] | None] = (
+            queue.SimpleQueue()
+        )
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="loraplex-fanout", daemon=True)
         self._thread.start()
 
@@ -58,13 +61,27 @@ class FanOut:
         if events:
             self._queue.put((events, jobs))
 
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run `fn` here once everything submitted before it was delivered (now, once closed)."""
+        if self._closed:
+            fn()
+        else:
+            self._queue.put(fn)
+
     def close(self) -> None:
         """Deliver what was submitted, then stop."""
         self._queue.put(None)
         self._thread.join()
+        self._closed = True
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
+            if callable(item):
+                try:
+                    item()
+                except Exception:
+                    log.exception("fan-out call failed")
+                continue
             events, jobs = item
             try:
                 completed = complete(events, jobs)
