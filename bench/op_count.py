@@ -13,8 +13,11 @@ On the CPU, host-side torch work outside the layers counts as device ops too (se
     python bench/op_count.py --layers 2 --sms 4    # quicker: per-layer counts are the same in every layer
     python bench/op_count.py --layout gemma-2-2b --batch 4 --json /tmp/ops.json
 
-The launch configs depend on the GPU's SM count (split-K in the LoRA shrink, split attention),
-so `--sms` picks the GPU to count for; more SMs mean more interpreted programs (slower).
+The launch configs depend on the GPU's SM count and the widths (split-K in the LoRA shrink,
+split attention): `--sms` picks the GPU to count for, and `--real-widths` keeps the layout's
+hidden sizes (vocab still 512) so the count is the GPU's; small widths never split K.
+
+    python bench/op_count.py --real-widths --layers 2 --batch 32 --adapters 32   # H100 launch counts
 """
 
 from __future__ import annotations
@@ -33,9 +36,6 @@ import random_checkpoint  # bench/ is sys.path[0] when run as a script
 import torch
 from benchutil import git_commit, markdown_table
 
-# The GPU code path, decided before the runner is built (the engine reads these).
-os.environ.update({"LORAPLEX_KERNELS": "triton", "LORAPLEX_ATTENTION": "triton", "TRITON_INTERPRET": "1"})
-
 from loraplex.kernels.op_count import OpCounter
 from loraplex.server.adapters.peft_format import load_peft_adapter
 from loraplex.server.forward_batch import ForwardBatch, SequenceChunk
@@ -46,16 +46,22 @@ LAYOUTS = {
     "gemma-2-2b": ROOT / "bench" / "configs" / "gemma-2-2b-config.json",
     "mistral-7b": ROOT / "bench" / "configs" / "mistral-7b-v0.1-config.json",
 }
+# The GPU code path, set before the runner is built (the engine reads these).
+GPU_PATH_ENV = {"LORAPLEX_KERNELS": "triton", "LORAPLEX_ATTENTION": "triton", "TRITON_INTERPRET": "1"}
 RANK = 16
 BLOCK_SIZE = 16
 
 
-def shrunk_config(path: Path) -> dict:
-    """The layout's config with small widths: 4 query heads of 16, the same GQA ratio, vocab 512."""
+def shrunk_config(path: Path, real_widths: bool = False) -> dict:
+    """The layout's config with vocab 512 and, unless `real_widths`, small widths: 4 query heads
+    of 16, the same GQA ratio. Launch configs (split-K, attention splits) depend on the widths."""
     config = random_checkpoint.read_config(path)
+    config["vocab_size"] = 512
+    if real_widths:
+        return config
     kv_ratio = config["num_key_value_heads"] / config["num_attention_heads"]
     config.update(
-        hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16, vocab_size=512,
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16,
         num_key_value_heads=max(1, round(4 * kv_ratio)),
     )  # fmt: skip
     if "query_pre_attn_scalar" in config:
@@ -63,9 +69,11 @@ def shrunk_config(path: Path) -> dict:
     return config
 
 
-def build_runner(layout: str, adapters: int, layers: int | None, work: Path) -> ModelRunner:
+def build_runner(
+    layout: str, adapters: int, layers: int | None, real_widths: bool, work: Path
+) -> ModelRunner:
     """A float32 CPU runner of the shrunk layout with `adapters` random adapters in slots 0.."""
-    config = shrunk_config(LAYOUTS[layout])
+    config = shrunk_config(LAYOUTS[layout], real_widths)
     if layers is not None:
         config["num_hidden_layers"] = layers
     config_path = work / f"{layout}.json"
@@ -173,13 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", type=Path, help="also write the summaries here")
     args = p.parse_args(argv)
+    os.environ.update(GPU_PATH_ENV)
     torch.set_num_threads(1)
     fast_interpreter()
     emulate_sms(args.sms)
     summaries = []
     with tempfile.TemporaryDirectory(prefix="loraplex-ops-") as work:
         for layout in LAYOUTS if args.layout == "all" else (args.layout,):
-            runner = build_runner(layout, args.adapters, args.layers, Path(work))
+            runner = build_runner(layout, args.adapters, args.layers, args.real_widths, Path(work))
             counter = count_step(runner, decode_batch(args.batch, args.adapters, args.context))
             summaries.append(summarise(layout, counter, runner.num_layers))
     print(
