@@ -27,9 +27,11 @@ import contextlib
 import dataclasses
 import json
 import os
+import platform
 import sys
 import tempfile
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import random_checkpoint  # bench/ is sys.path[0] when run as a script
@@ -169,6 +171,22 @@ def summarise(layout: str, counter: OpCounter, num_layers: int) -> dict:
     }
 
 
+def report(env: dict, summaries: list[dict]) -> str:
+    lines = [
+        f"# Device ops of one decode step (counted on the CPU, {env['date']}, commit {env['commit']})",
+        "",
+        f"Batch {env['batch']}, {env['adapters']} distinct rank-{RANK} adapters, context {env['context']}; "
+        f"{env['widths']} widths, launch configs of a {env['sms']}-SM GPU; `bench/op_count.py` "
+        "(Triton kernels in the interpreter; counts do not depend on the machine).",
+        "",
+        markdown_table([{k: v for k, v in s.items() if k != "layer_ops"} for s in summaries]),
+    ]
+    for s in summaries:
+        lines += ["", f"## {s['layout']}: device ops in one layer", ""]
+        lines.append(markdown_table([{"op": name, "count": n} for name, n in s["layer_ops"].items()]))
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layout", choices=(*LAYOUTS, "all"), default="all")
@@ -177,9 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=64, help="tokens per sequence, the new one included")
     p.add_argument("--layers", type=int, help="decoder layers (default: the layout's own count)")
     p.add_argument(
+        "--real-widths", action="store_true", help="the layout's own hidden sizes: GPU launch configs"
+    )
+    p.add_argument(
         "--sms", type=int, default=132, help="SMs of the GPU whose launch configs to use (H100: 132)"
     )
     p.add_argument("--json", type=Path, help="also write the summaries here")
+    p.add_argument("--markdown", type=Path, help="also write the report here")
     args = p.parse_args(argv)
     os.environ.update(GPU_PATH_ENV)
     torch.set_num_threads(1)
@@ -191,15 +213,17 @@ def main(argv: list[str] | None = None) -> int:
             runner = build_runner(layout, args.adapters, args.layers, args.real_widths, Path(work))
             counter = count_step(runner, decode_batch(args.batch, args.adapters, args.context))
             summaries.append(summarise(layout, counter, runner.num_layers))
-    print(
-        f"decode step, batch {args.batch}, {args.adapters} adapters, context {args.context}, commit {git_commit()}"
-    )
-    print(markdown_table([{k: v for k, v in s.items() if k != "layer_ops"} for s in summaries]))
-    for s in summaries:
-        print(f"\n{s['layout']}: device ops in one layer")
-        print(markdown_table([{"op": name, "count": n} for name, n in s["layer_ops"].items()]))
+    env = {
+        "batch": args.batch, "adapters": args.adapters, "context": args.context, "sms": args.sms,
+        "widths": "real" if args.real_widths else "small", "commit": git_commit(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
+    }  # fmt: skip
+    text = report(env, summaries)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
     if args.json:
-        args.json.write_text(json.dumps(summaries, indent=2) + "\n")
+        args.json.write_text(json.dumps({"env": env, "layouts": summaries}, indent=2) + "\n")
     return 0
 
 

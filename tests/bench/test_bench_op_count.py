@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,3 +39,15 @@ def test_counts_one_decode_step_per_layer(bench_ops, layout, tmp_path, monkeypat
     assert summary["triton_per_layer_max"] >= 9
     assert summary["ops_total"] == 2 * summary["ops_per_layer_max"] + summary["ops_outside_layers"]
     assert sum(summary["layer_ops"].values()) == summary["ops_per_layer_max"]
+
+
+def test_command_writes_its_report(tmp_path):
+    out, md = tmp_path / "ops.json", tmp_path / "ops.md"
+    command = [sys.executable, str(BENCH / "op_count.py"), "--layout", "mistral-7b", "--layers", "1",
+               "--batch", "2", "--adapters", "1", "--sms", "4", "--json", str(out), "--markdown", str(md)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["env"]["sms"] == 4 and result["layouts"][0]["layers"] == 1
+    assert result["layouts"][0]["ops_per_layer_max"] > 0
+    assert "mistral-7b: device ops in one layer" in md.read_text()
