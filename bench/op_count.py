@@ -176,7 +176,7 @@ def report(env: dict, summaries: list[dict]) -> str:
         f"# Device ops of one decode step (counted on the CPU, {env['date']}, commit {env['commit']})",
         "",
         f"Batch {env['batch']}, {env['adapters']} distinct rank-{RANK} adapters, context {env['context']}; "
-        f"{env['widths']} widths, launch configs of a {env['sms']}-SM GPU; `bench/op_count.py` "
+        f"{env['widths']} widths, launch configs of a {env['sms']}-SM GPU; `bench/op_count.py` on {env['cpu']} "
         "(Triton kernels in the interpreter; counts do not depend on the machine).",
         "",
         markdown_table([{k: v for k, v in s.items() if k != "layer_ops"} for s in summaries]),
