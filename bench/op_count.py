@@ -13,8 +13,11 @@ On the CPU, host-side torch work outside the layers counts as device ops too (se
     python bench/op_count.py --layers 2 --sms 4    # quicker: per-layer counts are the same in every layer
     python bench/op_count.py --layout gemma-2-2b --batch 4 --json /tmp/ops.json
 
-The launch configs depend on the GPU's SM count (split-K in the LoRA shrink, split attention),
-so `--sms` picks the GPU to count for; more SMs mean more interpreted programs (slower).
+The launch configs depend on the GPU's SM count and the widths (split-K in the LoRA shrink,
+split attention): `--sms` picks the GPU to count for, and `--real-widths` keeps the layout's
+hidden sizes (vocab still 512) so the count is the GPU's; small widths never split K.
+
+    python bench/op_count.py --real-widths --layers 2 --batch 32 --adapters 32   # H100 launch counts
 """
 
 from __future__ import annotations
@@ -24,17 +27,16 @@ import contextlib
 import dataclasses
 import json
 import os
+import platform
 import sys
 import tempfile
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import random_checkpoint  # bench/ is sys.path[0] when run as a script
 import torch
 from benchutil import git_commit, markdown_table
-
-# The GPU code path, decided before the runner is built (the engine reads these).
-os.environ.update({"LORAPLEX_KERNELS": "triton", "LORAPLEX_ATTENTION": "triton", "TRITON_INTERPRET": "1"})
 
 from loraplex.kernels.op_count import OpCounter
 from loraplex.server.adapters.peft_format import load_peft_adapter
@@ -46,16 +48,22 @@ LAYOUTS = {
     "gemma-2-2b": ROOT / "bench" / "configs" / "gemma-2-2b-config.json",
     "mistral-7b": ROOT / "bench" / "configs" / "mistral-7b-v0.1-config.json",
 }
+# The GPU code path, set before the runner is built (the engine reads these).
+GPU_PATH_ENV = {"LORAPLEX_KERNELS": "triton", "LORAPLEX_ATTENTION": "triton", "TRITON_INTERPRET": "1"}
 RANK = 16
 BLOCK_SIZE = 16
 
 
-def shrunk_config(path: Path) -> dict:
-    """The layout's config with small widths: 4 query heads of 16, the same GQA ratio, vocab 512."""
+def shrunk_config(path: Path, real_widths: bool = False) -> dict:
+    """The layout's config with vocab 512 and, unless `real_widths`, small widths: 4 query heads
+    of 16, the same GQA ratio. Launch configs (split-K, attention splits) depend on the widths."""
     config = random_checkpoint.read_config(path)
+    config["vocab_size"] = 512
+    if real_widths:
+        return config
     kv_ratio = config["num_key_value_heads"] / config["num_attention_heads"]
     config.update(
-        hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16, vocab_size=512,
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16,
         num_key_value_heads=max(1, round(4 * kv_ratio)),
     )  # fmt: skip
     if "query_pre_attn_scalar" in config:
@@ -63,9 +71,11 @@ def shrunk_config(path: Path) -> dict:
     return config
 
 
-def build_runner(layout: str, adapters: int, layers: int | None, work: Path) -> ModelRunner:
+def build_runner(
+    layout: str, adapters: int, layers: int | None, real_widths: bool, work: Path
+) -> ModelRunner:
     """A float32 CPU runner of the shrunk layout with `adapters` random adapters in slots 0.."""
-    config = shrunk_config(LAYOUTS[layout])
+    config = shrunk_config(LAYOUTS[layout], real_widths)
     if layers is not None:
         config["num_hidden_layers"] = layers
     config_path = work / f"{layout}.json"
@@ -161,6 +171,22 @@ def summarise(layout: str, counter: OpCounter, num_layers: int) -> dict:
     }
 
 
+def report(env: dict, summaries: list[dict]) -> str:
+    lines = [
+        f"# Device ops of one decode step (counted on the CPU, {env['date']}, commit {env['commit']})",
+        "",
+        f"Batch {env['batch']}, {env['adapters']} distinct rank-{RANK} adapters, context {env['context']}; "
+        f"{env['widths']} widths, launch configs of a {env['sms']}-SM GPU; `bench/op_count.py` on {env['cpu']} "
+        "(Triton kernels in the interpreter; counts do not depend on the machine).",
+        "",
+        markdown_table([{k: v for k, v in s.items() if k != "layer_ops"} for s in summaries]),
+    ]
+    for s in summaries:
+        lines += ["", f"## {s['layout']}: device ops in one layer", ""]
+        lines.append(markdown_table([{"op": name, "count": n} for name, n in s["layer_ops"].items()]))
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layout", choices=(*LAYOUTS, "all"), default="all")
@@ -169,28 +195,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=64, help="tokens per sequence, the new one included")
     p.add_argument("--layers", type=int, help="decoder layers (default: the layout's own count)")
     p.add_argument(
+        "--real-widths", action="store_true", help="the layout's own hidden sizes: GPU launch configs"
+    )
+    p.add_argument(
         "--sms", type=int, default=132, help="SMs of the GPU whose launch configs to use (H100: 132)"
     )
     p.add_argument("--json", type=Path, help="also write the summaries here")
+    p.add_argument("--markdown", type=Path, help="also write the report here")
     args = p.parse_args(argv)
+    os.environ.update(GPU_PATH_ENV)
     torch.set_num_threads(1)
     fast_interpreter()
     emulate_sms(args.sms)
     summaries = []
     with tempfile.TemporaryDirectory(prefix="loraplex-ops-") as work:
         for layout in LAYOUTS if args.layout == "all" else (args.layout,):
-            runner = build_runner(layout, args.adapters, args.layers, Path(work))
+            runner = build_runner(layout, args.adapters, args.layers, args.real_widths, Path(work))
             counter = count_step(runner, decode_batch(args.batch, args.adapters, args.context))
             summaries.append(summarise(layout, counter, runner.num_layers))
-    print(
-        f"decode step, batch {args.batch}, {args.adapters} adapters, context {args.context}, commit {git_commit()}"
-    )
-    print(markdown_table([{k: v for k, v in s.items() if k != "layer_ops"} for s in summaries]))
-    for s in summaries:
-        print(f"\n{s['layout']}: device ops in one layer")
-        print(markdown_table([{"op": name, "count": n} for name, n in s["layer_ops"].items()]))
+    env = {
+        "batch": args.batch, "adapters": args.adapters, "context": args.context, "sms": args.sms,
+        "widths": "real" if args.real_widths else "small", "commit": git_commit(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
+    }  # fmt: skip
+    text = report(env, summaries)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
     if args.json:
-        args.json.write_text(json.dumps(summaries, indent=2) + "\n")
+        args.json.write_text(json.dumps({"env": env, "layouts": summaries}, indent=2) + "\n")
     return 0
 
 

@@ -160,8 +160,11 @@ class OpCounter:
                 self.record_sync("tolist")
             return tolist(tensor)
 
+        own = torch.Tensor.__dict__.get("tolist")  # None: inherited from the C base class
         torch.Tensor.tolist = counted_tolist
-        self._restore.append(lambda: delattr(torch.Tensor, "tolist"))
+        self._restore.append(
+            lambda: delattr(torch.Tensor, "tolist") if own is None else setattr(torch.Tensor, "tolist", own)
+        )
 
 
 class _DispatchCounter(TorchDispatchMode):
