@@ -12,6 +12,7 @@ transformers and PEFT baselines (bench/baselines.py) run in the same process aft
 
     python bench/engine.py                  # full sweep + baselines -> docs/benchmarks/engine.{md,json}
     python bench/engine.py --quick          # batch 32 x 32 adapters only, no baselines
+    python bench/engine.py --quick --cuda-graphs false   # the same, eager decode steps
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def build_engine(checkpoint: Path, adapter_dirs: list[Path], args: argparse.Name
         max_input_tokens=args.prompt_tokens,
         num_kv_blocks=math.ceil(tokens_per_seq / 16 + 1) * max(args.batches),
         enable_prefix_caching=False,  # every request's prompt is new anyway
+        cuda_graphs=args.cuda_graphs,
     )
     engine = LLMEngine.from_config(config)
     for i, path in enumerate(adapter_dirs):
@@ -213,6 +215,10 @@ def environment(floors: Floors) -> dict:
     }
 
 
+def _graphs_note(args: argparse.Namespace) -> str:
+    return "decode under CUDA graphs" if args.cuda_graphs else "decode eager (--cuda-graphs false)"
+
+
 def headline(results: list[PointResult], base: list[dict]) -> str:
     """Issue 4's target and DESIGN §9's comparison, in words, from the measured numbers only."""
     lines = []
@@ -240,7 +246,7 @@ def write_reports(results: list[PointResult], base: list[dict], env: dict, args:
         "",
         f"{env['gpu']}, {env['date']}, commit {env['commit']}, torch {env['torch']}, transformers "
         f"{env['transformers']}, peft {env['peft']}; copy bandwidth {env['copy_GBps']} GB/s. "
-        "Produced by `python bench/engine.py`.",
+        f"Produced by `python bench/engine.py`; {_graphs_note(args)}.",
         "",
         f"Gemma-2-2B shapes, random bf16 weights ({env['weight_GB']} GB), rank-{args.rank} adapters on all 7 "
         f"projections ({env['adapter_MB']} MB each), prompts of {args.prompt_tokens} tokens, medians of "
@@ -278,6 +284,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peft-new-tokens", type=int, default=32)
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--quick", action="store_true", help="batch 32 x 32 adapters, no baselines")
+    p.add_argument("--cuda-graphs", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                   help="decode under CUDA graphs (true, the default) or eagerly (false)")  # fmt: skip
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmarks" / "engine.json")
     p.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks" / "engine.md")
     args = p.parse_args(argv)

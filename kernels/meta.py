@@ -1,7 +1,8 @@
 """Per-step batch metadata shared by every LoRA layer of one forward pass.
 
 The batch is not sorted by adapter: each token carries a slot id (-1 = base model only).
-`LoraBatchMeta.build` groups tokens by slot once per step with device ops only, and cuts
+`LoraBatchMeta.build` groups tokens by slot once per step with device ops only (no host
+sync when the slot ids come from the host or are not validated), and cuts
 each slot's tokens into tiles of `TOKEN_BLOCK` rows. The kernels launch one program row
 per tile of a fixed-size tile table (`max_tiles(T, S)` entries, idle entries hold slot -1),
 so the launch grid depends only on the number of tokens and slots, never on which adapters
@@ -72,10 +73,13 @@ class LoraBatchMeta:
     def build(
         cls, token_slots: torch.Tensor, slot_ranks: torch.Tensor, validate: bool = True
     ) -> LoraBatchMeta:
-        """Group tokens by slot with device ops only; `validate` checks the slot ids (one host sync).
+        """Group tokens by slot with device ops only, on slot_ranks' device.
 
-        With validate=False the host never waits for the device; slot ids outside
-        [-1, num_slots) are then undefined behaviour.
+        token_slots may live on the host (the scheduler's data): `validate` then checks the slot
+        ids there, for free, and the ids are copied to the device without the host waiting.
+        Token slots already on an accelerator are checked only at the cost of a host sync
+        (validate=True); the engine checks slots at its boundary and passes validate=False.
+        Without validation, slot ids outside [-1, num_slots) are undefined behaviour.
         """
         if token_slots.dim() != 1 or slot_ranks.dim() != 1:
             raise ValueError("token_slots and slot_ranks must be 1-D")
@@ -84,11 +88,11 @@ class LoraBatchMeta:
         num_slots = slot_ranks.shape[0]
         if num_slots == 0:
             raise ValueError("slot_ranks must name at least one slot")
-        device = token_slots.device
-        slots = token_slots.to(torch.int64)
-        ranks = slot_ranks.to(device=device, dtype=torch.int64)
-        if validate and slots.numel() and not bool(((slots >= -1) & (slots < num_slots)).all()):
-            raise ValueError(f"token_slots must lie in [-1, {num_slots})")
+        if validate:
+            _check_slots(token_slots, num_slots)
+        device = slot_ranks.device
+        slots = token_slots.to(device=device, dtype=torch.int64, non_blocking=True)
+        ranks = slot_ranks.to(torch.int64)
         has_adapter = (slots >= 0) & (ranks[slots.clamp(min=0)] > 0)
         key = torch.where(has_adapter, slots, num_slots)  # no-adapter tokens sort last
         sorted_ids = torch.argsort(key, stable=True)
@@ -118,6 +122,18 @@ class LoraBatchMeta:
         for f in fields(self):
             getattr(self, f.name).copy_(getattr(other, f.name))
         return self
+
+
+def _check_slots(token_slots: torch.Tensor, num_slots: int) -> None:
+    if not token_slots.numel():
+        return
+    if token_slots.device.type == "cpu":
+        ids = token_slots.numpy()  # host data: checked by the host, no torch op in the step
+        in_range = bool(ids.min() >= -1 and ids.max() < num_slots)
+    else:
+        in_range = bool(((token_slots >= -1) & (token_slots < num_slots)).all())  # waits for the device
+    if not in_range:
+        raise ValueError(f"token_slots must lie in [-1, {num_slots})")
 
 
 def _tile_table(

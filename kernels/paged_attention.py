@@ -23,23 +23,18 @@ from query q when `q - window < k <= q`, as in transformers), float32 softmax an
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
-from triton.runtime.jit import JITFunction
+
+from loraplex.kernels import triton_common
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_DOT = 16  # tl.dot's smallest M, N and K
-# tl.max and tl.sum are @jit wrappers that a kernel run by the interpreter without
-# TRITON_INTERPRET cannot call; tl.reduce with Triton's own combine functions works in both
-# (and the interpreter recognises them and reduces with numpy).
-_MAX = tl.standard._elementwise_max
-_SUM = tl.standard._sum_combine
+_MAX, _SUM = triton_common.MAX, triton_common.SUM  # tl.max/tl.sum break in the interpreter
 
 
 @dataclass(frozen=True)
@@ -246,13 +241,8 @@ _NO_SPECIALIZE = {
 }
 
 
-@functools.cache
 def _kernel(fn: Callable, interpret: bool):
-    """Compiled for the GPU, or run by Triton's interpreter for CPU tensors (chosen per call, as in
-    `triton_lora`, so it does not matter whether TRITON_INTERPRET was set when Triton was imported)."""
-    if interpret:
-        return InterpretedFunction(fn)
-    return JITFunction(fn, do_not_specialize=_NO_SPECIALIZE[fn])
+    return triton_common.kernel(fn, interpret, _NO_SPECIALIZE[fn])
 
 
 def paged_decode_attention(
@@ -299,7 +289,7 @@ def paged_decode_attention(
         out.stride(0), out.stride(1), block_tables.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(heads_per_kv)),
         BLOCK_N=config.block_n, SOFTCAP=spec.softcap is not None, WINDOW=spec.sliding_window is not None,
-        SPLIT=split, PRECISION=_precision(q.dtype),
+        SPLIT=split, PRECISION=triton_common.dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
     )  # fmt: skip
     if split:
@@ -361,7 +351,7 @@ def paged_prefill_attention(
         out.stride(0), out.stride(1), block_tables.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(max(head_dim, MIN_DOT)), BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, SOFTCAP=spec.softcap is not None, WINDOW=spec.sliding_window is not None,
-        PRECISION=_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+        PRECISION=triton_common.dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
         enable_fp_fusion=True,
     )  # fmt: skip
     return out
@@ -376,7 +366,7 @@ def decode_config(
     """
     block_n = 64 if head_dim <= 128 else 32  # a K and a V tile of 16-bit [256, 32] in registers
     programs = num_seqs * num_kv_heads
-    splits = max(1, triton.cdiv(2 * _num_sms(device), programs))
+    splits = max(1, triton.cdiv(2 * triton_common.num_sms(device), programs))
     # A partition below ~256 keys spends more on writing and merging partials than it saves.
     partition = max(4 * block_n, triton.next_power_of_2(triton.cdiv(max_context, splits)))
     return DecodeConfig(block_n=block_n, partition=partition)
@@ -424,15 +414,3 @@ def _check_out(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device, "out must be like q"
     assert out.stride(2) == 1, "out rows must be contiguous"
     return out
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # float32 operands: TF32 tensor cores would miss the float32 error bound
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter runs programs one by one: keep its grids small
-    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -11,8 +11,10 @@ from loraplex.kernels.meta import LoraBatchMeta
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_shrink(x: torch.Tensor, a_slots: Sequence[torch.Tensor], meta: LoraBatchMeta) -> None:
-    """x [T, in]; every A slice [S, max_rank, in] of x's dtype and device."""
+def check_shrink(
+    x: torch.Tensor, a_slots: Sequence[torch.Tensor], meta: LoraBatchMeta, out: torch.Tensor | None = None
+) -> None:
+    """x [T, in]; every A slice [S, max_rank, in] of x's dtype and device; out float32 [slices, T, max_rank]."""
     if x.dim() != 2:
         raise ValueError(f"x must be [tokens, in], got {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
@@ -27,6 +29,16 @@ def check_shrink(x: torch.Tensor, a_slots: Sequence[torch.Tensor], meta: LoraBat
             raise ValueError(f"A slice must be [slots, max_rank, in] = {expected}, got {tuple(a.shape)}")
         if a.dtype != x.dtype or a.device != x.device:
             raise ValueError(f"A slice is {a.dtype} on {a.device}, x is {x.dtype} on {x.device}")
+    y_shape = (len(a_slots), x.shape[0], a_slots[0].shape[1])
+    if out is not None and (
+        tuple(out.shape) != y_shape
+        or out.dtype != torch.float32
+        or out.device != x.device
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out must be a contiguous float32 {y_shape} on {x.device}, got {tuple(out.shape)} {out.dtype}"
+        )
 
 
 def check_expand(

@@ -21,16 +21,14 @@ Up to three slices share a launch (q/k/v of different widths, gate/up); more are
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
-from triton.runtime.jit import JITFunction
 
+from loraplex.kernels import triton_common
 from loraplex.kernels.meta import TOKEN_BLOCK, LoraBatchMeta, max_tiles
 from loraplex.kernels.shapes import check_expand, check_shrink
 
@@ -165,16 +163,8 @@ def _expand_kernel(
 _NO_SPECIALIZE = {_shrink_kernel: ("rank_steps",), _expand_kernel: ("blocks0", "blocks01")}
 
 
-@functools.cache
 def _kernel(fn: Callable, interpret: bool):
-    """The kernel compiled for the GPU, or run by Triton's interpreter for CPU tensors.
-
-    Chosen per call rather than by `@triton.jit` at import time (which reads TRITON_INTERPRET
-    once): a test process can then mix CPU interpreter runs with anything else.
-    """
-    if interpret:
-        return InterpretedFunction(fn)
-    return JITFunction(fn, do_not_specialize=_NO_SPECIALIZE[fn])
+    return triton_common.kernel(fn, interpret, _NO_SPECIALIZE[fn])
 
 
 def lora_shrink(
@@ -182,13 +172,15 @@ def lora_shrink(
     a_slots: Sequence[torch.Tensor],
     meta: LoraBatchMeta,
     config: ShrinkConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[s, t, :r] = x[t] @ A_s[slot(t)][:r]^T as float32 [slices, T, max_rank].
 
     Entries the contract leaves unspecified (tokens without an adapter, columns >= rank) are
-    zero when K is split and uninitialised otherwise.
+    zero when K is split and uninitialised otherwise. `out`: a zero-filled y to accumulate
+    into (see `loraplex.kernels.lora.lora_shrink`); no zero-fill is launched then.
     """
-    check_shrink(x, a_slots, meta)
+    check_shrink(x, a_slots, meta, out)
     _assert_layout(meta, x.device)
     assert x.stride(1) == 1, "x rows must be contiguous"
     assert all(a.is_contiguous() for a in a_slots), "A slot buffers must be contiguous"
@@ -200,7 +192,7 @@ def lora_shrink(
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.block_k), config.split_k) * config.block_k
     split_k = triton.cdiv(in_features, k_per_split)
     rank_steps = triton.cdiv(max_rank, BLOCK_R)
-    y = _new_y((len(a_slots), num_tokens, max_rank), x.device, zeroed=split_k > 1)
+    y = _new_y((len(a_slots), num_tokens, max_rank), x.device, zeroed=split_k > 1) if out is None else out
     if num_tokens == 0:
         return y
     kernel = _kernel(_shrink_kernel, x.device.type == "cpu")
@@ -214,7 +206,7 @@ def lora_shrink(
             in_features, k_per_split, rank_steps, x.stride(0), chunk[0].stride(0), chunk[0].stride(1),
             y.stride(0), y.stride(1),
             BLOCK_M=TOKEN_BLOCK, BLOCK_R=BLOCK_R, BLOCK_K=config.block_k, EVEN_K=in_features % config.block_k == 0,
-            ATOMIC=split_k > 1, PRECISION=_precision(x.dtype),
+            ATOMIC=split_k > 1, PRECISION=triton_common.dot_precision(x.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
         )  # fmt: skip
     return y
@@ -254,7 +246,7 @@ def lora_expand(
             widths[0], widths[1], widths[2], widths[0], widths[0] + widths[1],
             blocks[0], blocks[0] + blocks[1], max_rank, y.stride(0), y.stride(1), out.stride(0),
             BLOCK_M=TOKEN_BLOCK, BLOCK_N=config.block_n, BLOCK_R=BLOCK_R, RANK_ALIGN=_rank_align(max_rank, out),
-            PRECISION=_precision(out.dtype),
+            PRECISION=triton_common.dot_precision(out.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
         )  # fmt: skip
         column += sum(widths)
@@ -270,7 +262,7 @@ def shrink_config(
     """
     block_k = min(256, max(16, triton.next_power_of_2(in_features)))
     programs = max_tiles(num_tokens, num_slots) * min(num_slices, MAX_SLICES) * triton.cdiv(max_rank, BLOCK_R)
-    most = 16 * _num_sms(device)  # a few waves of resident programs (about 8 fit on an SM)
+    most = 16 * triton_common.num_sms(device)  # a few waves of resident programs (about 8 fit on an SM)
     k_blocks = triton.cdiv(in_features, block_k)
     split_k = max(1, min(k_blocks, most // max(1, programs)))
     # One K block per program: nothing to pipeline, and without staging buffers in shared
@@ -284,7 +276,7 @@ def expand_config(
     """The widest output block (8 KB of 16-bit B per rank step) that still fills the SMs twice."""
     tiles = max_tiles(num_tokens, num_slots)
     for block_n in (256, 128, 64):
-        if tiles * triton.cdiv(width, block_n) >= 2 * _num_sms(device):
+        if tiles * triton.cdiv(width, block_n) >= 2 * triton_common.num_sms(device):
             break
     return ExpandConfig(block_n=block_n, num_stages=1 if max_rank <= BLOCK_R else 3)
 
@@ -299,18 +291,6 @@ def _rank_align(max_rank: int, out: torch.Tensor) -> int:
     """Elements per 16-byte vector when B rows are long enough to read whole vectors."""
     vector = 16 // out.element_size()
     return vector if max_rank % vector == 0 else 1
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # float32 operands: TF32 tensor cores would miss the float32 error bound (1e-5)
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter runs programs one by one: keep its grids small
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _tile_args(meta: LoraBatchMeta) -> tuple[torch.Tensor, ...]:

@@ -34,6 +34,7 @@ from loraplex.server.engine_api import (
 )
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
 from loraplex.server.scheduler import ScheduledStep
+from loraplex.server.text_fanout import FanOut
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,6 +57,8 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, adapter_loader: AdapterLoader | None = None) -> None:
         self._engine = engine
+        engine.defer_text = True  # detokenised by the fan-out thread, after the engine moved on
+        self._fanout = FanOut(self._deliver)
         self._config: EngineConfig = engine.config
         self._commands: deque[Callable[[], None]] = deque()
         self._wakeup = threading.Condition()
@@ -143,33 +146,43 @@ class AsyncEngine:
             self._wakeup.notify()
 
     def _call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        """Run `fn` on the engine thread between steps."""
+        """Run `fn` on the engine thread between steps.
+
+        The future resolves on the fan-out thread, after the events of the steps before it were
+        delivered: a caller that awaits it sees the streams as the engine left them.
+        """
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def command() -> None:
             try:
-                future.set_result(fn())
+                result = fn()
             except BaseException as exc:
-                future.set_exception(exc)
+                self._fanout.call(lambda error=exc: future.set_exception(error))
+            else:
+                self._fanout.call(lambda: future.set_result(result))
 
         self._submit(command)
         return future
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
-        for event in events:
-            with self._lock:
-                stream = self._streams.get(event.request_id)
-                if event.finish_reason is not None:
+        """Engine thread: hand the events (and their text still to make) to the fan-out thread."""
+        self._fanout.submit(events, self._engine.take_text_jobs())
+
+    def _deliver(self, event: TokenEvent) -> None:
+        """Fan-out thread: one event to its consumer's loop."""
+        with self._lock:
+            stream = self._streams.get(event.request_id)
+            if event.finish_reason is not None:
+                self._streams.pop(event.request_id, None)
+        if stream is None:
+            return
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
+        except RuntimeError:  # the consumer's event loop is closed: nobody will read this
+            if event.finish_reason is None:
+                with self._lock:
                     self._streams.pop(event.request_id, None)
-            if stream is None:
-                continue
-            try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
-            except RuntimeError:  # the consumer's event loop is closed: nobody will read this
-                if event.finish_reason is None:
-                    self._engine.abort(event.request_id)
-                    with self._lock:
-                        self._streams.pop(event.request_id, None)
+                self._submit(lambda: self._engine.abort(event.request_id))
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -267,6 +280,7 @@ class AsyncEngine:
             self._stopping = True
             self._wakeup.notify()
         await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self._fanout.close)
         self.adapters.close()
 
     def _cancel_all(self) -> None:

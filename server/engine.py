@@ -31,6 +31,7 @@ from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
 from loraplex.server.sampler import SampledToken, Sampler, SamplingRow
 from loraplex.server.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from loraplex.server.sequence import Sequence
+from loraplex.server.text_fanout import TextJob
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized by the model runner
     kv_cache_memory_fraction: float = 0.9
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True  # decode steps under CUDA graphs (CUDA only); False: eager
     adapters: tuple[LoadAdapterSpec, ...] = ()  # loaded at start
 
     def __post_init__(self) -> None:
@@ -96,6 +98,10 @@ class EngineConfig:
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,
             revision=self.revision,
+            max_num_seqs=self.max_num_seqs,
+            max_batch_tokens=self.max_batch_tokens,
+            max_model_len=self.max_total_tokens,
+            cuda_graphs=self.cuda_graphs,
         )
 
 
@@ -104,6 +110,11 @@ class _RequestState:
     request: GenerationRequest
     seq: Sequence
     output: OutputText
+    pending_token: int | None = None  # deferred text: the token the fan-out thread appends
+
+    @property
+    def has_stop_strings(self) -> bool:
+        return any(self.request.params.stop)
 
 
 def eos_token_ids(hf_config: Any, tokenizer: Any, model_path: str) -> frozenset[int]:
@@ -144,6 +155,10 @@ class LLMEngine:
         self.num_steps = 0
         # Called with each step's plan before it runs (benchmarks, tests, tracing); never mutate it.
         self.step_observers: list[Callable[[ScheduledStep], None]] = []
+        # True (AsyncEngine): events of requests without stop strings come with text "" and a
+        # TextJob (take_text_jobs) that its fan-out thread runs off the step's critical path.
+        self.defer_text = False
+        self._text_jobs: list[TextJob] = []
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -244,6 +259,7 @@ class LLMEngine:
                     block_table=tuple(seq.block_table),
                     lora_slot=seq.lora_slot,
                     needs_logits=start + num_new == seq.num_tokens,
+                    continues=start != seq.num_prefix_hit_tokens,  # not its first step since admission
                 )
             )
         return ForwardBatch(tuple(chunks))
@@ -270,7 +286,10 @@ class LLMEngine:
             reason = FinishReason.STOP
         elif token.token_id in self.eos_token_ids and not params.ignore_eos:
             reason = FinishReason.EOS
-        text = state.output.append(token.token_id) if reason is None else ""
+        if self._defers_text(state):
+            text, state.pending_token = "", token.token_id if reason is None else None
+        else:
+            text = state.output.append(token.token_id) if reason is None else ""
         if state.output.stopped:
             reason = FinishReason.STOP
         elif reason is None and (
@@ -296,7 +315,7 @@ class LLMEngine:
         if seq.adapter is not None:
             self.registry.release(seq.adapter)
         del self._requests[seq.request_id]
-        if reason is not FinishReason.CANCELLED:
+        if reason is not FinishReason.CANCELLED and not self._defers_text(state):
             text += state.output.finish()
         return self._event(state, token=token, text=text, finish_reason=reason, error=error)
 
@@ -308,7 +327,7 @@ class LLMEngine:
         finish_reason: FinishReason | None = None,
         error: str | None = None,
     ) -> TokenEvent:
-        return TokenEvent(
+        event = TokenEvent(
             request_id=state.request.request_id,
             token_id=token.token_id if token else None,
             text=text,
@@ -319,6 +338,19 @@ class LLMEngine:
             num_prompt_tokens=state.seq.num_prompt_tokens,
             num_generated_tokens=state.seq.num_generated_tokens,
         )
+        if self._defers_text(state):
+            finish = finish_reason is not None and finish_reason is not FinishReason.CANCELLED
+            self._text_jobs.append(TextJob(event, state.output, state.pending_token, finish))
+            state.pending_token = None
+        return event
+
+    def _defers_text(self, state: _RequestState) -> bool:
+        return self.defer_text and not state.has_stop_strings
+
+    def take_text_jobs(self) -> list[TextJob]:
+        """The text still to make for the events returned since the last call (see `defer_text`)."""
+        jobs, self._text_jobs = self._text_jobs, []
+        return jobs
 
     def abort_all(self, reason: FinishReason, error: str | None = None) -> list[TokenEvent]:
         """End every request (shutdown; or a failed step, rather than hang them all)."""

@@ -26,6 +26,9 @@ class SequenceChunk:
     block_table: tuple[int, ...]
     lora_slot: int | None  # GPU slot of the request's adapter, None = base model only
     needs_logits: bool = True  # False for a prefill chunk that does not reach the prompt's end
+    # True when the sequence ran in an earlier step and its block table only grew since (no
+    # preemption in between): the runner then copies only the new entries. False: all of them.
+    continues: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from loraplex.kernels.lora import kernel_backend
 from loraplex.server.adapters.lora_weights import LoraWeights
-from loraplex.server.forward_batch import ForwardBatch
+from loraplex.server.batch_buffers import BatchBuffers, StepInputs
+from loraplex.server.cuda_graphs import DecodeGraphs, decode_buckets
+from loraplex.server.forward_batch import ForwardBatch, SequenceChunk
 from loraplex.server.kv_cache import KVCache, KVCacheSpec
-from loraplex.server.layers.metadata import build_forward_metadata
+from loraplex.server.layers.attention import attention_backend
 from loraplex.server.model_loader import load_config, load_model, resolve_model_path
 from loraplex.server.models import lora_module_shapes
 from loraplex.server.models.llama import head_dim_of
@@ -23,6 +27,7 @@ DTYPES: dict[str, torch.dtype] = {
 # The CPU cache is sized by tokens (tests, demo), capped in bytes so big models stay within RAM.
 _CPU_CACHE_TOKENS = 8192
 _CPU_CACHE_MAX_BYTES = 1 << 30
+_WARM_UP_SEQ_ID = -2  # the start-up prefill's sequence (real ones count up from 0)
 # Room left on the GPU for activations and the allocator's own slack.
 _CUDA_ACTIVATION_RESERVE = 1 << 30
 
@@ -38,6 +43,13 @@ class RunnerConfig:
     max_loras: int = 4  # slots
     max_lora_rank: int = 64
     revision: str | None = None  # hub revision when model_path is a hub id
+    max_num_seqs: int = 64  # sequences in one step (sizes the persistent batch buffers)
+    max_batch_tokens: int = 2048  # tokens in one step
+    max_model_len: int = 4096  # positions of one sequence (prompt + generated)
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA only; False: always eager)
+    # Decode steps padded to graph buckets over static buffers. None: exactly when CUDA graphs
+    # run; True on the CPU runs that path eagerly (tests compare it with the eager path).
+    static_decode: bool | None = None
 
 
 def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
@@ -72,9 +84,12 @@ class ModelRunner:
         self.num_layers: int = self.hf_config.num_hidden_layers
         self._lora_shapes = lora_module_shapes(self.hf_config)
         self._attention_windows = self.model.attention_windows
+        num_slices = 0
         for layer in self.model.lora_layers():
             layer.create_lora_slots(self.max_loras, self.max_lora_rank)
+            layer.workspace_offset, num_slices = num_slices, num_slices + len(layer.out_features)
         self.slot_ranks = torch.zeros(self.max_loras, dtype=torch.int32, device=self.device)
+        self._host_ranks = np.zeros(self.max_loras, dtype=np.int64)
         spec = KVCacheSpec(
             num_layers=self.num_layers,
             num_kv_heads=self.hf_config.num_key_value_heads,
@@ -84,6 +99,55 @@ class ModelRunner:
         )
         self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks(spec)
         self.kv_cache = KVCache(spec, self.num_kv_blocks, self.device)
+        # Chosen once here and passed down with every step's metadata (no environment reads per call).
+        self.attention_backend = attention_backend(self.device)
+        self.lora_backend = kernel_backend(self.device)
+        self.buffers = BatchBuffers(
+            max_seqs=config.max_num_seqs,
+            max_tokens=max(config.max_batch_tokens, config.max_num_seqs),
+            max_blocks_per_seq=min(self.num_kv_blocks, -(-config.max_model_len // self.block_size)),
+            block_size=self.block_size,
+            num_kv_blocks=self.num_kv_blocks,
+            num_slots=self.max_loras,
+            device=self.device,
+            attention_backend=self.attention_backend,
+            lora_backend=self.lora_backend,
+            lora_workspace_per_token=num_slices * self.max_lora_rank,
+        )
+        if self.device.type == "cuda":
+            self._warm_up_prefill()
+        self.graphs = self._decode_graphs(config)
+
+    def _decode_graphs(self, config: RunnerConfig) -> DecodeGraphs | None:
+        """Capture the decode graphs now (CUDA), before the engine serves anything; None: all eager."""
+        on_cuda = self.device.type == "cuda"
+        static = config.static_decode if config.static_decode is not None else config.cuda_graphs and on_cuda
+        if not static:
+            return None
+        capture = config.cuda_graphs and on_cuda
+        graphs = DecodeGraphs(self.buffers, self._forward_all, decode_buckets(config.max_num_seqs), capture)
+        with torch.inference_mode():
+            graphs.capture_all(self.slot_ranks, self._host_ranks)
+        return graphs
+
+    @torch.inference_mode()
+    def _warm_up_prefill(self) -> None:
+        """Run a short prefill with and without LoRA so no request waits on a Triton compile (CUDA).
+
+        It writes K/V into block 0, which no sequence holds yet.
+        """
+        length = min(self.block_size, self.buffers.max_tokens)
+        chunk = SequenceChunk(_WARM_UP_SEQ_ID, (0,) * length, 0, (0,), None)
+        for force_lora in (False, True):
+            inputs = self.buffers.build([chunk], self.slot_ranks, self._host_ranks, force_lora=force_lora)
+            self._forward_all(inputs)
+        torch.cuda.synchronize(self.device)
+
+    def _forward_all(self, inputs: StepInputs) -> torch.Tensor:
+        """Float32 logits of every token of the step (the decode graphs' body)."""
+        meta = inputs.meta
+        hidden = self.model(inputs.input_ids, meta.positions, self.kv_cache.layers, meta)
+        return self.model.compute_logits(hidden)
 
     def _default_num_blocks(self, spec: KVCacheSpec) -> int:
         if self.device.type != "cuda":
@@ -102,15 +166,12 @@ class ModelRunner:
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits [len(batch.chunks), vocab] of each chunk's last token (see ForwardBatch)."""
         self._check_batch(batch)
-        meta = build_forward_metadata(
-            batch, self.block_size, self._attention_windows, self.slot_ranks, self.device
-        )
-        input_ids = torch.tensor(
-            [token for chunk in batch.chunks for token in chunk.token_ids],
-            dtype=torch.long,
-            device=self.device,
-        )
-        hidden = self.model(input_ids, meta.positions, self.kv_cache.layers, meta)
+        bucket = self.graphs.bucket_for(batch.chunks) if self.graphs is not None else None
+        if bucket is not None:
+            return self.graphs.run(batch.chunks, bucket, self.slot_ranks, self._host_ranks)
+        inputs = self.buffers.build(batch.chunks, self.slot_ranks, self._host_ranks)
+        meta = inputs.meta
+        hidden = self.model(inputs.input_ids, meta.positions, self.kv_cache.layers, meta)
         return self.model.compute_logits(hidden[meta.logits_indices])
 
     def load_lora(self, slot: int, weights: LoraWeights) -> None:
@@ -122,20 +183,20 @@ class ModelRunner:
             layer, shard = self.model.lora_target(layer_index, module)
             layer.set_lora(slot, shard, a.to(self.device, self.dtype), b.to(self.device, self.dtype))
         self.slot_ranks[slot] = weights.rank
+        self._host_ranks[slot] = weights.rank
 
     def clear_lora(self, slot: int) -> None:
         self._check_slot(slot)
         for layer in self.model.lora_layers():
             layer.clear_lora(slot)
         self.slot_ranks[slot] = 0
+        self._host_ranks[slot] = 0
 
     def _check_batch(self, batch: ForwardBatch) -> None:
+        """LoRA slots here; block tables as the buffers copy their new entries (O(changed) per step)."""
         for chunk in batch.chunks:
             if chunk.lora_slot is not None and not 0 <= chunk.lora_slot < self.max_loras:
                 raise ValueError(f"sequence {chunk.seq_id}: LoRA slot {chunk.lora_slot} out of range")
-            table = chunk.block_table
-            if table and not 0 <= min(table) <= max(table) < self.num_kv_blocks:
-                raise ValueError(f"sequence {chunk.seq_id}: block table outside 0..{self.num_kv_blocks - 1}")
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_loras:

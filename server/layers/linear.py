@@ -26,6 +26,7 @@ class LoraLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(total), requires_grad=False) if bias else None
         self.lora_a: list[torch.Tensor] = []
         self.lora_b: list[torch.Tensor] = []
+        self.workspace_offset = 0  # first slice of this layer in the step's LoRA workspace (ModelRunner)
 
     def _offset(self, shard: int) -> int:
         return sum(self.out_features[:shard])
@@ -67,10 +68,25 @@ class LoraLinear(nn.Module):
             a[slot].zero_()
             b[slot].zero_()
 
-    def forward(self, x: torch.Tensor, lora: LoraBatchMeta | None) -> torch.Tensor:
-        """x [T, in] -> [T, sum(out_features)]."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        lora: LoraBatchMeta | None,
+        backend: str | None = None,
+        workspace: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [T, in] -> [T, sum(out_features)]; `backend` of the LoRA ops (None: chosen per call).
+
+        `workspace`: the step's zeroed float32 LoRA workspace, `slices * T * max_rank` per layer from
+        `workspace_offset` on (the shrink kernels add into it: no zero-fill launch per layer).
+        """
         out = F.linear(x, self.weight, self.bias)
         if lora is not None and self.lora_a:
-            shrunk = lora_shrink(x, self.lora_a, lora)  # [slices, T, max_rank]
-            lora_expand(shrunk, self.lora_b, lora, out, add=True)
+            y = None
+            if workspace is not None:
+                shape = (len(self.lora_a), x.shape[0], self.lora_a[0].shape[1])
+                start = self.workspace_offset * shape[1] * shape[2]
+                y = workspace[start : start + shape[0] * shape[1] * shape[2]].view(shape)
+            shrunk = lora_shrink(x, self.lora_a, lora, backend=backend, out=y)  # [slices, T, max_rank]
+            lora_expand(shrunk, self.lora_b, lora, out, add=True, backend=backend)
         return out

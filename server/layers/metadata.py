@@ -1,121 +1,124 @@
-"""Per-step tensors every layer needs, built once per step and passed down explicitly."""
+"""Per-step tensors every layer needs, built once per step and passed down explicitly.
+
+The step's tokens run decodes first, then prefill chunks, so each attention group is one
+contiguous range of tokens: the Triton kernels read the block tables directly, the torch path
+builds what it needs (padded context slots, masks) lazily, once per step, from the same tensors.
+`server/batch_buffers.py` builds these in persistent buffers for the model runner;
+`build_forward_metadata` here is the one-off form (tests, benchmarks).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from loraplex.kernels.lora import LoraBatchMeta
-from loraplex.server.forward_batch import ForwardBatch, SequenceChunk
-
-# The token->slot map of the LoRA kernels marks base-only tokens with -1 (their convention).
-_NO_ADAPTER = -1
+from loraplex.kernels.meta import TOKEN_BLOCK, LoraBatchMeta, max_tiles
+from loraplex.server.forward_batch import ForwardBatch
 
 
 @dataclass(frozen=True)
 class AttentionGroup:
-    """Sequences whose attention runs as one padded batch: queries `[B, max_query_len]` against
-    keys gathered from the paged cache into `[B, max_context_len]`. Decodes (one query each) and
-    prefills form separate groups so a long prefill chunk does not pad every decode to its length.
+    """Sequences whose attention runs as one kernel launch: all decodes, or all prefill chunks.
+
+    Their tokens are `token_start .. token_start + num_tokens` of the step, sequence by sequence.
     """
 
-    token_indices: torch.Tensor  # [n] which of the step's T tokens belong to this group
-    query_rows: torch.Tensor  # [n] their rows in the padded [B * max_query_len] layout
-    context_slots: torch.Tensor  # [B, max_context_len] flat cache slot of every context position (padding: 0)
-    masks: dict[int | None, torch.Tensor]  # sliding window (None: full) -> [B, 1, max_q, max_ctx] bool
-    num_seqs: int
-    max_query_len: int
-    # What the Triton kernels read instead (loraplex.kernels.paged_attention): the cache directly.
-    block_tables: torch.Tensor  # int32 [B, max_blocks] block of positions i*block_size.. (padding: 0)
+    block_tables: torch.Tensor  # int32 [B, width] block of positions i*block_size.. (padding: 0)
     context_lens: torch.Tensor  # int32 [B] cached + new tokens of each sequence
     query_starts: torch.Tensor  # int32 [B + 1] first row of each sequence's queries among the group's tokens
+    num_seqs: int
+    max_query_len: int
+    max_context_len: int
+    token_start: int
+    num_tokens: int
+    host_context_lens: np.ndarray  # the same as numpy (the torch path loops over prefill sequences)
+    host_query_starts: np.ndarray
+    _lazy: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def token_slice(self) -> slice:
+        return slice(self.token_start, self.token_start + self.num_tokens)
+
+    def context_slots(self, block_size: int) -> torch.Tensor:
+        """[B, max_context_len] flat cache slot of every context position (torch path; built once)."""
+        slots = self._lazy.get("slots")
+        if slots is None:
+            width = -(-self.max_context_len // block_size)
+            offsets = torch.arange(block_size, device=self.block_tables.device)
+            blocks = self.block_tables[:, :width].long()
+            slots = (blocks[:, :, None] * block_size + offsets).view(self.num_seqs, -1)[
+                :, : self.max_context_len
+            ]
+            self._lazy["slots"] = slots
+        return slots
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """bool [B, 1, 1, max_context_len]: key j is visible to the sequence's one query (built once per window)."""
+        key = ("decode_mask", window)
+        mask = self._lazy.get(key)
+        if mask is None:
+            k = torch.arange(self.max_context_len, device=self.context_lens.device)[None, :]
+            lens = self.context_lens.long()[:, None]
+            mask = k < lens
+            if window is not None:
+                mask &= k > lens - 1 - window  # transformers: kv_idx > q_idx - sliding_window
+            mask = mask[:, None, None, :]
+            self._lazy[key] = mask
+        return mask
 
 
 @dataclass(frozen=True)
 class ForwardMetadata:
-    """Where each of the step's T new tokens goes and what it attends to."""
+    """Where each of the step's T new tokens goes and what it attends to; the backends to run."""
 
     positions: torch.Tensor  # [T] position of each new token in its sequence
-    slot_mapping: torch.Tensor  # [T] flat KV-cache slot (block * block_size + offset) of each new token
-    attention_groups: tuple[AttentionGroup, ...]
-    logits_indices: torch.Tensor  # [num chunks] index into the T tokens of each chunk's last token
+    slot_mapping: torch.Tensor  # [T] flat KV-cache slot (block * block_size + offset), -1: write nothing
+    attention_groups: tuple[AttentionGroup, ...]  # decodes first
+    logits_indices: (
+        torch.Tensor
+    )  # [num chunks] index into the T tokens of each chunk's last token, batch order
     lora: LoraBatchMeta | None  # None when no token of this step uses an adapter
+    block_size: int
+    attention_backend: str = "torch"  # triton | torch, chosen once by the model runner
+    lora_backend: str = "reference"  # triton | reference (loraplex.kernels.backend)
+    padded: bool = False  # idle rows at the end (slot_mapping -1): a graph bucket's padding
+    lora_workspace: torch.Tensor | None = None  # flat float32, zeroed by the model each step (see LoraLinear)
 
 
-def _chunk_slots(chunk: SequenceChunk, block_size: int) -> torch.Tensor:
-    """Flat cache slots of positions 0 .. context_len-1 of one sequence."""
-    if len(chunk.block_table) * block_size < chunk.context_len:
-        raise ValueError(
-            f"sequence {chunk.seq_id}: block table covers {len(chunk.block_table) * block_size} "
-            f"positions, needs {chunk.context_len}"
-        )
-    table = torch.tensor(chunk.block_table, dtype=torch.long)
-    pos = torch.arange(chunk.context_len)
-    return table[pos // block_size] * block_size + pos % block_size
-
-
-def _attention_masks(
-    query_positions: torch.Tensor, max_context_len: int, windows: Iterable[int | None]
-) -> dict[int | None, torch.Tensor]:
-    """Causal (+ sliding window) masks; padded query rows (position -1) see key 0 so softmax stays finite."""
-    q = query_positions[:, None, :, None]  # [B, 1, Q, 1]
-    k = torch.arange(max_context_len)[None, None, None, :]  # [1, 1, 1, S]
-    padding = q < 0
-    masks = {}
-    for window in windows:
-        allowed = k <= q
-        if window is not None:
-            allowed &= k > q - window  # transformers: kv_idx > q_idx - sliding_window
-        masks[window] = allowed | (padding & (k == 0))
-    return masks
-
-
-def _attention_group(
-    chunks: Sequence[SequenceChunk],
-    first_tokens: Sequence[int],
-    context_slots: Sequence[torch.Tensor],
-    windows: Iterable[int | None],
-    block_size: int,
-    device: torch.device,
-) -> AttentionGroup:
-    """One padded attention batch over `chunks`; `first_tokens[i]` is chunk i's first index in the step."""
-    num_seqs, max_query_len = len(chunks), max(c.num_tokens for c in chunks)
-    padded_slots = torch.zeros(num_seqs, max(c.context_len for c in chunks), dtype=torch.long)
-    query_positions = torch.full((num_seqs, max_query_len), -1, dtype=torch.long)
-    token_indices, query_rows = [], []
-    for b, (chunk, first, slots) in enumerate(zip(chunks, first_tokens, context_slots, strict=True)):
-        padded_slots[b, : chunk.context_len] = slots
-        query_positions[b, : chunk.num_tokens] = torch.arange(chunk.num_cached_tokens, chunk.context_len)
-        token_indices.append(torch.arange(first, first + chunk.num_tokens))
-        query_rows.append(b * max_query_len + torch.arange(chunk.num_tokens))
-    masks = _attention_masks(query_positions, padded_slots.shape[1], windows)
-    num_blocks = [-(-c.context_len // block_size) for c in chunks]
-    block_tables = torch.zeros(num_seqs, max(num_blocks), dtype=torch.int32)
-    for b, (chunk, count) in enumerate(zip(chunks, num_blocks, strict=True)):
-        block_tables[b, :count] = torch.tensor(chunk.block_table[:count], dtype=torch.int32)
-    query_starts = torch.tensor([0] + [c.num_tokens for c in chunks], dtype=torch.int32).cumsum(0)
-    return AttentionGroup(
-        token_indices=torch.cat(token_indices).to(device),
-        query_rows=torch.cat(query_rows).to(device),
-        context_slots=padded_slots.to(device),
-        masks={w: m.to(device) for w, m in masks.items()},
-        num_seqs=num_seqs,
-        max_query_len=max_query_len,
-        block_tables=block_tables.to(device),
-        context_lens=torch.tensor([c.context_len for c in chunks], dtype=torch.int32).to(device),
-        query_starts=query_starts.to(dtype=torch.int32, device=device),
-    )
-
-
-def _lora_meta(
-    token_slots: torch.Tensor, slot_ranks: torch.Tensor, device: torch.device
-) -> LoraBatchMeta | None:
-    """None when no token uses an adapter: the layers then skip LoRA entirely (no kernel launch)."""
-    if not bool((token_slots != _NO_ADAPTER).any()):
-        return None
-    return LoraBatchMeta.build(token_slots.to(device), slot_ranks.to(device))
+def lora_meta_arrays(token_slots: np.ndarray, slot_ranks: np.ndarray) -> dict[str, np.ndarray]:
+    """`LoraBatchMeta` fields (all but slot_ranks) computed on the host, as `LoraBatchMeta.build` does on the device."""
+    num_slots, num_tokens = slot_ranks.shape[0], token_slots.shape[0]
+    clipped = np.clip(token_slots, 0, num_slots - 1)
+    has_adapter = (token_slots >= 0) & (slot_ranks[clipped] > 0)
+    key = np.where(has_adapter, token_slots, num_slots)
+    sorted_ids = np.argsort(key, kind="stable")
+    counts = np.bincount(key, minlength=num_slots + 1)[:num_slots]
+    starts = np.cumsum(counts) - counts
+    is_active = counts > 0
+    active = np.full(num_slots, -1, dtype=np.int64)
+    active_ids = np.flatnonzero(is_active)
+    active[: active_ids.shape[0]] = active_ids
+    tiles_per_slot = (counts + TOKEN_BLOCK - 1) // TOKEN_BLOCK
+    tiles_end = np.cumsum(tiles_per_slot)
+    tile_ids = np.arange(max_tiles(num_tokens, num_slots))
+    owner = np.searchsorted(tiles_end, tile_ids, side="right")
+    used = owner < num_slots
+    owner = np.minimum(owner, num_slots - 1)
+    first_tile = tiles_end[owner] - tiles_per_slot[owner]
+    return {
+        "token_slots": token_slots,
+        "sorted_token_ids": sorted_ids,
+        "slot_counts": counts,
+        "slot_starts": starts,
+        "active_slots": active,
+        "num_active": np.array([active_ids.shape[0]]),
+        "tile_slots": np.where(used, owner, -1),
+        "tile_starts": np.where(used, starts[owner] + (tile_ids - first_tile) * TOKEN_BLOCK, 0),
+        "tile_ends": np.where(used, starts[owner] + counts[owner], 0),
+    }
 
 
 def build_forward_metadata(
@@ -124,32 +127,32 @@ def build_forward_metadata(
     windows: Iterable[int | None],
     slot_ranks: torch.Tensor,
     device: torch.device,
+    attention_backend: str | None = None,
 ) -> ForwardMetadata:
-    """Turn the scheduler's chunks into the step's index tensors (built on the CPU, then moved)."""
+    """One step's metadata outside a model runner (tests, benchmarks).
+
+    The tokens run in the runner's order: the decode chunks first, then the others, each
+    group in batch order (feed q/k/v in that order; `logits_indices` are in batch order).
+
+    `windows` is accepted for the callers of the old form and unused: masks are built by the
+    torch attention path itself. The backend defaults to `attention_backend(device)`.
+    """
+    from loraplex.server.batch_buffers import BatchBuffers
+    from loraplex.server.layers.attention import attention_backend as choose
+
+    del windows
     chunks = batch.chunks
-    if not chunks or any(c.num_tokens == 0 for c in chunks):
-        raise ValueError("a forward batch needs at least one chunk and every chunk at least one token")
-    windows = tuple(windows)
-    slots = [_chunk_slots(chunk, block_size) for chunk in chunks]
-    counts = torch.tensor([c.num_tokens for c in chunks])
-    ends = counts.cumsum(0)
-    firsts = (ends - counts).tolist()
-    groups = []
-    for is_decode in (True, False):
-        members = [i for i, c in enumerate(chunks) if (c.num_tokens == 1) == is_decode]
-        if members:
-            picked = [chunks[i] for i in members], [firsts[i] for i in members], [slots[i] for i in members]
-            groups.append(_attention_group(*picked, windows, block_size, device))
-    token_slots = [
-        torch.full((c.num_tokens,), _NO_ADAPTER if c.lora_slot is None else c.lora_slot, dtype=torch.int32)
-        for c in chunks
-    ]
-    return ForwardMetadata(
-        positions=torch.cat([torch.arange(c.num_cached_tokens, c.context_len) for c in chunks]).to(device),
-        slot_mapping=torch.cat([s[c.num_cached_tokens :] for c, s in zip(chunks, slots, strict=True)]).to(
-            device
-        ),
-        attention_groups=tuple(groups),
-        logits_indices=(ends - 1).to(device),
-        lora=_lora_meta(torch.cat(token_slots), slot_ranks, device),
+    ranks = slot_ranks.to(torch.int32)
+    buffers = BatchBuffers(
+        max_seqs=max(1, len(chunks)),
+        max_tokens=max(1, batch.num_tokens),
+        max_blocks_per_seq=max([len(c.block_table) for c in chunks] + [1]),
+        block_size=block_size,
+        num_kv_blocks=1 + max([max(c.block_table, default=0) for c in chunks] + [0]),
+        num_slots=ranks.shape[0],
+        device=device,
+        attention_backend=attention_backend or choose(device),
+        lora_backend="reference",
     )
+    inputs = buffers.build(chunks, ranks.to(device), ranks.cpu().numpy())
+    return inputs.meta

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loraplex.kernels.fused import add_rmsnorm
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32.
@@ -26,3 +28,9 @@ class RMSNorm(nn.Module):
         if self.offset:
             return (xf * (self.offset + self.weight.float())).type_as(x)
         return self.weight * xf.type_as(x)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) in one fused op (`loraplex.kernels.fused.add_rmsnorm`)."""
+        return add_rmsnorm(x, residual, self.weight, self.eps, self.offset, backend)

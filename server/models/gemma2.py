@@ -11,11 +11,15 @@ from torch import nn
 
 from loraplex.server.layers.metadata import ForwardMetadata
 from loraplex.server.layers.norm import RMSNorm
-from loraplex.server.models.llama import MLP, Attention, LayerKVCache, LlamaForCausalLM
+from loraplex.server.models.llama import MLP, Attention, LayerKVCache, LlamaForCausalLM, Rope
 
 
 class Gemma2DecoderLayer(nn.Module):
-    """Sandwich norms: x + norm(attn(norm(x))), then + norm(mlp(norm(.)))."""
+    """Sandwich norms: x + norm(attn(norm(x))), then + norm(mlp(norm(.))).
+
+    As in `LlamaDecoderLayer` the stream is hidden + residual; the post-norms normalise the
+    attention / MLP output alone, the pre-norms add it to the stream in the same op.
+    """
 
     def __init__(self, config, attention: Attention) -> None:
         super().__init__()
@@ -29,13 +33,20 @@ class Gemma2DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: Rope,
         kv_cache: LayerKVCache,
         meta: ForwardMetadata,
-    ) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, kv_cache, meta))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), meta))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        backend = meta.lora_backend
+        normed, residual = self.input_layernorm.add_forward(hidden, residual, backend)
+        attn, _ = self.post_attention_layernorm.add_forward(
+            self.self_attn(normed, rope, kv_cache, meta), None, backend
+        )
+        normed, residual = self.pre_feedforward_layernorm.add_forward(attn, residual, backend)
+        mlp, _ = self.post_feedforward_layernorm.add_forward(self.mlp(normed, meta), None, backend)
+        return mlp, residual
 
 
 class GemmaForCausalLM(LlamaForCausalLM):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.kernels.fused import act_mul, rope_kv_write
 from loraplex.server.layers.attention import PagedAttention
 from loraplex.server.layers.linear import LoraLinear
 from loraplex.server.layers.metadata import ForwardMetadata
@@ -22,12 +23,15 @@ from loraplex.server.layers.norm import RMSNorm
 from loraplex.server.layers.rotary import RotaryEmbedding, apply_rotary
 
 LayerKVCache = tuple[torch.Tensor, torch.Tensor]
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # the step's (cos, sin) on the reference path, None on triton
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
     "gelu": F.gelu,
 }
+# config activation -> the name `loraplex.kernels.fused.act_mul` knows (the same functions)
+FUSED_ACTIVATIONS: dict[str, str] = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 # checkpoint projection -> (fused module, slice); the same names index LoRA targets.
 PACKED_MODULES: dict[str, tuple[str, int]] = {
@@ -61,11 +65,12 @@ def sliding_window_of(config, layer_index: int) -> int | None:
     return window
 
 
-def activation_of(config) -> Callable[[torch.Tensor], torch.Tensor]:
+def activation_of(config) -> str:
+    """The `act_mul` name of the config's MLP activation."""
     name = getattr(config, "hidden_activation", None) or config.hidden_act
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported (known: {sorted(ACTIVATIONS)})")
-    return ACTIVATIONS[name]
+    if name not in FUSED_ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported (known: {sorted(FUSED_ACTIVATIONS)})")
+    return FUSED_ACTIVATIONS[name]
 
 
 class Attention(nn.Module):
@@ -86,6 +91,7 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = LoraLinear(config.hidden_size, (q_size, kv_size, kv_size), bias=qkv_bias)
         self.o_proj = LoraLinear(q_size, (config.hidden_size,), bias=o_bias)
+        self.rotary: RotaryEmbedding | None = None  # the model's, set by DecoderModel (inv_freq, scaling)
         self.attn = PagedAttention(
             self.num_heads,
             self.num_kv_heads,
@@ -96,18 +102,33 @@ class Attention(nn.Module):
         )
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: LayerKVCache,
-        meta: ForwardMetadata,
+        self, x: torch.Tensor, rope: Rope, kv_cache: LayerKVCache, meta: ForwardMetadata
     ) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x, meta.lora).split(self.qkv_proj.out_features, dim=-1)
-        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), *rope)
-        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), *rope)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta), meta.lora)
+        num_tokens, backend = x.shape[0], meta.lora_backend
+        qkv = self.qkv_proj(x, meta.lora, backend, meta.lora_workspace)
+        q, k, v = qkv.split(self.qkv_proj.out_features, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if rope is not None:  # the reference path: the step's cos/sin, q and k rotated together
+            qk = qkv[:, : -self.qkv_proj.out_features[2]].view(num_tokens, -1, self.head_dim)
+            q, k = apply_rotary(qk, *rope).split((self.num_heads, self.num_kv_heads), dim=1)
+            out = self.attn(q, k, v, kv_cache, meta)
+        else:  # one kernel: rotate q and k, write k and v to the cache
+            rotary = self.rotary
+            q, _ = rope_kv_write(
+                q,
+                k,
+                v,
+                meta.positions,
+                rotary.inv_freq,
+                rotary.scaling,
+                *kv_cache,
+                meta.slot_mapping,
+                backend,
+            )
+            out = self.attn(q, None, None, kv_cache, meta)
+        return self.o_proj(out, meta.lora, backend, meta.lora_workspace)
 
 
 class MLP(nn.Module):
@@ -119,12 +140,17 @@ class MLP(nn.Module):
         self.act = activation_of(config)
 
     def forward(self, x: torch.Tensor, meta: ForwardMetadata) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, meta.lora).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up, meta.lora)
+        backend = meta.lora_backend
+        hidden = act_mul(self.gate_up_proj(x, meta.lora, backend, meta.lora_workspace), self.act, backend)
+        return self.down_proj(hidden, meta.lora, backend, meta.lora_workspace)
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)).
+
+    Layers pass (hidden, residual) on, the stream being hidden + residual: each norm adds the
+    two in the same fused op (`RMSNorm.add_forward`), so no layer launches an add of its own.
+    """
 
     def __init__(self, config, layer_index: int, attention: Attention, norm_offset: float = 0.0) -> None:
         super().__init__()
@@ -135,13 +161,17 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: Rope,
         kv_cache: LayerKVCache,
         meta: ForwardMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x), meta)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        backend = meta.lora_backend
+        normed, residual = self.input_layernorm.add_forward(hidden, residual, backend)
+        attn = self.self_attn(normed, rope, kv_cache, meta)
+        normed, residual = self.post_attention_layernorm.add_forward(attn, residual, backend)
+        return self.mlp(normed, meta), residual
 
 
 class DecoderModel(nn.Module):
@@ -156,6 +186,8 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, norm_offset)
         self.rotary = RotaryEmbedding(config, head_dim_of(config))
         self.embed_scale = embed_scale
+        for layer in self.layers:
+            layer.self_attn.rotary = self.rotary
 
     def forward(
         self,
@@ -165,13 +197,17 @@ class DecoderModel(nn.Module):
         meta: ForwardMetadata,
     ) -> torch.Tensor:
         """input_ids, positions [T] -> hidden states [T, hidden]."""
+        if meta.lora_workspace is not None:
+            meta.lora_workspace.zero_()  # one fill per step for every layer's LoRA shrink
         hidden = self.embed_tokens(input_ids)
         if self.embed_scale is not None:
             hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        rope = self.rotary(positions, hidden.dtype)
+        # triton: RoPE is fused into each layer's KV write; reference: cos/sin once per step
+        rope = None if meta.lora_backend == "triton" else self.rotary(positions, hidden.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, rope, kv_cache, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
+        return self.norm.add_forward(hidden, residual, meta.lora_backend)[0]
 
 
 class LlamaForCausalLM(nn.Module):

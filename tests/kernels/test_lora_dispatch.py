@@ -37,3 +37,19 @@ def test_public_ops_run_the_reference_on_cpu(lora_checks, monkeypatch):
     lora_checks.check_shrink(lora.lora_shrink, case)
     lora_checks.check_expand(lora.lora_expand, case, add=True)
     lora_checks.check_expand(lora.lora_expand, case, add=False)
+
+
+def test_a_backend_passed_by_the_caller_wins_over_the_environment(lora_checks, monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "cutlass")  # would raise if the op read it
+    case = lora_checks.make_case(4, (8, 16), (16,), in_features=16, seed=6)
+
+    def shrink(x, a, meta):
+        return lora.lora_shrink(x, a, meta, backend="reference")
+
+    def expand(y, b, meta, out, add):
+        return lora.lora_expand(y, b, meta, out, add=add, backend="triton")
+
+    lora_checks.check_shrink(shrink, case)
+    lora_checks.check_expand(expand, case, add=True)
+    with pytest.raises(ValueError, match="backend"):
+        lora.lora_shrink(case.x, case.a_slots, case.meta, backend="Triton")

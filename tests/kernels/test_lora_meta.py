@@ -79,3 +79,20 @@ def test_unvalidated_build_matches_the_validated_one():
     checked, unchecked = LoraBatchMeta.build(slots, ranks), LoraBatchMeta.build(slots, ranks, validate=False)
     for name, value in vars(checked).items():
         assert torch.equal(getattr(unchecked, name), value), name
+
+
+def test_host_slot_ids_are_validated_without_reading_the_device():
+    # slot_ranks on the meta device: any read of a device value (a sync on a GPU) would raise
+    ranks = _i32([8, 16]).to("meta")
+    meta = LoraBatchMeta.build(_i32([0, -1, 1, 1]), ranks)
+    assert meta.tile_slots.device.type == "meta"
+    assert meta.tile_slots.shape == (max_tiles(4, 2),)
+    with pytest.raises(ValueError, match="token_slots"):
+        LoraBatchMeta.build(_i32([0, 2]), ranks)
+
+
+def test_device_slot_ids_are_validated_only_on_request():
+    device_slots, ranks = _i32([0, 1]).to("meta"), _i32([8, 16]).to("meta")
+    with pytest.raises(RuntimeError, match="meta"):  # validate=True reads the device
+        LoraBatchMeta.build(device_slots, ranks)
+    assert LoraBatchMeta.build(device_slots, ranks, validate=False).num_tokens == 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from loraplex.kernels import reference
 from loraplex.kernels.meta import LoraBatchMeta
@@ -27,12 +29,33 @@ def test_all_tokens_without_adapter_leave_out_alone(lora_checks):
     lora_checks.check_expand(reference.lora_expand, case, add=False)
 
 
-def test_long_batches_are_chunked_without_changing_results(lora_checks, monkeypatch):
-    case = lora_checks.make_case(17, RANKS, (16, 8), in_features=32, seed=3)
-    whole = reference.lora_shrink(case.x, case.a_slots, case.meta)
-    monkeypatch.setattr(reference, "GATHER_BYTES", 1)  # one token per chunk
-    torch.testing.assert_close(reference.lora_shrink(case.x, case.a_slots, case.meta), whole)
+@pytest.mark.parametrize(
+    "token_slots",
+    [[2] * 9, [0, 0, 0, 2, 2, -1, 4, 4, 4], [2, 0, 2, 4, 0, 2, -1, 4, 2]],
+    ids=["one_adapter", "consecutive_runs", "interleaved"],
+)
+@pytest.mark.parametrize("strategy", ["per_adapter", "batched"])
+def test_consecutive_and_interleaved_tokens_match_float64(lora_checks, token_slots, strategy, monkeypatch):
+    # per adapter: consecutive tokens on views, interleaved ones on gathered rows; batched: padded bmm
+    if strategy == "per_adapter":
+        monkeypatch.setattr(reference, "MIN_BATCHED_SLOTS", 10**6)
+    else:
+        monkeypatch.setattr(reference, "MIN_BATCHED_SLOTS", 1)
+        monkeypatch.setattr(reference, "PAD_FACTOR", 10**6)
+    case = lora_checks.make_case(9, RANKS, (16, 8), in_features=32, seed=3, token_slots=token_slots)
+    lora_checks.check_shrink(reference.lora_shrink, case)
     lora_checks.check_expand(reference.lora_expand, case, add=True)
+    lora_checks.check_expand(reference.lora_expand, case, add=False)
+
+
+def test_adapter_weights_are_never_copied_per_token(lora_checks):
+    """No tensor the ops create is bigger than the activations: A and B are read in place."""
+    num_tokens, width, in_features = 256, 64, 64
+    case = lora_checks.make_case(num_tokens, RANKS, (width,), in_features=in_features, seed=4)
+    meta, out = case.meta, torch.zeros(num_tokens, width)
+    with _LargestOutput() as largest:
+        reference.lora_expand(reference.lora_shrink(case.x, case.a_slots, meta), case.b_slots, meta, out)
+    assert 0 < largest.numel <= num_tokens * max(width, in_features)  # a per-token copy of A: x 16
 
 
 def test_shape_and_dtype_mismatches_are_rejected(lora_checks):
@@ -50,3 +73,25 @@ def test_shape_and_dtype_mismatches_are_rejected(lora_checks):
     other = LoraBatchMeta.build(case.token_slots, torch.tensor([4, 4, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match="slots"):
         reference.lora_shrink(case.x, case.a_slots, other)
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Numel of the largest tensor any aten op returns while active."""
+
+    numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.numel = max(self.numel, *sizes, 0)
+        return out
+
+
+@pytest.mark.parametrize("ranks", [(8, 16, 4), (16, 16, 16)], ids=["mixed_ranks", "equal_ranks"])
+def test_every_slot_active_reads_the_slot_buffers_in_place(lora_checks, ranks):
+    case = lora_checks.make_case(
+        7, ranks, (16, 8), in_features=32, seed=5, token_slots=[2, 0, 1, 1, 0, 2, -1]
+    )
+    lora_checks.check_shrink(reference.lora_shrink, case)
+    lora_checks.check_expand(reference.lora_expand, case, add=True)
+    lora_checks.check_expand(reference.lora_expand, case, add=False)

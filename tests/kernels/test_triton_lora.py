@@ -13,6 +13,7 @@ import torch
 
 from loraplex.kernels import lora, triton_lora
 from loraplex.kernels.meta import LoraBatchMeta
+from loraplex.kernels.op_count import OpCounter
 from loraplex.kernels.triton_lora import ExpandConfig, ShrinkConfig
 
 RANKS = (8, 0, 32, 4, 12, 16)  # mixed ranks, an empty slot, a rank that is no multiple of 8
@@ -154,3 +155,21 @@ def test_empty_batch(lora_checks, module):
     assert y.shape == (3, 0, 32)
     out = torch.zeros(0, sum(THREE_SLICES))
     assert module.lora_expand(y, case.b_slots, case.meta, out) is out
+
+
+@pytest.mark.parametrize("module", [triton_lora, lora.reference], ids=["triton", "reference"])
+def test_shrink_accumulates_into_a_zeroed_workspace_without_a_fill(lora_checks, module):
+    case = lora_checks.make_case(5, RANKS, THREE_SLICES, in_features=64, seed=6)
+    meta = case.meta
+    extra = {"config": ShrinkConfig(block_k=16, split_k=4)} if module is triton_lora else {}  # atomics
+    workspace = torch.zeros(2, 3, 5, case.a_slots[0].shape[1])  # e.g. one row per LoRA op of a step
+    with OpCounter() as counter:
+        y = module.lora_shrink(case.x, case.a_slots, meta, out=workspace[1], **extra)
+    assert y.data_ptr() == workspace[1].data_ptr()
+    if module is triton_lora:
+        assert counter.total.ops == {"triton:_shrink_kernel": 1}  # no zero-fill of its own
+    lora_checks.check_shrink(
+        lambda x, a, m: module.lora_shrink(x, a, m, out=torch.zeros_like(y), **extra), case
+    )
+    with pytest.raises(ValueError, match="out must be"):
+        module.lora_shrink(case.x, case.a_slots, meta, out=torch.zeros(3, 5, 8))

@@ -44,16 +44,17 @@ def test_matches_dense_attention_over_cached_and_new_tokens(window, softcap) -> 
         SequenceChunk(2, (0,), 4, (0, 2), None),
     )
     meta = build_forward_metadata(ForwardBatch(chunks), BLOCK, {window}, torch.zeros(1), torch.device("cpu"))
-    q = torch.randn(6, HEADS, DIM, generator=gen)
-    k = torch.cat([keys[0][5:8], keys[1][:2], keys[2][4:5]])
-    v = torch.cat([values[0][5:8], values[1][:2], values[2][4:5]])
+    assert meta.logits_indices.tolist() == [3, 5, 0]  # the decode runs first, logits stay in batch order
+    q = torch.randn(6, HEADS, DIM, generator=gen)  # run order: sequence 2, then 0, then 1
+    k = torch.cat([keys[2][4:5], keys[0][5:8], keys[1][:2]])
+    v = torch.cat([values[2][4:5], values[0][5:8], values[1][:2]])
     attention = PagedAttention(HEADS, KV_HEADS, DIM, scale=0.3, sliding_window=window, softcap=softcap)
     out = attention(q, k, v, cache, meta)
     assert out.shape == (6, HEADS * DIM)
     want = [
-        _dense(q[:3], keys[0][:8], values[0][:8], torch.tensor([5, 6, 7]), 0.3, window, softcap),
-        _dense(q[3:5], keys[1][:2], values[1][:2], torch.tensor([0, 1]), 0.3, window, softcap),
-        _dense(q[5:], keys[2][:5], values[2][:5], torch.tensor([4]), 0.3, window, softcap),
+        _dense(q[:1], keys[2][:5], values[2][:5], torch.tensor([4]), 0.3, window, softcap),
+        _dense(q[1:4], keys[0][:8], values[0][:8], torch.tensor([5, 6, 7]), 0.3, window, softcap),
+        _dense(q[4:], keys[1][:2], values[1][:2], torch.tensor([0, 1]), 0.3, window, softcap),
     ]
     torch.testing.assert_close(out.double(), torch.cat(want), atol=1e-5, rtol=0)
     # the new keys landed in their slots: sequence 0 position 7 -> block 1 offset 3, and so on

@@ -1,0 +1,349 @@
+"""Host work per decode step, by part, on a tiny model where the model itself costs next to nothing.
+
+A decode step's host work (everything but the model's own forward and logits) is what a GPU
+waits for between steps. This runs the real `LLMEngine` on a random-weight model with hidden
+size 64 (Llama layout, 16 layers; Gemma-2 layout, 26 layers, sliding window), `batch`
+requests over 32 distinct rank-16 adapters (all 7 projections), each at `context` tokens, and
+times every decode step by part:
+
+- `schedule`: `Scheduler.schedule`; `fwd_batch`: `LLMEngine._forward_batch` (the scheduler's plan
+  as a `ForwardBatch`); `prepare`: `ModelRunner.execute` minus the model (step metadata,
+  input copies); `sample`: the sampler; `post`: the rest of `_postprocess` (stop checks,
+  events; detokenisation too for `--inline-text`); `commit`: `Scheduler.update_after_step`;
+  `other`: what is left of `step()` (slot updates, observers); `host`: all of it, i.e. the step
+  minus `model` (median; `host_min`: the least of the steps). `text`: the detokenisation the server's fan-out thread does after the step
+  (`LLMEngine.defer_text`, as `AsyncEngine` runs it), not part of `host`.
+
+Prefill runs with the model's forward replaced by zeros (the cache content does not change
+what a decode step's host side does, and long prefills of 64 x 2000 tokens would take
+minutes on a shared CPU); every timed decode step runs the real model.
+
+    python bench/host_overhead.py                  # both layouts, batch 1/8/32/64 x context 64/512/1024/2000
+    python bench/host_overhead.py --quick          # batch 32, context 512 only (the issue-14 target)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import random_checkpoint  # bench/ is sys.path[0] when run as a script
+import torch
+from benchutil import git_commit, markdown_table
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path("/tmp/loraplex-bench/host-overhead")
+NUM_ADAPTERS = 32
+RANK = 16
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "vocab_size": 512}  # fmt: skip
+LAYOUTS = {
+    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 16,
+              "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": True,
+              "max_position_embeddings": 4096},
+    "gemma2": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "num_hidden_layers": 26,
+               "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_activation": "gelu_pytorch_tanh",
+               "query_pre_attn_scalar": 16, "sliding_window": 256, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0, "tie_word_embeddings": True, "max_position_embeddings": 4096},
+}  # fmt: skip
+TARGETS_MS = {"llama": 0.3, "gemma2": 0.4}  # issue 14, batch 32, context 512
+PARTS = (
+    "schedule",
+    "fwd_batch",
+    "prepare",
+    "sample",
+    "post",
+    "commit",
+    "other",
+    "host",
+    "host_min",
+    "model",
+    "text",
+)
+
+
+def checkpoint(layout: str) -> tuple[Path, list[Path]]:
+    out = CACHE / layout
+    config_path = CACHE / f"{layout}-config.json"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps({**TINY, **LAYOUTS[layout]}))
+    spec = random_checkpoint.CheckpointSpec(config_path, out, torch.float32, 0, "cpu")
+    return out, random_checkpoint.ensure_checkpoint(spec, NUM_ADAPTERS, RANK)
+
+
+def build_engine(
+    model_dir: Path, adapter_dirs: list[Path], max_batch: int, max_context: int, cuda_graphs: bool
+):
+    from loraplex.server.adapters.registry import AdapterEntry
+    from loraplex.server.async_engine import load_local_adapter
+    from loraplex.server.engine import EngineConfig, LLMEngine
+    from loraplex.server.engine_api import LoadAdapterSpec
+    from loraplex.server.sequence import AdapterRef
+
+    total = max_context + 64
+    fields = {
+        "model_path": str(model_dir), "dtype": "float32", "device": "cpu", "max_loras": NUM_ADAPTERS,
+        "max_lora_rank": RANK, "max_num_seqs": max_batch, "max_batch_tokens": 4096,
+        "max_total_tokens": total, "max_input_tokens": max_context,
+        "num_kv_blocks": math.ceil(total / 16) * max_batch + 8, "enable_prefix_caching": False,
+    }  # fmt: skip
+    if "cuda_graphs" in EngineConfig.__dataclass_fields__:
+        fields["cuda_graphs"] = cuda_graphs
+    engine = LLMEngine.from_config(EngineConfig(**fields))
+    for i, path in enumerate(adapter_dirs):
+        spec = LoadAdapterSpec(name=f"a{i}", source=str(path))
+        weights = load_local_adapter(spec, engine.runner.hf_config, RANK)
+        engine.add_adapter(AdapterEntry(ref=AdapterRef(spec.name, 0), weights=weights, source=spec.source))
+    return engine
+
+
+class Timers:
+    """Wraps methods of live objects (instance attributes shadow the class's) and sums their time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._undo: list[tuple[object, str, object]] = []
+
+    def wrap(self, name: str, obj: object, attr: str) -> None:
+        inner = getattr(obj, attr)
+        self._undo.append((obj, attr, obj.__dict__.get(attr, _MISSING)))
+        setattr(obj, attr, _Timed(inner, name, self.seconds))
+
+    def reset(self) -> None:
+        self.seconds.clear()
+
+    def undo(self) -> None:
+        for obj, attr, original in reversed(self._undo):
+            if original is _MISSING:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, original)
+        self._undo.clear()
+
+
+_MISSING = object()
+
+
+class _Timed:
+    """A callable (method or object) that adds its call time to `seconds[name]`; other attributes pass through."""
+
+    def __init__(self, inner, name: str, seconds: dict[str, float]) -> None:
+        self._inner, self._name, self._seconds = inner, name, seconds
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self._inner(*args, **kwargs)
+        finally:
+            self._seconds[self._name] += time.perf_counter() - start
+
+    def __getattr__(self, attr: str):
+        return getattr(self._inner, attr)
+
+
+def _zero_forward(model):
+    def forward(input_ids, *args, **kwargs):
+        return torch.zeros(input_ids.shape[0], model.config.hidden_size)
+
+    return forward
+
+
+def _requests(batch: int, context: int, vocab: int, steps: int) -> list:
+    from loraplex.server.request import GenerationRequest
+    from loraplex.server.sampling_params import SamplingParams
+
+    gen = torch.Generator().manual_seed(batch * 7919 + context)
+    params = SamplingParams(max_new_tokens=steps + 40, ignore_eos=True)
+    return [
+        GenerationRequest(
+            request_id=f"r{batch}-{context}-{i}",
+            prompt_token_ids=tuple(torch.randint(0, vocab, (context,), generator=gen).tolist()),
+            params=params,
+            adapter=f"a{i % NUM_ADAPTERS}",
+        )
+        for i in range(batch)
+    ]
+
+
+def measure(engine, batch: int, context: int, steps: int, warmup: int, inline_text: bool) -> dict[str, float]:
+    """Median ms per part over `steps` decode steps of `batch` sequences at ~`context` tokens."""
+    requests = _requests(batch, context, engine.runner.vocab_size, steps + warmup)
+    for request in requests:
+        engine.add_request(request)
+    started: set[str] = set()
+    engine.runner.model.forward = _zero_forward(engine.runner.model)
+    try:
+        while len(started) < batch:
+            started.update(event.request_id for event in engine.step())
+    finally:
+        del engine.runner.model.forward
+    complete = _text_completion(engine, inline_text)
+    for _ in range(warmup):
+        complete(engine.step(), engine.take_text_jobs())
+    timers = Timers()
+    timers.wrap("schedule", engine.scheduler, "schedule")
+    timers.wrap("batch", engine, "_forward_batch")
+    timers.wrap("execute", engine.runner, "execute")
+    timers.wrap("model", engine.runner.model, "forward")
+    timers.wrap("logits", engine.runner.model, "compute_logits")
+    timers.wrap("postprocess", engine, "_postprocess")
+    timers.wrap("sample", engine, "sampler")
+    timers.wrap("commit", engine.scheduler, "update_after_step")
+    samples: dict[str, list[float]] = defaultdict(list)
+    try:
+        for _ in range(steps):
+            timers.reset()
+            start = time.perf_counter()
+            events = engine.step()
+            total = time.perf_counter() - start
+            if len(events) != batch:
+                raise RuntimeError(f"a step decoded {len(events)} sequences, not {batch}")
+            start = time.perf_counter()
+            complete(events, engine.take_text_jobs())
+            samples["text"].append((time.perf_counter() - start) * 1e3)
+            for name, value in _parts(timers.seconds, total).items():
+                samples[name].append(value * 1e3)
+    finally:
+        timers.undo()
+        for request in requests:
+            engine.abort(request.request_id)
+        engine.take_text_jobs()
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return medians | {"host_min": min(samples["host"])}
+
+
+def _text_completion(engine, inline_text: bool):
+    """Defer detokenisation as AsyncEngine does; engines from before text deferral detokenise inline."""
+    if not hasattr(engine, "take_text_jobs"):
+        engine.take_text_jobs = list
+        return lambda events, jobs: events
+    from loraplex.server.text_fanout import complete
+
+    engine.defer_text = not inline_text
+    return complete
+
+
+def _parts(s: dict[str, float], total: float) -> dict[str, float]:
+    model = s["model"] + s["logits"]
+    named = {
+        "schedule": s["schedule"],
+        "fwd_batch": s["batch"],
+        "prepare": s["execute"] - model,
+        "sample": s["sample"],
+        "post": s["postprocess"] - s["sample"],
+        "commit": s["commit"],
+    }
+    named["other"] = total - model - sum(named.values())
+    return {**named, "host": total - model, "model": model}
+
+
+def run(
+    layouts: list[str],
+    batches: list[int],
+    contexts: list[int],
+    steps: int,
+    cuda_graphs: bool,
+    inline_text: bool,
+) -> list[dict]:
+    rows = []
+    for layout in layouts:
+        model_dir, adapter_dirs = checkpoint(layout)
+        engine = build_engine(model_dir, adapter_dirs, max(batches), max(contexts), cuda_graphs)
+        for context in contexts:
+            for batch in batches:
+                ms = measure(engine, batch, context, steps, warmup=3, inline_text=inline_text)
+                row = {"layout": layout, "batch": batch, "context": context}
+                row.update({part: round(ms[part], 3) for part in PARTS})
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del engine
+    return rows
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_results(rows: list[dict], out: Path, label: str, env: dict | None = None) -> None:
+    env = env or {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "cpu": _cpu_model(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    parts = ("schedule", "fwd_batch", "prepare", "sample", "post", "commit", "other")
+    targets = [
+        f"- {layout}, batch 32, context 512: host {r['host']} ms median, {r.get('host_min', '-')} ms the "
+        f"least of the steps, {round(sum(r[p] for p in parts), 3)} ms the sum of the parts' medians "
+        f"(target <= {TARGETS_MS[layout]} ms)"
+        for layout in TARGETS_MS
+        for r in rows
+        if r["layout"] == layout and r["batch"] == 32 and r["context"] == 512
+    ]
+    text = "\n".join(
+        [
+            f"# Host work per decode step ({label})",
+            "",
+            f"{env['date']}, commit {env['commit']}, {env['cpu']}, torch {env['torch']}, "
+            f"{env['threads']} intra-op thread(s). The machine was shared with other jobs: figures "
+            "are medians and may be disturbed.",
+            "",
+            "Command: `python bench/host_overhead.py` (see its docstring for what each part is). "
+            "Milliseconds per decode step, median; 32 distinct rank-16 adapters.",
+            "",
+            *targets,
+            "",
+            markdown_table(rows),
+            "",
+        ]
+    )
+    out.with_suffix(".md").write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="batch 32, context 512 only")
+    p.add_argument("--layouts", default="llama,gemma2")
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--contexts", default="64,512,1024,2000")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--inline-text", action="store_true", help="detokenise inside the step (LLMEngine default)"
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "host_overhead")
+    p.add_argument("--label", default="CPU")
+    p.add_argument("--rewrite", action="store_true", help="only rewrite the .md from the .json at --out")
+    args = p.parse_args(argv)
+    if args.rewrite:
+        saved = json.loads(args.out.with_suffix(".json").read_text())
+        write_results(saved["rows"], args.out, args.label, saved["env"])
+        return 0
+    torch.set_num_threads(args.threads)
+    batches = [32] if args.quick else [int(b) for b in args.batches.split(",")]
+    contexts = [512] if args.quick else [int(c) for c in args.contexts.split(",")]
+    rows = run(args.layouts.split(","), batches, contexts, args.steps, False, args.inline_text)
+    write_results(rows, args.out, args.label)
+    print(f"wrote {args.out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,459 @@
+"""Persistent step inputs: the batch state lives in buffers sized once, updated by what changed.
+
+Per step the host fills two staging arrays (int64: token ids, positions, cache slots, logits
+rows; int32: context lengths, query starts, the token -> LoRA slot map and its grouping, the
+rows of the block table) with numpy, and each goes to the device in one copy. Block tables
+stay on the device between steps, one row per running sequence: a step writes only the
+entries a sequence gained since its last step (one copy of the span of changed rows), and the
+step's table is one `index_select` of its rows. No torch op runs per sequence.
+
+On CUDA the staging arrays are pinned and the copies are asynchronous; they are rewritten only
+in the next step, after the sampled-token copy of this one has synchronised the stream. On the
+CPU the "device" buffers are the staging arrays themselves (no copy at all).
+
+Every device view a step hands out starts at the same address for the same (tokens, sequences)
+shape, which is what CUDA graph replay needs (`server/cuda_graphs.py` pads decode batches to
+bucket sizes and replays graphs captured over these views).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from loraplex.kernels.meta import LoraBatchMeta, max_tiles
+from loraplex.server.forward_batch import SequenceChunk
+from loraplex.server.layers.metadata import AttentionGroup, ForwardMetadata, lora_meta_arrays
+
+_NO_ADAPTER = -1
+
+
+@dataclass
+class _Row:
+    index: int
+    num_blocks: int  # entries of the sequence's block table mirrored so far
+    context_len: int  # positions with K/V after the sequence's last step
+    last_step: int
+
+
+class BlockTableRows:
+    """One persistent block-table row per running sequence, on the host and on the device.
+
+    A chunk whose `continues` is set and that resumes where its row left off only appends
+    the entries it gained; anything else (a new sequence, a preempted one back with a new
+    table, a row evicted for lack of room) rewrites the row. Rows of sequences that stop
+    showing up are reused, least recently used first, when rows run out.
+    """
+
+    def __init__(self, num_rows: int, width: int, device: torch.device, pin: bool) -> None:
+        self.width = width
+        self.host_tensor = torch.zeros(num_rows, width, dtype=torch.int32, pin_memory=pin)
+        self.host = self.host_tensor.numpy()
+        self.device = self.host_tensor if device.type == "cpu" else self.host_tensor.to(device)
+        self._rows: dict[int, _Row] = {}
+        self._free = list(range(num_rows - 1, -1, -1))
+        self._dirty_lo, self._dirty_hi = num_rows, 0
+        self._step = 0
+
+    def begin_step(self) -> None:
+        self._step += 1
+
+    def row_for(self, chunk: SequenceChunk, block_size: int, num_kv_blocks: int) -> int:
+        """The sequence's row, updated to cover its table; ValueError when the table is wrong."""
+        cached = chunk.num_cached_tokens
+        context_len = cached + len(chunk.token_ids)
+        row = self._rows.get(chunk.seq_id)
+        if row is None or not chunk.continues or row.context_len != cached:
+            row = self._claim(chunk.seq_id)
+        needed = -(-context_len // block_size)
+        if row.num_blocks < needed:
+            self._write(row, chunk, needed, block_size, num_kv_blocks)
+        row.context_len, row.last_step = context_len, self._step
+        return row.index
+
+    def _write(
+        self, row: _Row, chunk: SequenceChunk, needed: int, block_size: int, num_kv_blocks: int
+    ) -> None:
+        table = chunk.block_table
+        if len(table) < needed:
+            raise ValueError(
+                f"sequence {chunk.seq_id}: block table covers {len(table) * block_size} positions, "
+                f"needs {chunk.context_len}"
+            )
+        if needed > self.width:
+            raise ValueError(
+                f"sequence {chunk.seq_id}: {needed} blocks, more than the {self.width} a row holds"
+            )
+        new = table[row.num_blocks : needed]
+        if min(new) < 0 or max(new) >= num_kv_blocks:
+            raise ValueError(f"sequence {chunk.seq_id}: block table outside 0..{num_kv_blocks - 1}")
+        self.host[row.index, row.num_blocks : needed] = new
+        row.num_blocks = needed
+        self._dirty_lo, self._dirty_hi = min(self._dirty_lo, row.index), max(self._dirty_hi, row.index + 1)
+
+    def _claim(self, seq_id: int) -> _Row:
+        old = self._rows.pop(seq_id, None)
+        if old is not None:
+            self._free.append(old.index)
+        if not self._free:
+            self._evict()
+        row = _Row(self._free.pop(), 0, 0, self._step)
+        self._rows[seq_id] = row
+        self.host[row.index] = 0  # no stale entries of an earlier owner past this sequence's blocks
+        self._dirty_lo, self._dirty_hi = min(self._dirty_lo, row.index), max(self._dirty_hi, row.index + 1)
+        return row
+
+    def _evict(self) -> None:
+        """Free the older half of the rows not used in this step."""
+        idle = sorted((r.last_step, seq_id) for seq_id, r in self._rows.items() if r.last_step < self._step)
+        if not idle:
+            raise RuntimeError("more sequences in one step than block-table rows")
+        for _, seq_id in idle[: max(1, len(idle) // 2)]:
+            self._free.append(self._rows.pop(seq_id).index)
+
+    def flush(self) -> bool:
+        """Copy the span of rows written this step to the device (nothing to copy on the CPU); any written?"""
+        lo, hi = self._dirty_lo, self._dirty_hi
+        if hi > lo and self.device is not self.host_tensor:
+            self.device[lo:hi].copy_(self.host_tensor[lo:hi], non_blocking=True)
+        self._dirty_lo, self._dirty_hi = self.host.shape[0], 0
+        return hi > lo
+
+
+class _Staging:
+    """A host array and its device twin, handed out as consecutive views during one step."""
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device, pin: bool) -> None:
+        self.host_tensor = torch.zeros(size, dtype=dtype, pin_memory=pin)
+        self.host = self.host_tensor.numpy()
+        self.device = (
+            self.host_tensor if device.type == "cpu" else torch.zeros(size, dtype=dtype, device=device)
+        )
+        self.used = 0
+
+    def put(self, values: np.ndarray) -> tuple[int, int]:
+        start, end = self.used, self.used + values.shape[0]
+        if end > self.host.shape[0]:
+            raise ValueError(f"step inputs need more than the {self.host.shape[0]} staged entries")
+        self.host[start:end] = values
+        self.used = end
+        return start, end
+
+    def send(self) -> None:
+        if self.device is not self.host_tensor and self.used:
+            self.device[: self.used].copy_(self.host_tensor[: self.used], non_blocking=True)
+        self.used = 0
+
+    def view(self, span: tuple[int, int]) -> torch.Tensor:
+        return self.device[span[0] : span[1]]
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What `ModelRunner.execute` feeds the model; `order[i]` is the i-th run chunk's batch index."""
+
+    input_ids: torch.Tensor
+    meta: ForwardMetadata
+    order: tuple[int, ...]
+    num_tokens: int
+
+
+class BatchBuffers:
+    """Builds each step's `StepInputs` into persistent buffers (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        max_seqs: int,
+        max_tokens: int,
+        max_blocks_per_seq: int,
+        block_size: int,
+        num_kv_blocks: int,
+        num_slots: int,
+        device: torch.device,
+        attention_backend: str,
+        lora_backend: str,
+        lora_workspace_per_token: int = 0,
+    ) -> None:
+        """`lora_workspace_per_token` floats of LoRA workspace per token, for steps of up to max_seqs
+        tokens on the Triton backend (decodes; longer steps let each layer allocate its own)."""
+        pin = device.type == "cuda"
+        self.block_size, self.num_kv_blocks, self.num_slots = block_size, num_kv_blocks, num_slots
+        self.max_seqs, self.max_tokens = max_seqs, max_tokens
+        self.device = device
+        self.attention_backend, self.lora_backend = attention_backend, lora_backend
+        self.tables = BlockTableRows(2 * max_seqs + 1, max_blocks_per_seq, device, pin)
+        tiles = max_tiles(max_tokens, num_slots)
+        self.i64 = _Staging(4 * max_tokens + max_seqs, torch.int64, device, pin)
+        self.i32 = _Staging(
+            3 * max_tokens + 3 * max_seqs + 3 * num_slots + 3 * tiles + 8, torch.int32, device, pin
+        )
+        self.step_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self._layout: _Layout | None = None
+        self.workspace_per_token = lora_workspace_per_token if lora_backend == "triton" else 0
+        self.workspace = torch.zeros(max_seqs * self.workspace_per_token, dtype=torch.float32, device=device)
+
+    def build(
+        self,
+        chunks: Sequence[SequenceChunk],
+        slot_ranks: torch.Tensor,
+        host_ranks: np.ndarray,
+        pad_to: int = 0,
+        force_lora: bool = False,
+    ) -> StepInputs:
+        """Step inputs for `chunks` (decodes run first); `pad_to` pads a decode-only batch with idle rows.
+
+        `force_lora` builds the LoRA grouping even when no token has an adapter (graph capture).
+
+        When the step has the layout of the previous one (the same sequences in the same rows, the
+        same adapters, as in steady decoding), only token ids, positions, cache slots and context
+        lengths are written again; everything else stays where it is.
+        """
+        order = _run_order(chunks)
+        host = self._host_arrays([chunks[i] for i in order], pad_to)
+        if host.num_tokens > self.max_tokens or host.num_seqs > self.max_seqs:
+            raise ValueError(
+                f"{host.num_tokens} tokens / {host.num_seqs} sequences exceed the buffers "
+                f"({self.max_tokens} / {self.max_seqs})"
+            )
+        layout = self._layout
+        if layout is not None and not force_lora and layout.matches(host, host_ranks):
+            self._restage(host, layout)
+        else:
+            layout = self._stage(host, order, host_ranks, force_lora)
+        tables_changed = self.tables.flush()
+        self.i64.send()
+        self.i32.send()
+        if layout.views is None:
+            layout.views = self._views(layout.spans, slot_ranks)
+        if tables_changed or layout.tables is None:
+            rows = layout.views["rows"]
+            layout.tables = torch.index_select(
+                self.tables.device, 0, rows, out=self.step_tables[: host.num_seqs]
+            )
+        self._layout = layout
+        return StepInputs(layout.views["ids"], self._meta(host, layout), order, host.num_tokens)
+
+    def _host_arrays(self, chunks: Sequence[SequenceChunk], pad_to: int) -> _HostStep:
+        self.tables.begin_step()
+        rows, cached, new, slots, ids = [], [], [], [], []
+        row_for, bs, nkv = self.tables.row_for, self.block_size, self.num_kv_blocks
+        for c in chunks:
+            rows.append(row_for(c, bs, nkv))
+            cached.append(c.num_cached_tokens)
+            new.append(len(c.token_ids))
+            slots.append(_NO_ADAPTER if c.lora_slot is None else c.lora_slot)
+            ids.extend(c.token_ids)
+        return _HostStep.make(self.tables.host, bs, rows, cached, new, slots, ids, pad_to)
+
+    def _stage(
+        self, host: _HostStep, order: tuple[int, ...], host_ranks: np.ndarray, force_lora: bool
+    ) -> _Layout:
+        """Write every field; the dynamic ones first, so a later step of this layout rewrites just those."""
+        s64, s32 = self.i64.put, self.i32.put
+        spans = {
+            "ids": s64(host.ids),
+            "positions": s64(host.positions),
+            "slot_mapping": s64(host.slot_mapping),
+            "context_lens": s32(host.context_lens),
+            "logits": s64(host.logits_indices(order)),
+            "rows": s32(host.rows),
+            "decode_starts": s32(host.query_starts[: host.num_decodes + 1]),
+            "prefill_starts": s32(
+                host.query_starts[host.num_decodes :] - host.query_starts[host.num_decodes]
+            ),
+        }
+        if force_lora or host.uses_lora(host_ranks):
+            lora = lora_meta_arrays(host.token_slots, host_ranks)
+            spans.update({f"lora_{name}": s32(values) for name, values in lora.items()})
+        return _Layout(host, host_ranks.copy(), spans, self.i64.used, self.i32.used)
+
+    def _restage(self, host: _HostStep, layout: _Layout) -> None:
+        spans, h64, h32 = layout.spans, self.i64.host, self.i32.host
+        for name, values, target in (
+            ("ids", host.ids, h64),
+            ("positions", host.positions, h64),
+            ("slot_mapping", host.slot_mapping, h64),
+            ("context_lens", host.context_lens, h32),
+        ):
+            start, end = spans[name]
+            target[start:end] = values
+        self.i64.used, self.i32.used = layout.used64, layout.used32
+
+    def _views(self, spans: dict[str, tuple[int, int]], slot_ranks: torch.Tensor) -> dict:
+        views = {name: (self.i32 if name in _I32_FIELDS or name.startswith("lora_") else self.i64).view(span)
+                 for name, span in spans.items()}  # fmt: skip
+        if "lora_token_slots" in spans:
+            fields = {name[5:]: view for name, view in views.items() if name.startswith("lora_")}
+            views["lora"] = LoraBatchMeta(**fields, slot_ranks=slot_ranks)
+        return views
+
+    def _meta(self, host: _HostStep, layout: _Layout) -> ForwardMetadata:
+        views = layout.views
+        workspace = None
+        if "lora" in views and self.workspace_per_token and host.num_tokens <= self.max_seqs:
+            workspace = self.workspace[: host.num_tokens * self.workspace_per_token]
+        groups = _groups(
+            host, layout.tables, views["context_lens"], views["decode_starts"], views["prefill_starts"]
+        )
+        return ForwardMetadata(
+            positions=views["positions"],
+            slot_mapping=views["slot_mapping"],
+            attention_groups=groups,
+            logits_indices=views["logits"],
+            lora=views.get("lora"),
+            block_size=self.block_size,
+            attention_backend=self.attention_backend,
+            lora_backend=self.lora_backend,
+            lora_workspace=workspace,
+            padded=host.num_real < host.num_seqs,
+        )
+
+
+_I32_FIELDS = frozenset({"context_lens", "rows", "decode_starts", "prefill_starts"})
+
+
+@dataclass
+class _Layout:
+    """What stays the same between steps of one batch layout: the staged spans and their device views."""
+
+    host: _HostStep
+    ranks: np.ndarray
+    spans: dict[str, tuple[int, int]]
+    used64: int
+    used32: int
+    views: dict | None = None
+    tables: torch.Tensor | None = None
+
+    def matches(self, host: _HostStep, ranks: np.ndarray) -> bool:
+        old = self.host
+        return (
+            old.num_decodes == host.num_decodes == host.num_seqs
+            and old.num_real == host.num_real
+            and np.array_equal(old.rows, host.rows)
+            and np.array_equal(old.seq_slots, host.seq_slots)
+            and np.array_equal(self.ranks, ranks)
+        )
+
+
+def _run_order(chunks: Sequence[SequenceChunk]) -> tuple[int, ...]:
+    """Decodes first, then the other chunks, each in batch order; ValueError for an empty batch or chunk."""
+    lengths = [len(c.token_ids) for c in chunks]
+    if not lengths or min(lengths) == 0:
+        raise ValueError("a forward batch needs at least one chunk and every chunk at least one token")
+    if max(lengths) == 1:
+        return tuple(range(len(chunks)))
+    return (*(i for i, n in enumerate(lengths) if n == 1), *(i for i, n in enumerate(lengths) if n != 1))
+
+
+def _groups(
+    host: _HostStep,
+    tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    decode_starts: torch.Tensor,
+    prefill_starts: torch.Tensor,
+) -> tuple[AttentionGroup, ...]:
+    """The decode group (one query each) first, then the prefill group, as views of the step's tensors."""
+    groups = []
+    d = host.num_decodes
+    bounds = ((0, d, decode_starts), (d, host.num_seqs, prefill_starts))
+    for first, end, starts in bounds:
+        if end == first:
+            continue
+        token_start = int(host.query_starts[first])
+        group_ctx = host.context_lens[first:end]
+        max_ctx = int(group_ctx.max())
+        width = -(-max_ctx // host.block_size)
+        groups.append(
+            AttentionGroup(
+                block_tables=tables[first:end, :width] if host.narrow else tables[first:end],
+                context_lens=context_lens[first:end],
+                query_starts=starts,
+                num_seqs=end - first,
+                max_query_len=int(host.num_new[first:end].max()),
+                max_context_len=max_ctx,
+                token_start=token_start,
+                num_tokens=int(host.query_starts[end]) - token_start,
+                host_context_lens=group_ctx,
+                host_query_starts=host.query_starts[first : end + 1] - token_start,
+            )
+        )
+    return tuple(groups)
+
+
+@dataclass(frozen=True)
+class _HostStep:
+    """The step's per-sequence and per-token values as numpy arrays, in run order."""
+
+    block_size: int
+    rows: np.ndarray
+    num_cached: np.ndarray
+    num_new: np.ndarray
+    seq_slots: np.ndarray
+    ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    token_slots: np.ndarray
+    context_lens: np.ndarray
+    query_starts: np.ndarray
+    num_decodes: int
+    num_real: int  # sequences before padding
+    narrow: bool  # block tables cut to the step's widest context (False: fixed width, for graphs)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.shape[0]
+
+    @classmethod
+    def make(cls, table: np.ndarray, bs: int, rows, cached, new, slots, ids, pad_to: int) -> _HostStep:
+        rows_a, cached_a, new_a = np.asarray(rows), np.asarray(cached), np.asarray(new)
+        slots_a, ids_a = np.asarray(slots, dtype=np.int64), np.asarray(ids, dtype=np.int64)
+        n = rows_a.shape[0]
+        num_decodes = int(np.count_nonzero(new_a == 1))
+        starts = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(new_a, out=starts[1:])
+        if num_decodes == n:
+            positions, token_seq = cached_a, None
+        else:
+            token_seq = np.repeat(np.arange(n), new_a)
+            positions = np.arange(starts[-1]) - starts[token_seq] + cached_a[token_seq]
+        token_rows = rows_a if token_seq is None else rows_a[token_seq]
+        slot_mapping = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        token_slots = slots_a if token_seq is None else slots_a[token_seq]
+        step = cls(bs, rows_a, cached_a, new_a, slots_a, ids_a, positions, slot_mapping, token_slots,
+                   cached_a + new_a, starts, num_decodes, n, pad_to == 0)  # fmt: skip
+        return step.padded(pad_to) if pad_to > n else step
+
+    def padded(self, size: int) -> _HostStep:
+        """A decode-only step grown to `size` idle rows: token 0, no cache write, one context slot, no adapter."""
+        if self.num_decodes != self.num_seqs:
+            raise ValueError("only decode-only steps are padded")
+        extra = size - self.num_seqs
+
+        def grow(a: np.ndarray, fill: int) -> np.ndarray:
+            return np.concatenate([a, np.full(extra, fill, dtype=a.dtype)])
+
+        return _HostStep(
+            self.block_size, grow(self.rows, 0), grow(self.num_cached, 0), grow(self.num_new, 1),
+            grow(self.seq_slots, _NO_ADAPTER), grow(self.ids, 0), grow(self.positions, 0),
+            grow(self.slot_mapping, -1), grow(self.token_slots, _NO_ADAPTER), grow(self.context_lens, 1),
+            np.arange(size + 1), size, self.num_real, False,
+        )  # fmt: skip
+
+    def logits_indices(self, order: tuple[int, ...]) -> np.ndarray:
+        """Row of each chunk's last token, in batch order (padding rows get none)."""
+        last = self.query_starts[1 : self.num_real + 1] - 1
+        out = np.empty_like(last)
+        out[np.asarray(order)] = last
+        return out
+
+    def uses_lora(self, host_ranks: np.ndarray) -> bool:
+        used = self.seq_slots[self.seq_slots >= 0]
+        return bool(used.size) and bool((host_ranks[used] > 0).any())
