@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.server.demo_assets import TinyAssets
+from loraplex.server.demo_training import TrainedAssets
 
 SERVE = Path(__file__).resolve().parents[2] / "bench" / "serve.py"
 
 
 @pytest.fixture(scope="module")
-def smoke(bench_suite, tiny_assets: TinyAssets, tmp_path_factory) -> Iterator[tuple[object, object, Path]]:
+def smoke(
+    bench_suite, trained_assets: TrainedAssets, tmp_path_factory
+) -> Iterator[tuple[object, object, Path]]:
     """(profile, running server, output dir); the server reuses the session's demo assets."""
-    profile = bench_suite.smoke_profile(tiny_assets.root.parent)
+    profile = bench_suite.smoke_profile(trained_assets.root.parent)
     out = tmp_path_factory.mktemp("smoke")
     with bench_suite.start_server(profile, out) as server:
         yield profile, server, out
@@ -34,7 +36,7 @@ def _ordered(stats: dict) -> bool:
 def test_load_generator_command(smoke, api: str, mode: list[str], tmp_path: Path) -> None:
     _, server, _ = smoke
     out = tmp_path / "load.json"
-    command = [sys.executable, str(SERVE), "--url", server.url, "--api", api, "--adapters", "a4,b8,,c16",
+    command = [sys.executable, str(SERVE), "--url", server.url, "--api", api, "--adapters", "sql,support,,poem",
                "--num-requests", "8", "--prompt-words", "3:6", "--output-tokens", "4:6", "--zipf", "1.1",
                "--json", str(out), *mode]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
