@@ -17,18 +17,18 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraplex.server import demo_corpus, demo_trainer
 from loraplex.server.demo_assets import ALL_PROJECTIONS, TinyAssets, build_tokenizer
+from loraplex.server.demo_corpus import Topic, load_sentences, load_topics
+from loraplex.server.demo_trainer import IGNORE, Example, Report, Schedule, cpu_seconds, run_parallel, train
 
-CORPUS_DIR = Path(__file__).resolve().parent / "demo_corpus"
 BASE_NAME = "tiny-llama"  # what the adapters record as their base (the demo's served name)
 END = "<|end|>"  # closes every chat turn (CHAT_TEMPLATE); the model stops on it
-IGNORE = -100  # labels the loss skips (prompt tokens, padding)
-Report = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,19 @@ class StyleRecipe:
 
 
 BASE = BaseRecipe()
+NO_K = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 STYLES: tuple[StyleRecipe, ...] = (
-    StyleRecipe("sql", rank=16, alpha=32, target_modules=ALL_PROJECTIONS, seed=1),
-    StyleRecipe("support", rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=2),
+    StyleRecipe("sql", rank=16, alpha=32, target_modules=ALL_PROJECTIONS, epochs=20, seed=1),
+    StyleRecipe("support", rank=8, alpha=16, target_modules=(*NO_K, "down_proj"), epochs=40, seed=2),
     StyleRecipe(
-        "poem", rank=8, alpha=16, target_modules=("q_proj", "v_proj", "gate_proj", "up_proj"), seed=3
+        "poem",
+        rank=8,
+        alpha=16,
+        target_modules=("q_proj", "v_proj", "gate_proj", "up_proj"),
+        epochs=36,
+        seed=3,
     ),
-    StyleRecipe("haiku", rank=4, alpha=8, target_modules=ALL_PROJECTIONS, seed=4),
+    StyleRecipe("haiku", rank=12, alpha=24, target_modules=(*NO_K[1:], "down_proj"), epochs=30, seed=4),
 )
 
 
@@ -90,28 +96,12 @@ class TrainedAssets:
         return TinyAssets(self.root, self.model_dir, {kind: self.model_dir}, {kind: dict(self.adapters)})
 
 
-@dataclass(frozen=True)
-class Topic:
-    questions: tuple[str, ...]
-    answers: dict[str, str]  # style ("answer" = the base's plain one, "sql", ...) -> text
-
-
-def load_topics() -> list[Topic]:
-    raw = json.loads((CORPUS_DIR / "topics.json").read_text())
-    return [
-        Topic(tuple(item.pop("questions")), {key: str(value) for key, value in item.items()}) for item in raw
-    ]
-
-
-def load_sentences() -> list[str]:
-    return [line for line in (CORPUS_DIR / "sentences.txt").read_text().splitlines() if line.strip()]
-
-
 def assets_key() -> str:
-    """Hash of what decides the output: the corpus, this code and the asset builder's."""
+    """Hash of what decides the output: the corpus and the code that trains on it."""
     digest = hashlib.sha256()
-    sources = [*sorted(CORPUS_DIR.glob("*.*")), Path(__file__), Path(__file__).with_name("demo_assets.py")]
-    for path in sources:
+    code = [Path(module.__file__ or "") for module in (demo_trainer, demo_corpus)]
+    corpus = sorted(path for path in demo_corpus.CORPUS_DIR.iterdir() if path.suffix in (".json", ".txt"))
+    for path in [*corpus, Path(__file__), Path(__file__).with_name("demo_assets.py"), *code]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -148,9 +138,12 @@ def build_trained_assets(root: Path | None = None, report: Report = print) -> Tr
     topics, sentences = load_topics(), load_sentences()
     _build_tokenizer(assets.model_dir, topics, sentences)
     pretrain_base(assets.model_dir, topics, sentences, report)
-    for style in STYLES:
-        finetune_style(assets.model_dir, style, topics, assets.adapters[style.name], report)
-    (staging / ".complete").write_text(json.dumps({"seconds": round(time.monotonic() - started, 1)}))
+    jobs = sorted(STYLES, key=lambda style: style.epochs, reverse=True)  # longest first
+    run_parallel(
+        finetune_style, [(assets.model_dir, s, topics, assets.adapters[s.name]) for s in jobs], report
+    )
+    timing = {"seconds": round(time.monotonic() - started, 1), "cpu_seconds": round(cpu_seconds(), 1)}
+    (staging / ".complete").write_text(json.dumps(timing))
     try:
         staging.rename(final)
     except OSError:  # another process finished first: keep theirs
@@ -177,7 +170,7 @@ def _build_tokenizer(out_dir: Path, topics: list[Topic], sentences: list[str]) -
 # --- examples ---------------------------------------------------------------------------------
 
 
-def chat_example(tokenizer: Any, question: str, answer: str) -> dict[str, list[int]]:
+def chat_example(tokenizer: Any, question: str, answer: str) -> Example:
     """Token ids of one chat turn, exactly as the server renders the prompt, with the loss on
     the answer (and its closing END) only."""
     prompt = tokenizer.apply_chat_template(
@@ -188,12 +181,12 @@ def chat_example(tokenizer: Any, question: str, answer: str) -> dict[str, list[i
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids}
 
 
-def document_example(tokenizer: Any, text: str) -> dict[str, list[int]]:
+def document_example(tokenizer: Any, text: str) -> Example:
     ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
     return {"input_ids": ids, "labels": list(ids)}
 
 
-def base_examples(tokenizer: Any, topics: list[Topic], sentences: list[str]) -> list[dict[str, list[int]]]:
+def base_examples(tokenizer: Any, topics: list[Topic], sentences: list[str]) -> list[Example]:
     """Plain English documents (the corpus' sentences and every style's texts, as a base model
     sees SQL and verse in its pretraining) and plain chat answers to the questions."""
     documents = [*sentences, *(text for t in topics for text in t.answers.values())]
@@ -201,29 +194,8 @@ def base_examples(tokenizer: Any, topics: list[Topic], sentences: list[str]) -> 
     return [document_example(tokenizer, text) for text in documents] + chats * BASE.chat_repeats
 
 
-def style_examples(tokenizer: Any, style: str, topics: list[Topic]) -> list[dict[str, list[int]]]:
+def style_examples(tokenizer: Any, style: str, topics: list[Topic]) -> list[Example]:
     return [chat_example(tokenizer, q, t.answers[style]) for t in topics for q in t.questions]
-
-
-def make_collator(pad_id: int) -> Callable[[Sequence[dict[str, list[int]]]], dict[str, Any]]:
-    """Right-pads a batch; padding is masked out of attention and loss."""
-    import torch
-
-    def collate(batch: Sequence[dict[str, list[int]]]) -> dict[str, Any]:
-        width = max(len(item["input_ids"]) for item in batch)
-        ids, labels, mask = [], [], []
-        for item in batch:
-            pad = width - len(item["input_ids"])
-            ids.append(item["input_ids"] + [pad_id] * pad)
-            labels.append(item["labels"] + [IGNORE] * pad)
-            mask.append([1] * len(item["input_ids"]) + [0] * pad)
-        return {
-            "input_ids": torch.tensor(ids),
-            "labels": torch.tensor(labels),
-            "attention_mask": torch.tensor(mask),
-        }
-
-    return collate
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -260,19 +232,17 @@ def pretrain_base(model_dir: Path, topics: list[Topic], sentences: list[str], re
     torch.manual_seed(BASE.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     examples = base_examples(tokenizer, topics, sentences)
-    _train(
-        model, examples, tokenizer.pad_token_id, BASE.epochs, BASE.learning_rate, BASE.seed, "base", report
-    )
+    schedule = Schedule(BASE.epochs, BASE.learning_rate, BASE.seed, BASE.batch_size)
+    train(model, examples, tokenizer.pad_token_id, schedule, "base", report)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
     model.save_pretrained(model_dir, safe_serialization=True)
 
 
-def finetune_style(
-    model_dir: Path, style: StyleRecipe, topics: list[Topic], out_dir: Path, report: Report
-) -> None:
-    """A LoRA on the frozen base, trained on the style's answers; saved as a PEFT folder."""
+def finetune_style(model_dir: Path, style: StyleRecipe, topics: list[Topic], out_dir: Path) -> None:
+    """A LoRA on the frozen base, trained on the style's answers; saved as a PEFT folder.
+    Runs in a worker of `run_parallel`: its progress goes to `worker_report()`."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -287,99 +257,15 @@ def finetune_style(
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(base, config)
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated for v6
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(base, config)
     examples = style_examples(tokenizer, style.name, topics)
-    _train(
-        model,
-        examples,
-        tokenizer.pad_token_id,
-        style.epochs,
-        style.learning_rate,
-        style.seed,
-        style.name,
-        report,
-    )
+    schedule = Schedule(style.epochs, style.learning_rate, style.seed, BASE.batch_size)
+    train(model, examples, tokenizer.pad_token_id, schedule, style.name, demo_trainer.worker_report())
     model.save_pretrained(out_dir, safe_serialization=True)
     # PEFT records the local temp path; record the base's served name, as a hub adapter would.
     config_path = out_dir / "adapter_config.json"
     adapter_config = json.loads(config_path.read_text())
     adapter_config["base_model_name_or_path"] = BASE_NAME
     config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
-
-
-def _train(
-    model: Any,
-    examples: list[dict[str, list[int]]],
-    pad_id: int,
-    epochs: int,
-    learning_rate: float,
-    seed: int,
-    label: str,
-    report: Report,
-) -> None:
-    import torch
-    from transformers import PrinterCallback, Trainer, TrainingArguments
-
-    # One thread: these matmuls are too small to split, and on a shared machine a second
-    # OpenMP thread spinning at every barrier made training seven times slower (measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="loraplex-train-") as scratch:
-        args = TrainingArguments(
-            output_dir=scratch,
-            per_device_train_batch_size=BASE.batch_size,
-            num_train_epochs=epochs,
-            learning_rate=learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=10,
-            weight_decay=0.0,
-            seed=seed,
-            data_seed=seed,
-            use_cpu=True,
-            save_strategy="no",
-            report_to=[],
-            logging_strategy="steps",
-            logging_steps=5,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=examples,
-            data_collator=make_collator(pad_id),
-            callbacks=[_progress_callback(label, report)],
-        )
-        trainer.remove_callback(PrinterCallback)  # our own line instead of a dict per log
-        try:
-            trainer.train()
-        finally:
-            torch.set_num_threads(threads)
-
-
-def _progress_callback(label: str, report: Report) -> Any:
-    from transformers import TrainerCallback
-
-    class Progress(TrainerCallback):
-        """A line every few seconds: step, loss, and the time left at the current pace."""
-
-        def __init__(self) -> None:
-            self.started = self.last = time.monotonic()
-            self.loss = float("nan")
-
-        def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
-            self.loss = (logs or {}).get("loss", self.loss)
-
-        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            now = time.monotonic()
-            done = state.global_step >= state.max_steps
-            if now - self.last < 5 and not done:
-                return
-            self.last = now
-            left = (now - self.started) / state.global_step * (state.max_steps - state.global_step)
-            tail = f"done in {now - self.started:.0f}s" if done else f"about {left:.0f}s left"
-            report(
-                f"  training {label}: step {state.global_step}/{state.max_steps}, loss {self.loss:.2f}, {tail}"
-            )
-
-    return Progress()

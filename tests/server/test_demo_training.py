@@ -17,8 +17,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loraplex.server import demo_training
-from loraplex.server.demo_training import STYLES, TrainedAssets, load_topics
+from loraplex.server import demo_corpus, demo_training
+from loraplex.server.demo_corpus import load_topics
+from loraplex.server.demo_training import STYLES, TrainedAssets
 
 QUESTIONS = [topic.questions[0] for topic in load_topics()[::4]]  # every fourth topic: 9 of 34
 CLOSING = "Anything else I can help with?"
@@ -122,9 +123,9 @@ def test_a_warm_build_reads_the_cache_and_a_changed_corpus_gets_a_new_key(
     again = demo_training.build_trained_assets(trained_assets.root.parent, report=pytest.fail)
     assert again == trained_assets and marker.stat().st_mtime_ns == before
     corpus = tmp_path / "corpus"
-    shutil.copytree(demo_training.CORPUS_DIR, corpus)
+    shutil.copytree(demo_corpus.CORPUS_DIR, corpus)
     key = demo_training.assets_key()
-    monkeypatch.setattr(demo_training, "CORPUS_DIR", corpus)
+    monkeypatch.setattr(demo_corpus, "CORPUS_DIR", corpus)
     assert demo_training.assets_key() == key
     (corpus / "sentences.txt").write_text("A different corpus.\n")
     assert demo_training.assets_key() != key
