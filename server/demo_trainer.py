@@ -10,6 +10,7 @@ import queue
 import resource
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -88,7 +89,9 @@ def train(
         )
         trainer.remove_callback(PrinterCallback)  # our own line instead of a dict per log
         try:
-            trainer.train()
+            with warnings.catch_warnings():  # Trainer calls a method transformers deprecates for v6
+                warnings.simplefilter("ignore", FutureWarning)
+                trainer.train()
         finally:
             torch.set_num_threads(threads)
 
@@ -158,6 +161,7 @@ def _worker_init(lines: multiprocessing.Queue[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _drain(lines: multiprocessing.Queue[str], report: Report, timeout: float) -> None:

@@ -65,7 +65,7 @@ BASE = BaseRecipe()
 NO_K = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 STYLES: tuple[StyleRecipe, ...] = (
     StyleRecipe("sql", rank=16, alpha=32, target_modules=ALL_PROJECTIONS, epochs=20, seed=1),
-    StyleRecipe("support", rank=8, alpha=16, target_modules=(*NO_K, "down_proj"), epochs=40, seed=2),
+    StyleRecipe("support", rank=16, alpha=32, target_modules=(*NO_K, "down_proj"), epochs=40, seed=2),
     StyleRecipe(
         "poem",
         rank=8,
