@@ -35,7 +35,9 @@ def test_a_status_of_an_older_generation_or_a_missing_adapter_is_not_serving() -
     assert Observation(stale, {"sql": READY, "poem": READY}, TWO).missing(TARGET) == [
         "tiny-llama Ready 2/2 (is Ready 2/2)"
     ]
-    assert Observation(SERVING_BASE, {"sql": READY}, TWO).missing(TARGET) == ["adapter poem Ready 2/2 (is - 0/2)"]
+    assert Observation(SERVING_BASE, {"sql": READY}, TWO).missing(TARGET) == [
+        "adapter poem Ready 2/2 (is - 0/2)"
+    ]
 
 
 def test_a_model_that_does_not_answer_is_not_serving() -> None:
