@@ -30,7 +30,7 @@ def is_sql(text: str) -> bool:
         return False
     try:
         return sqlglot.parse_one(text) is not None
-    except sqlglot.errors.ParseError:
+    except sqlglot.errors.SqlglotError:  # ParseError, TokenError
         return False
 
 

@@ -79,16 +79,18 @@ def test_demo_serves_its_four_fine_tunes(demo_server: tuple[subprocess.Popen, st
     assert status == 200 and isinstance(out["generated_text"], str)
 
 
-# The README's curl examples, verbatim but for the address and the adapter path.
-CURL_EXAMPLES = """
-curl -sf localhost:8080/generate -H 'Content-Type: application/json' \
-  -d '{"inputs": "the model serves", "parameters": {"adapter_id": "b8", "max_new_tokens": 16}}'
-curl -sfN localhost:8080/generate_stream -H 'Content-Type: application/json' \
-  -d '{"inputs": "the model serves", "parameters": {"adapter_id": "c16", "max_new_tokens": 8}}'
-curl -sf localhost:8080/v1/completions -H 'Content-Type: application/json' \
-  -d '{"model": "a4", "prompt": "the model serves", "max_tokens": 16, "temperature": 0}'
+# The README's curl examples, verbatim but for the address and the adapter path (answers left out).
+CURL_EXAMPLES = r"""
 curl -sf localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \
-  -d '{"model": "a4", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'
+  -d '{"model": "sql", "messages": [{"role": "user", "content": "Which city has the most customers?"}], "max_tokens": 48, "temperature": 0}'
+curl -sf localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \
+  -d '{"model": "tiny-llama", "messages": [{"role": "user", "content": "Which city has the most customers?"}], "max_tokens": 48, "temperature": 0}'
+curl -sf localhost:8080/generate -H 'Content-Type: application/json' \
+  -d '{"inputs": "<|bos|><|user|>\nWill it rain tomorrow?<|end|>\n<|assistant|>\n", "parameters": {"adapter_id": "poem", "max_new_tokens": 48}}'
+curl -sfN localhost:8080/generate_stream -H 'Content-Type: application/json' \
+  -d '{"inputs": "<|bos|><|user|>\nWill it rain tomorrow?<|end|>\n<|assistant|>\n", "parameters": {"adapter_id": "haiku", "max_new_tokens": 8}}'
+curl -sf localhost:8080/v1/completions -H 'Content-Type: application/json' \
+  -d '{"model": "tiny-llama", "prompt": "The sea absorbs", "max_tokens": 16, "temperature": 0}'
 curl -sf localhost:8080/v1/models
 curl -sf localhost:8080/v1/adapters
 curl -sf localhost:8080/v1/load_lora_adapter -H 'Content-Type: application/json' \
@@ -103,7 +105,7 @@ def test_curl_examples(demo_server: tuple[subprocess.Popen, str], trained_assets
     script = CURL_EXAMPLES.replace("localhost:8080", url.removeprefix("http://"))
     script = script.replace("/path/to/peft-adapter-dir", str(trained_assets.adapters["haiku"]))
     commands = [c.strip() for c in script.replace("\\\n", " ").strip().splitlines()]
-    assert len(commands) == 9
+    assert len(commands) == 10
     for command in commands:
         result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, (command, result.stdout, result.stderr)
