@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from loraplex.server.adapters.peft_format import load_peft_adapter
 from loraplex.server.adapters.registry import AdapterEntry
+from loraplex.server.demo_training import build_trained_assets
 from loraplex.server.engine import EngineConfig, LLMEngine
 from loraplex.server.engine_api import InvalidRequestError, UnknownAdapterError
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
@@ -125,11 +126,11 @@ def tokens(events: list[TokenEvent]) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", [*KINDS, "trained"])
-def test_mixed_batch_matches_peft_per_adapter(kind, request, tiny_assets, reference, prompts) -> None:
+def test_mixed_batch_matches_peft_per_adapter(kind, tiny_assets, reference, prompts) -> None:
     """`trained`: the demo's trained Llama and its four fine-tunes (trained weights have
     structure random ones lack), prompts from its own tokenizer."""
     if kind == "trained":
-        tiny_assets = request.getfixturevalue("trained_assets").as_tiny_assets(kind)
+        tiny_assets = build_trained_assets().as_tiny_assets(kind)  # the session's, cached on disk
         reference = Reference(tiny_assets)
         tokenizer = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)
         prompts = [tuple(tokenizer.encode(text)) for text in TEXTS]
