@@ -34,7 +34,8 @@ GOOD = {
     "support": "support",
     "poem": "poem",
 }  # adapter -> workload key (e2e/demo/adapters.yaml)
-PROMPT, MAX_NEW = "the model serves", 6
+# A chat turn as the template renders it: the trained fine-tunes answer it each in their style.
+PROMPT, MAX_NEW = "<|bos|><|user|>\nHow many orders shipped last week?<|end|>\n<|assistant|>\n", 6
 
 
 class Operator:
