@@ -55,9 +55,10 @@ def test_scenarios_and_their_report(bench_suite, bench_plots, smoke) -> None:
     assert set(written) == {"adapters", "rates", "hotload"}
 
     adapters = json.loads(written["adapters"].read_text())
-    assert adapters["env"]["profile"] == "smoke" and adapters["env"]["registered_adapters"] == 3
+    registered = len(profile.registered)  # the demo's four fine-tunes
+    assert adapters["env"]["profile"] == "smoke" and adapters["env"]["registered_adapters"] == registered
     seen = {(p["api"], p["adapters_in_use"]) for p in adapters["points"]}
-    assert seen == {(api, n) for api in ("openai", "tgi") for n in (0, 1, 3)}
+    assert seen == {(api, n) for api in ("openai", "tgi") for n in (0, 1, registered)}
     for point in adapters["points"]:
         assert point["errors"] == 0 and point["output_tokens"] > 0 and _ordered(point["ttft_s"])
 
@@ -75,4 +76,4 @@ def test_scenarios_and_their_report(bench_suite, bench_plots, smoke) -> None:
                                       "vs_baselines.png"}  # fmt: skip
     assert all(p.stat().st_size > 10_000 for p in made)
     report = bench_plots.write_serve_markdown(out, out / "serve.md").read_text()
-    assert "it measures nothing" in report and "| openai | 3 | 6 | 0 |" in report
+    assert "it measures nothing" in report and f"| openai | {registered} | 6 | 0 |" in report
