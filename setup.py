@@ -33,5 +33,5 @@ def find_packages() -> list[str]:
 setup(
     package_dir=PACKAGE_DIRS,
     packages=find_packages(),
-    package_data={"": ["*.json", "*.yaml", "*.sh", "*.jinja"]},
+    package_data={"": ["*.json", "*.yaml", "*.sh", "*.jinja", "*.txt"]},
 )

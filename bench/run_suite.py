@@ -107,15 +107,15 @@ def gpu_profile(args: argparse.Namespace) -> Profile:
 
 def smoke_profile(demo_root: Path) -> Profile:
     """`serve --demo` with its assets under `demo_root` (built there if missing)."""
-    from loraplex.server.demo_assets import build_tiny_assets
+    from loraplex.server.demo_training import build_trained_assets
 
-    demo = build_tiny_assets(demo_root).adapters["llama"]  # what `serve --demo` serves
+    demo = build_trained_assets(demo_root).adapters  # what `serve --demo` serves
     return Profile(
         name="smoke",
         server_args=("--demo", "--device", "cpu", "--max-concurrent-requests", "64", "--shutdown-timeout", "2",
                      "--log-format", "text"),
         registered=tuple(demo),
-        hot_adapters=(("hot0", str(demo["b8"])),),
+        hot_adapters=(("hot0", str(demo["support"])),),
         adapters_in_use=(1, len(demo)),
         rates=(4.0, 400.0),  # the second is far past what a CPU serves: the sweep must stop there
         apis=("openai", "tgi"),
@@ -317,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         profile, out = gpu_profile(args), args.out or ROOT / "docs" / "benchmarks"
     else:
-        demo_root = Path(os.environ.get("LORAPLEX_DEMO_DIR", Path(tempfile.gettempdir()) / "loraplex-demo"))
+        from loraplex.server.demo_training import default_root
+
+        demo_root = default_root()  # `serve --demo`'s own cache: trained once per machine
         profile, out = smoke_profile(demo_root), args.out or Path(tempfile.mkdtemp(prefix="loraplex-smoke-"))
     written = run_suite(profile, out, args.scenarios)
     if args.gpu:

@@ -9,7 +9,8 @@ on the local cluster, kind and GKE.
     LORAPLEX_E2E_MANIFESTS     a folder with base-model.yaml, adapters.yaml and adapter-live.yaml
                                (default: e2e/demo/ with the tiny Llama by local path, which only
                                pods of the local pod runner can read)
-    LORAPLEX_E2E_ASSETS        where the default manifests' tiny assets are built (cached)
+    LORAPLEX_E2E_ASSETS        where the default manifests' trained tiny models are cached
+                               (default: the demo's, ~/.cache/loraplex/demo-assets)
     LORAPLEX_E2E_TIMEOUT       seconds to wait for Ready (default 600: real clusters pull images)
 """
 
@@ -106,11 +107,10 @@ def manifests(tmp_path_factory: pytest.TempPathFactory) -> Manifests:
     folder = os.environ.get("LORAPLEX_E2E_MANIFESTS")
     if folder:
         return Manifests({name: (Path(folder) / name).read_text() for name in MANIFEST_FILES})
-    from loraplex.localcluster.binaries import cache_root
     from loraplex.localcluster.demo_workload import build_workload, manifest
 
-    assets = Path(os.environ.get("LORAPLEX_E2E_ASSETS", cache_root() / "e2e-assets"))
-    workload = build_workload(assets)
+    assets = os.environ.get("LORAPLEX_E2E_ASSETS")
+    workload = build_workload(Path(assets) if assets else None)
     return Manifests({name: manifest(name, workload) for name in MANIFEST_FILES})
 
 

@@ -6,8 +6,10 @@
 A real control plane (etcd, kube-apiserver, kube-controller-manager), the Helm chart (CRDs
 and RBAC; the operator runs as a local `loraplex operator` process since no kubelet can run
 its image), the local pod runner for the server pods (real `loraplex serve` processes on
-loopback addresses), the generated tiny Llama with its LoRA adapters. State lives in
-~/.cache/loraplex/demo (LORAPLEX_DEMO_STATE to move it); the tiny assets stay for the next run.
+loopback addresses), and a tiny Llama with four LoRA fine-tunes (sql, support, poem, haiku)
+trained here on the project's own corpus (server/demo_training.py). State lives in
+~/.cache/loraplex/demo (LORAPLEX_DEMO_STATE to move it); the trained models stay in
+~/.cache/loraplex/demo-assets/<hash of corpus and code> for the next run.
 """
 
 from __future__ import annotations
@@ -22,26 +24,30 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 from loraplex.localcluster.binaries import cache_root
 from loraplex.localcluster.control_plane import STATE_FILE, LocalCluster
-from loraplex.localcluster.demo_workload import BASE_MODEL, build_workload, manifest
+from loraplex.localcluster.demo_wait import NotServing, Target, wait_until_serving
+from loraplex.localcluster.demo_workload import BASE_MODEL, LIVE, SERVED, build_workload, manifest
 from loraplex.localcluster.install import install_chart
 from loraplex.localcluster.processes import ManagedProcess, free_ports, pid_alive, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("LORAPLEX_DEMO_STATE", cache_root() / "demo"))
 NAMESPACE, RELEASE, RELEASE_NAMESPACE = "demo", "loraplex", "loraplex-system"
-ADAPTERS = ("sql", "chat", "poem")  # e2e/demo/adapters.yaml
-LIVE_ADAPTER = "haiku"  # e2e/demo/adapter-live.yaml
-PROMPT = "the model serves"
+REPLICAS = 2  # e2e/demo/base-model.yaml
+PROMPTS = ("How many orders shipped last week?", "Why is the sea blue?")
+MAX_TOKENS = 48
 WAIT_S = 300
 SERVER_PODS = "app.kubernetes.io/name=loraplex-server"  # the label of every server pod
 
 
 def step(message: str) -> None:
     print(f"\n\033[1m==> {message}\033[0m", flush=True)
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
 
 
 def kubectl(cluster: LocalCluster, *args: str, input: str | None = None) -> str:
@@ -87,92 +93,68 @@ def start_operator_and_runner(cluster: LocalCluster) -> None:
     spawn("pod-runner", runner, cluster)
 
 
-def custom(cluster: LocalCluster, kind: str, name: str) -> dict[str, Any]:
-    text = cluster.kubectl("get", "-n", NAMESPACE, kind, name, "-o", "json", check=False).stdout
-    return json.loads(text).get("status", {}) if text else {}
+def wait_serving(cluster: LocalCluster, adapters: tuple[str, ...]) -> tuple[str, ...]:
+    """The Service's ready endpoints, once the base and `adapters` answer on every one."""
+    target = Target(NAMESPACE, BASE_MODEL, adapters, REPLICAS)
+    try:
+        return wait_until_serving(lambda *args: kubectl(cluster, *args), target, WAIT_S, say)
+    except NotServing as error:
+        raise SystemExit(f"{error}\nlogs: {STATE}/*.log, {STATE}/pods/*/container.log") from None
 
 
-def wait_ready(cluster: LocalCluster, adapters: tuple[str, ...], replicas: int = 2) -> None:
-    """Poll until the base model and `adapters` are Ready on every replica, printing changes."""
-    deadline, last = time.monotonic() + WAIT_S, ""
-    while time.monotonic() < deadline:
-        bmd = custom(cluster, "bmd", BASE_MODEL)
-        parts = [f"{BASE_MODEL}: {bmd.get('phase', '-')} {bmd.get('readyReplicas', 0)}/{replicas} pods"]
-        statuses = {name: custom(cluster, "lora", name) for name in adapters}
-        parts += [
-            f"{n}: {s.get('phase', '-')} {s.get('readyReplicas', 0)}/{replicas}" for n, s in statuses.items()
-        ]
-        line = " | ".join(parts)
-        if line != last:
-            print(f"  [{time.strftime('%H:%M:%S')}] {line}", flush=True)
-            last = line
-        if all(s.get("phase") == "Ready" and s.get("readyReplicas") == replicas for s in statuses.values()):
-            return
-        time.sleep(1)
-    raise SystemExit(f"not Ready after {WAIT_S}s; logs in {STATE}")
-
-
-def endpoints(cluster: LocalCluster) -> list[str]:
-    """`ip:port` of the Service's ready endpoints, as a Service proxy would pick them."""
-    text = kubectl(
-        cluster,
-        "get",
-        "endpointslices",
-        "-n",
-        NAMESPACE,
-        "-l",
-        f"kubernetes.io/service-name={BASE_MODEL}",
-        "-o",
-        "json",
+def chat(address: str, model: str, question: str) -> str:
+    """The model's greedy answer to one user message (OpenAI chat API, the chat template)."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+    }
+    request = urllib.request.Request(
+        f"http://{address}/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
     )
-    found = []
-    for item in json.loads(text)["items"]:
-        port = item["ports"][0]["port"]
-        for endpoint in item.get("endpoints") or []:
-            if (endpoint.get("conditions") or {}).get("ready"):
-                found += [f"{address}:{port}" for address in endpoint["addresses"]]
-    return sorted(found)
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())["choices"][0]["message"]["content"].strip()
 
 
-def generate(address: str, adapter: str | None) -> str:
-    """The answer as text and token ids (a random-weight model writes odd bytes)."""
-    parameters = {"max_new_tokens": 8, "details": True, **({"adapter_id": adapter} if adapter else {})}
-    body = json.dumps({"inputs": PROMPT, "parameters": parameters}).encode()
-    request = urllib.request.Request(f"http://{address}/generate", body, {"Content-Type": "application/json"})
-    for _ in range(60):  # 401 until the pod's mounted access Secret names a just-loaded adapter
-        try:
-            with urllib.request.urlopen(request, timeout=60) as reply:
-                answer = json.loads(reply.read())
-                break
-        except urllib.error.HTTPError as error:
-            if error.code != 401:
-                raise
-            time.sleep(1)
-    else:
-        raise SystemExit(f"{adapter} still refused (401) on {address}")
-    ids = [token["id"] for token in answer["details"]["tokens"]]
-    return f"{answer['generated_text']!r:<40} tokens {ids}"
+def show_answers(addresses: tuple[str, ...], models: tuple[str, ...]) -> None:
+    """Each question to the base and to every adapter in `models`, side by side; requests take
+    turns over the Service's endpoints, as the Service would spread them."""
+    if not addresses:  # wait_serving never returns without; a guard, not a code path
+        raise SystemExit(f"Service {BASE_MODEL} has no ready endpoints")
+    say(f"  Service {BASE_MODEL}: endpoints {', '.join(addresses)} (requests take turns)")
+    turn = 0
+    for question in PROMPTS:
+        say(f"\n  Q: {question}")
+        for model in (BASE_MODEL, *models):
+            answer = chat(addresses[turn % len(addresses)], model, question)
+            turn += 1
+            label = f"{model} (base)" if model == BASE_MODEL else model
+            lines = answer.splitlines() or [""]
+            say(f"    {label:<18} {lines[0]}")
+            for line in lines[1:]:
+                say(f"    {'':<18} {line}")
 
 
-def show_answers(cluster: LocalCluster, adapters: tuple[str | None, ...]) -> None:
-    addresses = endpoints(cluster)
-    print(f"  Service {BASE_MODEL} endpoints: {', '.join(addresses)}")
-    print(f"  prompt: {PROMPT!r}")
-    for index, adapter in enumerate(adapters):
-        address = addresses[index % len(addresses)]  # spread over the pods, as the Service would
-        print(f"  {adapter or '(base model)':>14} via {address}: {generate(address, adapter)}")
-
-
-def quietly(function: Any, *args: Any) -> Any:
-    """Run without transformers' progress bars and deprecation warnings."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return function(*args)
+def show_tokens(cluster: LocalCluster, adapters: tuple[str, ...], timeout_s: float = 30) -> None:
+    """`status.tokens` of each adapter, summed by the operator over the pods' reports (it
+    refreshes them on its tick, so wait briefly until every adapter shows its traffic)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listed = json.loads(kubectl(cluster, "get", "lora", "-n", NAMESPACE, "-o", "json"))
+        tokens = {
+            item["metadata"]["name"]: (item.get("status") or {}).get("tokens") or {}
+            for item in listed["items"]
+        }
+        if all(tokens.get(name, {}).get("generated") for name in adapters) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    say(f"  {'adapter':<10} {'prompt tokens':>14} {'generated tokens':>17}")
+    for name in adapters:
+        counts = tokens.get(name, {})
+        say(f"  {name:<10} {counts.get('prompt', 0):>14} {counts.get('generated', 0):>17}")
 
 
 def up() -> int:
@@ -180,33 +162,38 @@ def up() -> int:
     STATE.mkdir(parents=True, exist_ok=True)
     step("Provisioning the local cluster binaries (cached after the first run)")
     subprocess.run(["bash", str(REPO / "e2e" / "cluster" / "provision.sh")], check=True)
+    step("Training the tiny Llama and its four LoRA fine-tunes (about a minute, cached after)")
+    workload = build_workload(report=say)
+    say(f"  base model {workload.model_dir}")
     step("Starting etcd, kube-apiserver and kube-controller-manager")
     cluster = start_cluster()
-    print(f"  API server {cluster.server}")
+    say(f"  API server {cluster.server}")
     step("Installing the Helm chart (CRDs, RBAC) and starting the operator and the pod runner")
     install_chart(cluster, RELEASE, RELEASE_NAMESPACE)
     start_operator_and_runner(cluster)
-    step("Building the tiny Llama and its LoRA adapters (cached)")
-    workload = quietly(build_workload, STATE / "assets")
-    step(f"Deploying {BASE_MODEL} (2 replicas) and adapters {', '.join(ADAPTERS)}")
-    kubectl(
-        cluster, "apply", "-f", "-", input=f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}}}"
-    )
+    step(f"Deploying {BASE_MODEL} ({REPLICAS} replicas) and adapters {', '.join(SERVED)}")
+    namespace = f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}}}"
+    kubectl(cluster, "apply", "-f", "-", input=namespace)
     for name in ("base-model.yaml", "adapters.yaml"):
         kubectl(cluster, "apply", "-n", NAMESPACE, "-f", "-", input=manifest(name, workload))
-    wait_ready(cluster, ADAPTERS)
-    step("Generating through the Service's endpoints, once per adapter")
-    show_answers(cluster, (None, *ADAPTERS))
+    say("  waiting for: the base Ready on every replica, the Service's endpoints, every adapter answering")
+    addresses = wait_serving(cluster, SERVED)
+    step("One deployment, many fine-tunes: the same questions to the base and to each adapter")
+    show_answers(addresses, SERVED)
     step(f"kubectl get bmd,lora -n {NAMESPACE}")
-    print(kubectl(cluster, "get", "bmd,lora", "-n", NAMESPACE))
-    step(f"Hot-loading a fourth adapter ({LIVE_ADAPTER}) into the running pods")
+    say(kubectl(cluster, "get", "bmd,lora", "-n", NAMESPACE))
+    step(f"Hot-loading a fourth adapter ({LIVE}) into the running pods: no restart")
+    applied = time.monotonic()
     kubectl(cluster, "apply", "-n", NAMESPACE, "-f", "-", input=manifest("adapter-live.yaml", workload))
-    wait_ready(cluster, (LIVE_ADAPTER,))
-    show_answers(cluster, (LIVE_ADAPTER, LIVE_ADAPTER))
-    print(kubectl(cluster, "get", "pods", "-n", NAMESPACE, "-o", "wide"))
+    addresses = wait_serving(cluster, (*SERVED, LIVE))
+    say(f"  {LIVE} answering on every pod {time.monotonic() - applied:.0f}s after kubectl apply")
+    show_answers(addresses, (LIVE,))
+    say("\n" + kubectl(cluster, "get", "pods", "-n", NAMESPACE, "-o", "wide"))
+    step("Tokens served per adapter (status.tokens, summed over the pods by the operator)")
+    show_tokens(cluster, (*SERVED, LIVE))
     step(f"Done in {time.monotonic() - started:.0f}s. Try it:")
-    print(f"  export KUBECONFIG={cluster.kubeconfig}\n  kubectl get bmd,lora,pods -n {NAMESPACE}")
-    print(f"  logs: {STATE}/*.log, {STATE}/pods/*/container.log\n  stop: make demo-down")
+    say(f"  export KUBECONFIG={cluster.kubeconfig}\n  kubectl get bmd,lora,pods -n {NAMESPACE}")
+    say(f"  logs: {STATE}/*.log, {STATE}/pods/*/container.log\n  stop: make demo-down")
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import Kube, Manifests, ServiceAccess
 
-PROMPT, MAX_NEW = "the model serves", 8
+QUESTION, MAX_NEW = "How many orders shipped last week?", 24
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: Callable[[], Any]) -> None:
@@ -26,14 +26,23 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: Callable[[],
 
 
 def generate(url: str, adapter: str | None) -> tuple[int, str]:
-    parameters = {"max_new_tokens": MAX_NEW, **({"adapter_id": adapter} if adapter else {})}
-    body = json.dumps({"inputs": PROMPT, "parameters": parameters}).encode()
-    request = urllib.request.Request(f"{url}/generate", body, {"Content-Type": "application/json"})
+    """One greedy chat answer from `adapter` (None: the base, by its served name) and the status."""
+    model = adapter or _served_base(url)
+    messages = [{"role": "user", "content": QUESTION}]
+    body = {"model": model, "messages": messages, "max_tokens": MAX_NEW, "temperature": 0}
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as reply:
-            return reply.status, json.loads(reply.read())["generated_text"]
+            return reply.status, json.loads(reply.read())["choices"][0]["message"]["content"]
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode(errors="replace")
+
+
+def _served_base(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/info", timeout=30) as reply:
+        return json.loads(reply.read())["model_id"]
 
 
 def generate_once_open(url: str, adapter: str, timeout_s: float = 120) -> tuple[int, str]:

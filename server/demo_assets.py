@@ -88,8 +88,8 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> Path:
-    """Train a byte-level BPE on the built-in corpus and save it for AutoTokenizer."""
+def build_tokenizer(out_dir: Path, vocab_size: int = 512, texts: list[str] | None = None) -> Path:
+    """Train a byte-level BPE on `texts` (default: the built-in corpus) and save it for AutoTokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -102,7 +102,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus() * 4, trainer=trainer)
+    tokenizer.train_from_iterator((texts or _corpus()) * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<|bos|>",

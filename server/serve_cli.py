@@ -1,7 +1,7 @@
 """`loraplex serve`: TGI-style flags (each with its environment variable), JSON logs, graceful stop.
 
     loraplex serve --model-id google/gemma-2-2b-it --lora-adapters "org/a,b=hf://org/b@v2"
-    loraplex serve --demo        # the generated tiny model and its three demo adapters, on CPU
+    loraplex serve --demo        # the trained tiny Llama and its four demo fine-tunes, on CPU
 
 SIGTERM or SIGINT: /ready turns 503 and requests are still served for `--shutdown-delay` seconds
 (routing catches up), then stop accepting connections, let in-flight requests finish for up to
@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -141,15 +140,13 @@ def _info(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _demo_assets() -> tuple[str, tuple[LoadAdapterSpec, ...]]:
-    from loraplex.server.demo_assets import build_tiny_assets
+    """The demo's trained tiny Llama and its fine-tunes (trained on first use, then cached)."""
+    from loraplex.server.demo_training import build_trained_assets, default_root
 
-    root = Path(os.environ.get("LORAPLEX_DEMO_DIR", Path(tempfile.gettempdir()) / "loraplex-demo"))
-    log.info("building demo assets", extra={"root": str(root)})
-    assets = build_tiny_assets(root)
-    adapters = tuple(
-        LoadAdapterSpec(name=name, source=str(path)) for name, path in assets.adapters["llama"].items()
-    )
-    return str(assets.models["llama"]), adapters
+    log.info("demo assets: training or reusing", extra={"root": str(default_root())})
+    assets = build_trained_assets(report=log.info)
+    adapters = tuple(LoadAdapterSpec(name=name, source=str(path)) for name, path in assets.adapters.items())
+    return str(assets.model_dir), adapters
 
 
 # flag attribute -> EngineConfig field

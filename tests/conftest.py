@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 from loraplex.server.demo_assets import TinyAssets, build_tiny_assets
+from loraplex.server.demo_training import TrainedAssets, build_trained_assets
 
 # `local_cluster`: real etcd + kube-apiserver + kube-controller-manager for `envtest` tests;
 # `gcs_server`, `s3_server` and their buckets: real storage servers on loopback.
@@ -20,6 +22,14 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
     Built once per test session from fixed seeds (deterministic), in the session's temp dir.
     """
     return build_tiny_assets(Path(tmp_path_factory.mktemp("tiny-assets")))
+
+
+@pytest.fixture(scope="session")
+def trained_assets() -> TrainedAssets:
+    """The demo's tiny Llama and its four fine-tunes (sql, support, poem, haiku), trained on
+    the project's corpus: about a minute the first time on a machine, then read from the disk
+    cache (`~/.cache/loraplex/demo-assets/<hash of corpus and code>`), so CI trains once."""
+    return build_trained_assets(report=lambda line: print(line, file=sys.__stderr__, flush=True))
 
 
 @pytest.fixture(autouse=True, scope="session")

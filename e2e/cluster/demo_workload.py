@@ -1,6 +1,6 @@
-"""The demo workload of the local cluster: the tiny Llama and its adapters as files, and the
-sample manifests of `e2e/demo/` filled in with their paths (used by `make demo`, the e2e suite
-on the local cluster and the operator envtest)."""
+"""The demo workload of the local cluster: the trained tiny Llama and its fine-tunes as files,
+and the sample manifests of `e2e/demo/` filled in with their paths (used by `make demo`, the
+e2e suite on the local cluster and the operator envtests)."""
 
 from __future__ import annotations
 
@@ -10,21 +10,21 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraplex.server.demo_assets import ATTENTION, AdapterRecipe, build_adapter, build_tiny_assets
+from loraplex.server.demo_assets import AdapterRecipe, build_adapter
+from loraplex.server.demo_training import BASE_NAME, Report, build_trained_assets
 
 MANIFEST_DIR = Path(__file__).resolve().parents[1] / "demo"
-BASE_MODEL = "tiny-llama"  # metadata.name in base-model.yaml
-# Adapters beyond the three of demo_assets: one more to hot-load, one above maxLoraRank (16).
-EXTRA_RECIPES = (
-    AdapterRecipe("d8", rank=8, alpha=16, target_modules=ATTENTION, seed=14),
-    AdapterRecipe("r32", rank=32, alpha=32, target_modules=("q_proj", "v_proj"), seed=15),
-)
+BASE_MODEL = BASE_NAME  # metadata.name in base-model.yaml
+SERVED = ("sql", "support", "poem")  # adapters.yaml
+LIVE = "haiku"  # adapter-live.yaml, hot-loaded into the running pods
+# Random weights above the base's maxLoraRank (16): an adapter every pod must refuse.
+TOO_BIG = AdapterRecipe("r32", rank=32, alpha=32, target_modules=("q_proj", "v_proj"), seed=15)
 
 
 @dataclass(frozen=True)
 class Workload:
     model_dir: Path
-    adapters: dict[str, Path]  # recipe name (a4, b8, c16, d8, r32) -> PEFT directory
+    adapters: dict[str, Path]  # sql, support, poem, haiku (trained), r32 (too big) -> PEFT directory
 
     def variables(self) -> dict[str, str]:
         values = {"MODEL_DIR": str(self.model_dir)}
@@ -32,20 +32,19 @@ class Workload:
         return values
 
 
-def build_workload(root: Path) -> Workload:
-    """Build (or reuse) the tiny assets under `root` plus the extra adapters."""
-    assets = build_tiny_assets(root)
-    model_dir = assets.models["llama"]
-    adapters = dict(assets.adapters["llama"])
-    for recipe in EXTRA_RECIPES:
-        target = assets.root / "adapters" / "extra" / recipe.name
-        if not (target / "adapter_config.json").is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{recipe.name}-", dir=target.parent))
-            build_adapter(model_dir, recipe, staging, base_name=BASE_MODEL)
-            os.replace(staging, target)  # a half-built adapter never looks complete
-        adapters[recipe.name] = target
-    return Workload(model_dir=model_dir, adapters=adapters)
+def build_workload(root: Path | None = None, report: Report = print) -> Workload:
+    """Train (or reuse) the demo's models under `root` (default: the demo-assets cache), plus
+    the too-big adapter."""
+    assets = build_trained_assets(root, report)
+    adapters = dict(assets.adapters)
+    target = assets.root / "extra" / TOO_BIG.name
+    if not (target / "adapter_config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{TOO_BIG.name}-", dir=target.parent))
+        build_adapter(assets.model_dir, TOO_BIG, staging, base_name=BASE_MODEL)
+        os.replace(staging, target)  # a half-built adapter never looks complete
+    adapters[TOO_BIG.name] = target
+    return Workload(model_dir=assets.model_dir, adapters=adapters)
 
 
 def manifest(name: str, workload: Workload) -> str:

@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.server.demo_assets import TinyAssets
+from loraplex.server.demo_training import TrainedAssets
 
 SERVE = Path(__file__).resolve().parents[2] / "bench" / "serve.py"
 
 
 @pytest.fixture(scope="module")
-def smoke(bench_suite, tiny_assets: TinyAssets, tmp_path_factory) -> Iterator[tuple[object, object, Path]]:
+def smoke(
+    bench_suite, trained_assets: TrainedAssets, tmp_path_factory
+) -> Iterator[tuple[object, object, Path]]:
     """(profile, running server, output dir); the server reuses the session's demo assets."""
-    profile = bench_suite.smoke_profile(tiny_assets.root.parent)
+    profile = bench_suite.smoke_profile(trained_assets.root.parent)
     out = tmp_path_factory.mktemp("smoke")
     with bench_suite.start_server(profile, out) as server:
         yield profile, server, out
@@ -34,7 +36,7 @@ def _ordered(stats: dict) -> bool:
 def test_load_generator_command(smoke, api: str, mode: list[str], tmp_path: Path) -> None:
     _, server, _ = smoke
     out = tmp_path / "load.json"
-    command = [sys.executable, str(SERVE), "--url", server.url, "--api", api, "--adapters", "a4,b8,,c16",
+    command = [sys.executable, str(SERVE), "--url", server.url, "--api", api, "--adapters", "sql,support,,poem",
                "--num-requests", "8", "--prompt-words", "3:6", "--output-tokens", "4:6", "--zipf", "1.1",
                "--json", str(out), *mode]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -53,9 +55,10 @@ def test_scenarios_and_their_report(bench_suite, bench_plots, smoke) -> None:
     assert set(written) == {"adapters", "rates", "hotload"}
 
     adapters = json.loads(written["adapters"].read_text())
-    assert adapters["env"]["profile"] == "smoke" and adapters["env"]["registered_adapters"] == 3
+    registered = len(profile.registered)  # the demo's four fine-tunes
+    assert adapters["env"]["profile"] == "smoke" and adapters["env"]["registered_adapters"] == registered
     seen = {(p["api"], p["adapters_in_use"]) for p in adapters["points"]}
-    assert seen == {(api, n) for api in ("openai", "tgi") for n in (0, 1, 3)}
+    assert seen == {(api, n) for api in ("openai", "tgi") for n in (0, 1, registered)}
     for point in adapters["points"]:
         assert point["errors"] == 0 and point["output_tokens"] > 0 and _ordered(point["ttft_s"])
 
@@ -73,4 +76,4 @@ def test_scenarios_and_their_report(bench_suite, bench_plots, smoke) -> None:
                                       "vs_baselines.png"}  # fmt: skip
     assert all(p.stat().st_size > 10_000 for p in made)
     report = bench_plots.write_serve_markdown(out, out / "serve.md").read_text()
-    assert "it measures nothing" in report and "| openai | 3 | 6 | 0 |" in report
+    assert "it measures nothing" in report and f"| openai | {registered} | 6 | 0 |" in report

@@ -18,14 +18,14 @@ from loraplex.localcluster.binaries import find_binary
 from loraplex.localcluster.control_plane import LocalCluster
 from loraplex.localcluster.install import install_chart
 from loraplex.localcluster.pod_runner import PodRunner
-from loraplex.server.demo_assets import TinyAssets
+from loraplex.server.demo_training import TrainedAssets
 
 pytestmark = pytest.mark.envtest
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_e2e_suite_passes_on_the_local_cluster(
-    local_cluster: LocalCluster, tiny_assets: TinyAssets, tmp_path: Path
+    local_cluster: LocalCluster, trained_assets: TrainedAssets, tmp_path: Path
 ) -> None:
     install_chart(local_cluster)
     namespace = f"e2e-{uuid.uuid4().hex[:6]}"
@@ -36,7 +36,7 @@ def test_the_e2e_suite_passes_on_the_local_cluster(
         "KUBECONFIG": str(local_cluster.kubeconfig),
         "LORAPLEX_E2E_ACCESS": "endpoints",
         "LORAPLEX_E2E_NAMESPACE": namespace,
-        "LORAPLEX_E2E_ASSETS": str(tiny_assets.root.parent),  # the session's assets, reused
+        "LORAPLEX_E2E_ASSETS": str(trained_assets.root.parent),  # trained once, reused
         "LORAPLEX_E2E_TIMEOUT": "120",
         "LORAPLEX_E2E_KUBECTL": str(find_binary("kubectl")),
     }

@@ -121,7 +121,7 @@ spec:
   autoscaling: {minReplicas: 1, maxReplicas: 3, metric: queueDepth, target: 2}
 """
 TINY_SELECTOR = "app.kubernetes.io/instance=tiny-llama"
-ADAPTERS = {"sql", "chat", "poem"}  # e2e/demo/adapters.yaml
+ADAPTERS = {"sql", "support", "poem"}  # e2e/demo/adapters.yaml
 POD_ENV = {"OMP_NUM_THREADS": "1", "LOG_FORMAT": "text", "LOG_LEVEL": "warning"}
 
 
@@ -234,9 +234,9 @@ class Load:
 
 
 def test_replicas_1_3_1_under_load_lose_no_request(
-    local_cluster: LocalCluster, namespace: str, tiny_assets: Any, tmp_path: Path
+    local_cluster: LocalCluster, namespace: str, trained_assets: Any, tmp_path: Path
 ) -> None:
-    workload = build_workload(tiny_assets.root.parent)
+    workload = build_workload(trained_assets.root.parent)
     with (
         local_cluster.api_client() as api,
         PodRunner(api, tmp_path / "pods", (namespace,), TINY_SELECTOR, extra_env=POD_ENV),

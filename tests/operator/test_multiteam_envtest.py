@@ -128,13 +128,13 @@ def base_model(workload: Workload, label: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def teams(
-    local_cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory, tiny_assets: Any
+    local_cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory, trained_assets: Any
 ) -> Iterator[Teams]:
     suffix = uuid.uuid4().hex[:6]
     llm, a, b = f"llm-{suffix}", f"a-{suffix}", f"b-{suffix}"
     for namespace in (llm, a, b):
         local_cluster.kubectl("create", "namespace", namespace)
-    workload = build_workload(tiny_assets.root.parent)
+    workload = build_workload(trained_assets.root.parent)
     env = {"OMP_NUM_THREADS": "1", "LOG_FORMAT": "text", "LOG_LEVEL": "warning"}
     args = ["run", "--standalone", "--namespace", llm, "--namespace", a, "--namespace", b]
     with (
@@ -172,8 +172,8 @@ def test_selector_admits_a_and_refuses_b(teams: Teams) -> None:
     apply(teams, teams.llm, base_model(teams.workload, teams.label))
     apply(teams, teams.a, secret("team-a", TEAM_KEY))
     refs = {"apiKeySecretRefs": [{"name": "team-a", "key": "key"}]}
-    apply(teams, teams.a, adapter(teams.workload.adapters["a4"], teams.llm, access=refs))
-    apply(teams, teams.b, adapter(teams.workload.adapters["b8"], teams.llm))
+    apply(teams, teams.a, adapter(teams.workload.adapters["sql"], teams.llm, access=refs))
+    apply(teams, teams.b, adapter(teams.workload.adapters["support"], teams.llm))
     assert wait_until(lambda: teams.adapter(teams.a).get("phase") == "Ready", timeout=120), teams.adapter(
         teams.a
     )

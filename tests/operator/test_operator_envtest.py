@@ -29,8 +29,13 @@ from loraplex.localcluster.processes import wait_until
 pytestmark = pytest.mark.envtest
 GROUP, VERSION = "loraplex.dev", "v1alpha1"
 BASE, SELECTOR = "tiny-llama", "app.kubernetes.io/instance=tiny-llama"
-GOOD = {"sql": "a4", "chat": "b8", "poem": "c16"}  # adapter -> recipe (e2e/demo/adapters.yaml)
-PROMPT, MAX_NEW = "the model serves", 6
+GOOD = {
+    "sql": "sql",
+    "support": "support",
+    "poem": "poem",
+}  # adapter -> workload key (e2e/demo/adapters.yaml)
+# A chat turn as the template renders it: the trained fine-tunes answer it each in their style.
+PROMPT, MAX_NEW = "<|bos|><|user|>\nHow many orders shipped last week?<|end|>\n<|assistant|>\n", 6
 
 
 class Operator:
@@ -149,9 +154,9 @@ def condition(status: dict[str, Any], condition_type: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def live(
-    local_cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory, tiny_assets: Any
+    local_cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory, trained_assets: Any
 ) -> Iterator[Live]:
-    workload = build_workload(tiny_assets.root.parent)
+    workload = build_workload(trained_assets.root.parent)
     namespace = f"live-{uuid.uuid4().hex[:6]}"
     local_cluster.kubectl("create", "namespace", namespace)
     state = Path(tmp_path_factory.mktemp("pods"))
@@ -248,7 +253,7 @@ def test_a_fourth_adapter_hot_loads_while_requests_run(live: Live) -> None:
     assert results and set(results) == {200}
     after = {pod.metadata.name: pod.status.container_statuses[0].restart_count for pod in live.pods()}
     assert after == before  # same pods, no container restart
-    expected = (200, {"generated_text": reference_text(live.workload, "d8")})
+    expected = (200, {"generated_text": reference_text(live.workload, "haiku")})
     for url in urls:  # 401 until the pod's mounted access Secret names the new adapter
         answered = wait_until(lambda url=url: generate(url, "haiku") == expected, timeout=30)
         assert answered, generate(url, "haiku")

@@ -30,7 +30,7 @@ def _single_thread():
 
 
 class Setup:
-    """A runner with the three demo adapters in slots 0..2 and a reference model per slot (None = base)."""
+    """A runner with three adapters of `kind` in slots 0..2 and a reference model per slot (None = base)."""
 
     def __init__(self, assets: TinyAssets, kind: str) -> None:
         model_dir = assets.models[kind]
@@ -40,8 +40,7 @@ class Setup:
             )
         )
         self.references: dict[int | None, torch.nn.Module] = {None: self._base(model_dir)}
-        for slot, name in enumerate(ADAPTERS):
-            adapter_dir = assets.adapters[kind][name]
+        for slot, (name, adapter_dir) in enumerate(list(assets.adapters[kind].items())[: len(ADAPTERS)]):
             self.runner.load_lora(slot, load_peft_adapter(adapter_dir, name, self.runner.hf_config, 16))
             self.references[slot] = PeftModel.from_pretrained(self._base(model_dir), adapter_dir).eval()
         self.free_blocks = list(range(self.runner.num_kv_blocks))
@@ -68,16 +67,25 @@ def setup(request, tiny_assets: TinyAssets) -> Setup:
     return Setup(tiny_assets, request.param)
 
 
+@pytest.fixture(scope="module", params=["llama", "gemma2", "trained"])
+def fidelity(request, tiny_assets: TinyAssets) -> Setup:
+    """`setup`'s kinds plus the demo's trained Llama with its sql, support and poem fine-tunes:
+    trained weights have structure (large, correlated activations) that random ones lack."""
+    if request.param == "trained":
+        return Setup(request.getfixturevalue("trained_assets").as_tiny_assets("trained"), "trained")
+    return Setup(tiny_assets, request.param)
+
+
 def _tokens(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.mark.parametrize("slot", [None, 0, 1, 2])
-def test_prefill_then_decode_matches_reference(setup: Setup, slot: int | None) -> None:
-    runner = setup.runner
+def test_prefill_then_decode_matches_reference(fidelity: Setup, slot: int | None) -> None:
+    runner = fidelity.runner
     ids = _tokens(22, runner.vocab_size, seed=1)  # longer than Gemma2's sliding window of 8
-    expected = setup.reference_logits(slot, ids)
-    table = setup.block_table(len(ids))
+    expected = fidelity.reference_logits(slot, ids)
+    table = fidelity.block_table(len(ids))
     logits = runner.execute(ForwardBatch((SequenceChunk(1, tuple(ids[:13]), 0, table, slot),)))
     torch.testing.assert_close(logits[0], expected[12], atol=ATOL, rtol=0)
     for pos in range(13, len(ids)):
@@ -85,29 +93,29 @@ def test_prefill_then_decode_matches_reference(setup: Setup, slot: int | None) -
         torch.testing.assert_close(logits[0], expected[pos], atol=ATOL, rtol=0)
 
 
-def test_adapters_change_the_output(setup: Setup) -> None:
+def test_adapters_change_the_output(fidelity: Setup) -> None:
     """Guards the test above against adapters that happen to do nothing."""
-    ids = _tokens(9, setup.runner.vocab_size, seed=2)
-    base = setup.reference_logits(None, ids)[-1]
+    ids = _tokens(9, fidelity.runner.vocab_size, seed=2)
+    base = fidelity.reference_logits(None, ids)[-1]
     for slot in range(len(ADAPTERS)):
-        assert (setup.reference_logits(slot, ids)[-1] - base).abs().max() > 0.1
+        assert (fidelity.reference_logits(slot, ids)[-1] - base).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 def test_mixed_batch_with_chunked_prefill(
-    setup: Setup, kernels: str, monkeypatch: pytest.MonkeyPatch
+    fidelity: Setup, kernels: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Base and three adapters in one batch, prompts of different lengths, one prefill split over two steps,
     decodes running next to prefills; every row matches its own reference. `triton` runs the Triton LoRA
     kernels in Triton's interpreter on these CPU tensors."""
     monkeypatch.setenv("LORAPLEX_KERNELS", kernels)
-    runner = setup.runner
+    runner = fidelity.runner
     slots = [None, 0, 1, 2]
     prompts = [_tokens(n, runner.vocab_size, seed=10 + n) for n in (5, 17, 11, 23)]
     total = [len(p) + 3 for p in prompts]
     sequences = [p + _tokens(3, runner.vocab_size, seed=20 + i) for i, p in enumerate(prompts)]
-    expected = [setup.reference_logits(s, seq) for s, seq in zip(slots, sequences, strict=True)]
-    tables = [setup.block_table(n) for n in total]
+    expected = [fidelity.reference_logits(s, seq) for s, seq in zip(slots, sequences, strict=True)]
+    tables = [fidelity.block_table(n) for n in total]
     done = [0, 0, 0, 0]  # tokens of each sequence already in the cache
 
     def step(plan: dict[int, int]) -> None:
@@ -132,12 +140,12 @@ def test_mixed_batch_with_chunked_prefill(
     assert done == [8, 19, 13, 25]
 
 
-def test_greedy_generation_matches_peft_generate(setup: Setup) -> None:
-    runner = setup.runner
+def test_greedy_generation_matches_peft_generate(fidelity: Setup) -> None:
+    runner = fidelity.runner
     new_tokens = 32
     prompts = [_tokens(n, runner.vocab_size, seed=30 + n) for n in (6, 9, 4, 12)]
     slots = [None, 0, 1, 2]
-    tables = [setup.block_table(len(p) + new_tokens) for p in prompts]
+    tables = [fidelity.block_table(len(p) + new_tokens) for p in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     chunks = [SequenceChunk(i, tuple(p), 0, tables[i], slots[i]) for i, p in enumerate(prompts)]
     for _ in range(new_tokens):
@@ -150,7 +158,7 @@ def test_greedy_generation_matches_peft_generate(setup: Setup) -> None:
         ]
     for prompt, slot, ours in zip(prompts, slots, outputs, strict=True):
         with torch.no_grad():
-            generated = setup.references[slot].generate(
+            generated = fidelity.references[slot].generate(
                 torch.tensor([prompt]),
                 max_new_tokens=new_tokens,
                 do_sample=False,

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from http_server_support import call
 
-from loraplex.server.demo_assets import TinyAssets
+from loraplex.server.demo_training import TrainedAssets
 
 # The lead wires `serve` into loraplex.cli; this drives the subcommand module the same way.
 LAUNCH = (
@@ -31,11 +31,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def demo_server(tiny_assets: TinyAssets) -> Iterator[tuple[subprocess.Popen, str]]:
+def demo_server(trained_assets: TrainedAssets) -> Iterator[tuple[subprocess.Popen, str]]:
     port = _free_port()
     env = {
         **os.environ,
-        "LORAPLEX_DEMO_DIR": str(tiny_assets.root.parent),  # reuse the session's generated assets
+        "LORAPLEX_DEMO_DIR": str(trained_assets.root.parent),  # the trained demo models, cached
         "PORT": str(port),
         "HOSTNAME": "127.0.0.1",
         "MAX_CONCURRENT_REQUESTS": "16",
@@ -67,25 +67,30 @@ def demo_server(tiny_assets: TinyAssets) -> Iterator[tuple[subprocess.Popen, str
         process.wait()
 
 
-def test_demo_serves_three_adapters(demo_server: tuple[subprocess.Popen, str]) -> None:
+def test_demo_serves_its_four_fine_tunes(demo_server: tuple[subprocess.Popen, str]) -> None:
     _, url = demo_server
     status, _, adapters = call("GET", f"{url}/v1/adapters")
     assert status == 200
-    assert {a["name"]: a["state"] for a in adapters["data"]} == {"a4": "ready", "b8": "ready", "c16": "ready"}
-    status, _, out = call("POST", f"{url}/generate", {"inputs": "hello", "parameters": {"adapter_id": "c16"}})
+    names = ("sql", "support", "poem", "haiku")
+    assert {a["name"]: a["state"] for a in adapters["data"]} == dict.fromkeys(names, "ready")
+    status, _, out = call(
+        "POST", f"{url}/generate", {"inputs": "hello", "parameters": {"adapter_id": "poem"}}
+    )
     assert status == 200 and isinstance(out["generated_text"], str)
 
 
-# The README's curl examples, verbatim but for the address and the adapter path.
-CURL_EXAMPLES = """
-curl -sf localhost:8080/generate -H 'Content-Type: application/json' \
-  -d '{"inputs": "the model serves", "parameters": {"adapter_id": "b8", "max_new_tokens": 16}}'
-curl -sfN localhost:8080/generate_stream -H 'Content-Type: application/json' \
-  -d '{"inputs": "the model serves", "parameters": {"adapter_id": "c16", "max_new_tokens": 8}}'
-curl -sf localhost:8080/v1/completions -H 'Content-Type: application/json' \
-  -d '{"model": "a4", "prompt": "the model serves", "max_tokens": 16, "temperature": 0}'
+# The README's curl examples, verbatim but for the address and the adapter path (answers left out).
+CURL_EXAMPLES = r"""
 curl -sf localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \
-  -d '{"model": "a4", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'
+  -d '{"model": "sql", "messages": [{"role": "user", "content": "Which city has the most customers?"}], "max_tokens": 48, "temperature": 0}'
+curl -sf localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \
+  -d '{"model": "tiny-llama", "messages": [{"role": "user", "content": "Which city has the most customers?"}], "max_tokens": 48, "temperature": 0}'
+curl -sf localhost:8080/generate -H 'Content-Type: application/json' \
+  -d '{"inputs": "<|bos|><|user|>\nWill it rain tomorrow?<|end|>\n<|assistant|>\n", "parameters": {"adapter_id": "poem", "max_new_tokens": 48}}'
+curl -sfN localhost:8080/generate_stream -H 'Content-Type: application/json' \
+  -d '{"inputs": "<|bos|><|user|>\nWill it rain tomorrow?<|end|>\n<|assistant|>\n", "parameters": {"adapter_id": "haiku", "max_new_tokens": 8}}'
+curl -sf localhost:8080/v1/completions -H 'Content-Type: application/json' \
+  -d '{"model": "tiny-llama", "prompt": "The sea absorbs", "max_tokens": 16, "temperature": 0}'
 curl -sf localhost:8080/v1/models
 curl -sf localhost:8080/v1/adapters
 curl -sf localhost:8080/v1/load_lora_adapter -H 'Content-Type: application/json' \
@@ -95,12 +100,12 @@ curl -sf localhost:8080/metrics
 """
 
 
-def test_curl_examples(demo_server: tuple[subprocess.Popen, str], tiny_assets: TinyAssets) -> None:
+def test_curl_examples(demo_server: tuple[subprocess.Popen, str], trained_assets: TrainedAssets) -> None:
     _, url = demo_server
     script = CURL_EXAMPLES.replace("localhost:8080", url.removeprefix("http://"))
-    script = script.replace("/path/to/peft-adapter-dir", str(tiny_assets.adapters["llama"]["a4"]))
+    script = script.replace("/path/to/peft-adapter-dir", str(trained_assets.adapters["haiku"]))
     commands = [c.strip() for c in script.replace("\\\n", " ").strip().splitlines()]
-    assert len(commands) == 9
+    assert len(commands) == 10
     for command in commands:
         result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, (command, result.stdout, result.stderr)
@@ -111,17 +116,25 @@ def test_curl_examples(demo_server: tuple[subprocess.Popen, str], tiny_assets: T
 
 def test_sigterm_finishes_in_flight_then_exits(demo_server: tuple[subprocess.Popen, str]) -> None:
     process, url = demo_server
-    body = {"inputs": "the model serves", "parameters": {"adapter_id": "b8", "max_new_tokens": 200}}
+    # ignore_eos: the trained demo models end their answers within a few tokens
+    body = {
+        "model": "support",
+        "prompt": "the model serves",
+        "max_tokens": 200,
+        "stream": True,
+        "ignore_eos": True,
+    }
     request = urllib.request.Request(
-        f"{url}/generate_stream", json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        f"{url}/v1/completions", json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
     with urllib.request.urlopen(request, timeout=60) as stream:
         first = stream.readline()
         assert first.startswith(b"data:")
         process.send_signal(signal.SIGTERM)
         _drains_while_still_serving(url)
-        events = [json.loads(line[5:]) for line in stream if line.startswith(b"data:")]
-    assert events and events[-1]["generated_text"] is not None  # the stream ran to its end
+        events = [line[5:].strip() for line in stream if line.startswith(b"data:")]
+    assert len(events) > 1 and events[-1] == b"[DONE]"  # the stream ran to its end
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
     assert process.wait(timeout=30) == 0
     with pytest.raises(OSError):
         call("GET", f"{url}/health")
@@ -140,6 +153,6 @@ def _drains_while_still_serving(url: str) -> None:
     while (ready := call("GET", f"{url}/ready"))[0] == 200 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert ready[0] == 503 and ready[2]["draining"] is True
-    body = {"inputs": "late", "parameters": {"adapter_id": "b8", "max_new_tokens": 2}}
+    body = {"inputs": "late", "parameters": {"adapter_id": "support", "max_new_tokens": 2}}
     status, _, reply = call("POST", f"{url}/generate", body)
     assert status == 200 and reply["generated_text"] is not None
