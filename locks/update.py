@@ -29,7 +29,6 @@ TORCH_VERSION = "2.13.0"
 TORCH_CPU = f"torch=={TORCH_VERSION}+cpu"
 TORCH_CUDA = f"torch=={TORCH_VERSION}"
 PLATFORM = ["--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28"]
-PYPI = "the default index"
 # Where the CPU wheel of torch is found when locking: the find-links folder of the dev machines
 # (download.pytorch.org/whl/cpu, where the CPU image installs it from, is not reachable there).
 CPU_TORCH_SOURCES = ["--find-links", "/opt/wheels"]
@@ -72,7 +71,7 @@ def operator_requirements() -> list[str]:
 def compile_target(name: str, uv: str, work: Path) -> None:
     extras, torch, constrained_by = TARGETS[name]
     cmd = [uv, "pip", "compile", *PLATFORM, "--generate-hashes", "--no-header", "--quiet"]
-    cmd += ["--index-url", PYPI, "--no-emit-package", "loraplex", "-o", str(LOCKS / f"{name}.txt")]
+    cmd += ["--no-emit-package", "loraplex", "-o", str(LOCKS / f"{name}.txt")]
     if extras is None:
         requirements = work / "operator.in"
         requirements.write_text("\n".join(operator_requirements()) + "\n")
@@ -104,7 +103,7 @@ def _append_no_deps(uv: str, lock: Path, work: Path) -> None:
     requirements.write_text("\n".join(no_deps_requirements()) + "\n")
     out = work / "no-deps.txt"
     cmd = [uv, "pip", "compile", *PLATFORM, "--generate-hashes", "--no-header", "--quiet", "--no-deps"]
-    subprocess.run([*cmd, "--index-url", PYPI, "-o", str(out), str(requirements)], check=True, cwd=REPO)
+    subprocess.run([*cmd, "-o", str(out), str(requirements)], check=True, cwd=REPO)
     lock.write_text(
         lock.read_text()
         + "# installed without its dependencies ([tool.loraplex.lock] no-deps):\n"
