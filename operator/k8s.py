@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import tempfile
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -31,6 +33,8 @@ class Kube:
         self._core = CoreV1Api(api_client)
         self._custom = CustomObjectsApi(api_client)
         self._dynamic: DynamicClient | None = None
+        self._discovery = threading.Lock()
+        self._kinds: dict[tuple[str, str], Any] = {}
 
     @classmethod
     def from_environment(cls) -> Kube:
@@ -44,17 +48,28 @@ class Kube:
     async def _run(self, call: Callable[[], T]) -> T:
         return await asyncio.to_thread(call)
 
-    def _resources(self) -> Any:
-        if self._dynamic is None:  # discovery: once, lazily, in the worker thread
-            self._dynamic = DynamicClient(self._api_client)
-        return self._dynamic.resources
+    def _resource(self, api_version: str, kind: str) -> Any:
+        """The dynamic client's resource for a kind, looked up once. Discovery is not thread-safe
+        (its lazy cache raced into `KeyError: 'apis'` from concurrent worker threads): one lock,
+        and a cache file of this process only."""
+        with self._discovery:
+            if (api_version, kind) not in self._kinds:
+                if self._dynamic is None:
+                    # kept open for the client's life: the file goes when the process does
+                    cache = tempfile.NamedTemporaryFile(prefix="loraplex-discovery-", suffix=".json")  # noqa: SIM115
+                    self._cache_file = cache
+                    self._dynamic = DynamicClient(self._api_client, cache_file=cache.name)
+                self._kinds[(api_version, kind)] = self._dynamic.resources.get(
+                    api_version=api_version, kind=kind
+                )
+            return self._kinds[(api_version, kind)]
 
     async def served(self, api_version: str, kind: str) -> bool:
         """Whether the API server knows this kind (policy/v1 on 1.21+, InferencePool if installed)."""
 
         def lookup() -> bool:
             try:
-                self._resources().get(api_version=api_version, kind=kind)
+                self._resource(api_version, kind)
                 return True
             except ResourceNotFoundError:
                 return False
@@ -63,7 +78,7 @@ class Kube:
 
     async def apply(self, body: dict[str, Any]) -> None:
         def call() -> None:
-            resource = self._resources().get(api_version=body["apiVersion"], kind=body["kind"])
+            resource = self._resource(body["apiVersion"], body["kind"])
             resource.server_side_apply(body=body, field_manager=self._field_manager, force_conflicts=True)
 
         await self._run(call)
@@ -73,7 +88,7 @@ class Kube:
 
         def call() -> None:
             try:
-                resource = self._resources().get(api_version=api_version, kind=kind)
+                resource = self._resource(api_version, kind)
                 resource.delete(name=name, namespace=namespace)
             except (NotFoundError, ResourceNotFoundError):
                 pass
@@ -88,10 +103,10 @@ class Kube:
             )
         )
 
-    async def patch_annotations(
-        self, plural: str, namespace: str, name: str, annotations: dict[str, str]
-    ) -> None:
-        body = {"metadata": {"annotations": annotations}}
+    async def patch_metadata(self, plural: str, namespace: str, name: str, metadata: dict[str, Any]) -> None:
+        """Merge-patch one of our resources' metadata (finalizers, annotations; a resourceVersion
+        in `metadata` makes it conditional: 409 when the object changed meanwhile)."""
+        body = {"metadata": metadata}
         await self._run(
             lambda: self._custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, body)
         )

@@ -1,0 +1,200 @@
+"""Act: carry out a `Plan` — apply children, start engine calls, write what changed.
+
+Engine calls run as tasks (per pod at most `concurrency` at once); each one that finishes
+records its outcome and wakes the base, so the next pass reports it within milliseconds. The
+BMD's status is written first (it carries the pod counts), then the adapters' in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from loraplex.operator import lora as lora_crd
+from loraplex.operator.conditions import timestamp
+from loraplex.operator.engine_client import (
+    AdapterRejected,
+    EngineBusy,
+    EngineClient,
+    EngineClientError,
+    EngineHTTPError,
+)
+from loraplex.operator.k8s import Kube
+from loraplex.operator.plan import MetaPatch, Plan, PodAdapter, StatusPatch
+from loraplex.operator.pods import PodObservation
+from loraplex.operator.reconcile import Action, Attempt, Load, Unload, record_failure
+from loraplex.operator.render.meta import READINESS_GATE, content_hash
+
+log = logging.getLogger(__name__)
+WRITE_CONCURRENCY = 16  # status patches in flight at once
+
+
+@dataclass
+class BaseState:
+    """What one base's loop carries between passes (rebuilt after an operator restart)."""
+
+    attempts: dict[PodAdapter, Attempt] = field(default_factory=dict)
+    busy: dict[PodAdapter, asyncio.Task[None]] = field(default_factory=dict)
+    applied: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> content hash
+    written: dict[tuple[str, str, str], tuple[str | None, dict[str, Any]]] = field(default_factory=dict)
+    limits: dict[str, asyncio.Semaphore] = field(default_factory=dict)  # per pod
+    salt: bytes | None = None
+    restored: bool = False
+
+    def forget_children(self) -> None:
+        """The change handler wrote children: compare them again."""
+        self.applied.clear()
+
+    async def cancel(self) -> None:
+        tasks = list(self.busy.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class Actor:
+    kube: Kube
+    engine: EngineClient
+    state: BaseState
+    wake: Callable[[], None]
+    concurrency: int = 8
+    clock: Callable[[], float] = time.time  # backoff deadlines are unix seconds
+
+
+async def act(actor: Actor, plan: Plan, pods: Sequence[PodObservation]) -> None:
+    await _apply_children(actor, plan.children)
+    start_engine_calls(actor, plan.actions, pods)
+    if plan.bmd_status is not None:
+        await _write_status(actor, plan.bmd_status)
+    await _bounded([_write_status(actor, patch) for patch in plan.lora_statuses])
+    await _bounded([_patch_meta(actor.kube, patch) for patch in plan.meta])
+    for gate in plan.gates:
+        body = {"type": READINESS_GATE, **gate.condition, "lastTransitionTime": timestamp(time.time())}
+        await _tolerate_gone(actor.kube.set_pod_condition(plan.namespace, gate.pod, body))
+    for warning in plan.warnings:
+        kopf.warn(warning.body, reason=warning.reason, message=warning.message)
+
+
+async def _apply_children(actor: Actor, children: Sequence[dict[str, Any]]) -> None:
+    for child in children:
+        key = (child["kind"], child["metadata"]["name"])
+        digest = content_hash(child)
+        if actor.state.applied.get(key) != digest:
+            await actor.kube.apply(child)
+            actor.state.applied[key] = digest
+
+
+async def _write_status(actor: Actor, patch: StatusPatch) -> None:
+    """Skipped when we wrote exactly this against the same object version (the watch lags)."""
+    key = (patch.plural, patch.namespace, patch.name)
+    if actor.state.written.get(key) == (patch.seen_version, patch.status):
+        return
+    if await _tolerate_gone(actor.kube.patch_status(patch.plural, patch.namespace, patch.name, patch.status)):
+        actor.state.written[key] = (patch.seen_version, patch.status)
+
+
+async def _patch_meta(kube: Kube, patch: MetaPatch) -> None:
+    meta: dict[str, Any] = {"finalizers": list(patch.finalizers)}
+    if patch.annotations:
+        meta["annotations"] = patch.annotations
+    if patch.resource_version:
+        meta["resourceVersion"] = patch.resource_version
+    await _tolerate_gone(kube.patch_metadata(lora_crd.PLURAL, patch.namespace, patch.name, meta))
+
+
+async def _tolerate_gone(call: Awaitable[Any]) -> bool:
+    """False when the object is gone (404) or changed under us (409): the next pass sees why."""
+    try:
+        await call
+        return True
+    except ApiException as error:
+        if error.status in (404, 409):
+            return False
+        raise
+
+
+async def _bounded(jobs: Sequence[Awaitable[Any]], limit: int = WRITE_CONCURRENCY) -> None:
+    gate = asyncio.Semaphore(limit)
+
+    async def one(job: Awaitable[Any]) -> None:
+        async with gate:
+            await job
+
+    await asyncio.gather(*(one(job) for job in jobs))
+
+
+def start_engine_calls(
+    actor: Actor, actions: Mapping[str, Sequence[Action]], pods: Sequence[PodObservation]
+) -> list[asyncio.Task[None]]:
+    """One task per (pod, adapter); a pod's tasks share its concurrency limit."""
+    by_name = {pod.name: pod for pod in pods}
+    tasks = []
+    for pod_name, steps_of_pod in actions.items():
+        limit = actor.state.limits.setdefault(pod_name, asyncio.Semaphore(actor.concurrency))
+        for name, steps in _by_target(steps_of_pod).items():
+            key = (pod_name, name)
+            task = asyncio.create_task(_run(actor, by_name[pod_name], steps, limit))
+            actor.state.busy[key] = task
+            task.add_done_callback(lambda _, key=key: _finished(actor, key))
+            tasks.append(task)
+    return tasks
+
+
+def _finished(actor: Actor, key: PodAdapter) -> None:
+    actor.state.busy.pop(key, None)
+    actor.wake()
+
+
+def _by_target(actions: Sequence[Action]) -> dict[str, list[Action]]:
+    grouped: dict[str, list[Action]] = {}
+    for action in actions:
+        grouped.setdefault(action.adapter.name if isinstance(action, Load) else action.name, []).append(
+            action
+        )
+    return grouped
+
+
+async def _run(actor: Actor, pod: PodObservation, steps: Sequence[Action], limit: asyncio.Semaphore) -> None:
+    async with limit:
+        for step in steps:
+            if not await _call(actor, pod, step):
+                return
+
+
+async def _call(actor: Actor, pod: PodObservation, step: Action) -> bool:
+    """One engine call; False stops this adapter's remaining steps on the pod."""
+    url = pod.url or ""
+    try:
+        if isinstance(step, Unload):
+            await actor.engine.unload_adapter(url, step.name)
+        else:
+            await actor.engine.load_adapter(url, step.adapter)
+            actor.state.attempts.pop((pod.name, step.adapter.name), None)
+        return True
+    except AdapterRejected as error:
+        if isinstance(step, Load):
+            key = (pod.name, step.adapter.name)
+            actor.state.attempts[key] = record_failure(
+                actor.state.attempts.get(key),
+                pod.epoch,
+                step.adapter,
+                error.message,
+                actor.clock(),
+                error.error_type,
+            )
+        log.warning("pod %s refused %s: %s", pod.name, step, error)
+    except EngineBusy as error:
+        log.info("pod %s busy, retrying next pass: %s", pod.name, error)
+    except EngineHTTPError as error:  # e.g. 401: the same for every call
+        log.warning("pod %s: %s", pod.name, error)
+    except EngineClientError as error:
+        log.info("pod %s unreachable: %s", pod.name, error)
+    return False
