@@ -230,10 +230,10 @@ def _held(body: Mapping[str, Any], observed: Observed) -> bool:
     names = {spec.get("servedName") or meta["name"], qualified_name(meta["namespace"], meta["name"])}
     source = (spec.get("source") or {}).get("uri")
     return any(
-        report.name in names and report.source == source
+        (report := pod.reports_by_name.get(name)) is not None and report.source == source
         for pod in observed.pods
-        for report in pod.reports or ()
-    ) or any((pod, name) in observed.busy for pod in (p.name for p in observed.pods) for name in names)
+        for name in names
+    ) or any((pod.name, name) in observed.busy for pod in observed.pods for name in names)
 
 
 def _recheck(

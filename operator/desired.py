@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
@@ -40,7 +41,12 @@ _LIST = TypeAdapter(list[DesiredAdapter])
 
 def adapters_to_json(adapters: Iterable[DesiredAdapter]) -> str:
     """Stable text (sorted by name) so an unchanged set never rewrites the ConfigMap."""
-    ordered = sorted(adapters, key=lambda adapter: adapter.name)
+    return _to_json(tuple(sorted(adapters, key=lambda adapter: adapter.name)))
+
+
+@lru_cache(maxsize=16)
+def _to_json(ordered: tuple[DesiredAdapter, ...]) -> str:
+    """Cached: every pass renders the ConfigMap, and the set rarely changes between passes."""
     return (
         json.dumps([adapter.model_dump(mode="json") for adapter in ordered], indent=2, sort_keys=True) + "\n"
     )

@@ -36,6 +36,10 @@ class Kube:
         self._discovery = threading.Lock()
         self._kinds: dict[tuple[str, str], Any] = {}
 
+    @property
+    def api_client(self) -> ApiClient:
+        return self._api_client
+
     @classmethod
     def from_environment(cls) -> Kube:
         """In-cluster service account when running in a pod, else KUBECONFIG / ~/.kube/config."""

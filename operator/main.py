@@ -1,7 +1,9 @@
-"""`loraplex operator`: run the kopf operator (standalone: one replica, no peering).
+"""`loraplex operator`: run the kopf operator (standalone: one replica, no peering), or explain
+what it would do for one base.
 
 loraplex operator --all-namespaces
 loraplex operator --namespace llm --namespace team-a
+loraplex operator explain tiny-llama --namespace llm
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import kopf
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", choices=("run", "explain"), default="run", help="[%(default)s]")
+    parser.add_argument("target", nargs="?", help="explain: the BaseModelDeployment's name")
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument(
         "-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)"
@@ -29,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "explain":
+        return _explain(args)
     from loraplex.operator import handlers  # noqa: F401 - registers the handlers with kopf
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON)
@@ -39,4 +45,13 @@ def run(args: argparse.Namespace) -> int:
         namespaces=args.namespace,
         clusterwide=not args.namespace,
     )
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from loraplex.operator.explain import explain
+
+    if not args.target:
+        raise SystemExit("loraplex operator explain: name the BaseModelDeployment")
+    print(explain(args.namespace[0] if args.namespace else "default", args.target))
     return 0

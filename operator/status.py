@@ -59,7 +59,7 @@ def live_pods(pods: Sequence[PodObservation]) -> list[PodObservation]:
 
 
 def _report(pod: PodObservation, name: str) -> AdapterReport | None:
-    return next((report for report in pod.reports or () if report.name == name), None)
+    return pod.reports_by_name.get(name)
 
 
 def instance(
