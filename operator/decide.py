@@ -11,6 +11,7 @@ base is then Failed with it) or None.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -49,7 +50,7 @@ def decide(observed: Observed) -> Plan:
     except ValidationError as error:  # the change handler reports it: wait for a fix
         return Plan(notes=(f"invalid spec: {error.error_count()} error(s); nothing done",))
     refusals = [found for check in SPEC_CHECKS if (found := check(bmd)) is not None]
-    verdicts = admit(bmd, observed.adapters, observed.namespace_labels)
+    verdicts = admitted(bmd, observed)
     desired = desired_set(verdicts)
     secret, keys = _access(bmd, verdicts, observed)
     actions = _actions(desired, observed)
@@ -67,6 +68,19 @@ def decide(observed: Observed) -> Plan:
         recheck_s=_recheck(desired, observed, actions),
         notes=_notes(verdicts, observed),
     )
+
+
+def admitted(bmd: BaseModelDeployment, observed: Observed) -> list[Verdict]:
+    """The admission verdicts, adapters without access keys marked open (their loads say so)."""
+    verdicts = admit(bmd, observed.adapters, observed.namespace_labels)
+    _, open_names = key_refs(verdicts, observed.adapters)
+    opened = set(open_names)
+    return [
+        replace(v, adapter=v.adapter.model_copy(update={"open": True}))
+        if v.adapter is not None and v.adapter.name in opened
+        else v
+        for v in verdicts
+    ]
 
 
 def _access(
@@ -264,7 +278,7 @@ def restore_attempts(observed: Observed) -> dict[tuple[str, str], Attempt]:
     bmd = BaseModelDeployment.from_body(observed.bmd_body)
     bodies = {_key(body): body for body in observed.adapters}
     restored: dict[tuple[str, str], Attempt] = {}
-    for verdict in admit(bmd, observed.adapters, observed.namespace_labels):
+    for verdict in admitted(bmd, observed):
         if verdict.adapter is not None:
             body = bodies[(verdict.namespace, verdict.name)]
             status = LoraAdapterStatus.model_validate(body.get("status") or {})

@@ -23,6 +23,9 @@ class DesiredAdapter(BaseModel):
     sha256: str | None = None
     aliases: tuple[str, ...] = ()
     pinned: bool = False
+    # No access keys: the load declares it open, so it is callable before the pod's mounted keys
+    # file names it (not written to the ConfigMap: a pod starting reads that file first).
+    open: bool = False
 
 
 def desired_adapter(served_name: str, spec: LoraAdapterSpec) -> DesiredAdapter:
@@ -48,7 +51,12 @@ def adapters_to_json(adapters: Iterable[DesiredAdapter]) -> str:
 def _to_json(ordered: tuple[DesiredAdapter, ...]) -> str:
     """Cached: every pass renders the ConfigMap, and the set rarely changes between passes."""
     return (
-        json.dumps([adapter.model_dump(mode="json") for adapter in ordered], indent=2, sort_keys=True) + "\n"
+        json.dumps(
+            [adapter.model_dump(mode="json", exclude={"open"}) for adapter in ordered],
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n"
     )
 
 

@@ -157,6 +157,7 @@ class EngineClient:
             "sha256": adapter.sha256,
             "aliases": list(adapter.aliases),
             "pinned": adapter.pinned,
+            "open": adapter.open,
         }
         status, body = await self._request(
             "POST", f"{url}/v1/load_lora_adapter", payload, self.timeouts.load_s

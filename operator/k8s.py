@@ -59,10 +59,10 @@ class Kube:
         with self._discovery:
             if (api_version, kind) not in self._kinds:
                 if self._dynamic is None:
-                    # kept open for the client's life: the file goes when the process does
-                    cache = tempfile.NamedTemporaryFile(prefix="loraplex-discovery-", suffix=".json")  # noqa: SIM115
-                    self._cache_file = cache
-                    self._dynamic = DynamicClient(self._api_client, cache_file=cache.name)
+                    # kept for the client's life (an empty file would log a cache error)
+                    self._cache_dir = tempfile.TemporaryDirectory(prefix="loraplex-discovery-")
+                    cache = f"{self._cache_dir.name}/discovery.json"
+                    self._dynamic = DynamicClient(self._api_client, cache_file=cache)
                 self._kinds[(api_version, kind)] = self._dynamic.resources.get(
                     api_version=api_version, kind=kind
                 )

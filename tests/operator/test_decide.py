@@ -313,7 +313,7 @@ def test_spec_checks_plug_in_and_fail_the_base(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_restored_attempts_come_from_status() -> None:
-    adapter = DesiredAdapter(name="sql", source="hf://o/sql", aliases=("llm/sql",))
+    adapter = DesiredAdapter(name="sql", source="hf://o/sql", aliases=("llm/sql",), open=True)
     failure = record_failure(None, EPOCH, adapter, "boom", NOW, "source")
     stored = lora("sql")
     stored["status"] = lora_status(decide(observe(pod("a"), attempts={("a", "sql"): failure})))

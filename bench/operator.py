@@ -1,0 +1,382 @@
+"""The operator on the local cluster (real kube-apiserver, local pod runner, two real `loraplex
+serve` pods on the tiny Llama): apply→Ready latency, N adapters at once, deletes, a pod killed,
+the operator restarted mid-way. The operator runs as its own process (RSS and CPU from /proc);
+its API requests go through a counting proxy, the API server's own counters cover everyone.
+
+    python bench/operator.py --sizes 100,1000 --out /tmp/operator.json
+    python bench/operator.py --python /work/main/.venv/bin/python   # another checkout's operator
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from apiproxy import CountingProxy
+from benchutil import git_commit, markdown_table
+from kubernetes import client
+
+from loraplex.localcluster.control_plane import LocalCluster
+from loraplex.localcluster.demo_workload import build_workload
+from loraplex.localcluster.install import apply_crds
+from loraplex.localcluster.pod_runner import PodRunner
+from loraplex.localcluster.processes import free_ports, wait_until
+from loraplex.server.demo_assets import build_tiny_assets  # noqa: F401 - the workload builds them
+
+GROUP, VERSION, BASE = "loraplex.dev", "v1alpha1", "tiny-llama"
+SELECTOR = f"app.kubernetes.io/instance={BASE}"
+REPLICAS = 2
+
+
+class OperatorProcess:
+    def __init__(self, python: str, kubeconfig: Path, namespace: str, log: Path, tick_s: str) -> None:
+        self.argv = [python, "-m", "loraplex.cli", "operator", "-n", namespace]
+        self.env = {"KUBECONFIG": str(kubeconfig), "LORAPLEX_TICK_SECONDS": tick_s, "PATH": "/usr/bin:/bin"}
+        self.log, self.process = log, None
+
+    def start(self) -> None:
+        liveness = f"http://127.0.0.1:{free_ports(1)[0]}/healthz"
+        out = self.log.open("a")
+        self.process = subprocess.Popen(
+            [*self.argv, "--liveness", liveness], env=self.env, stdout=out, stderr=out
+        )
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    def usage(self) -> dict[str, float]:
+        """RSS (MB) and CPU seconds so far."""
+        pid = self.process.pid
+        rss = next(
+            int(line.split()[1])
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS")
+        )
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return {"rss_mb": rss / 1024, "cpu_s": (int(fields[11]) + int(fields[12])) / 100}
+
+    def error_lines(self) -> int:
+        text = self.log.read_text(errors="replace")
+        return sum(
+            1 for line in text.splitlines() if re.search(r'"levelname": ?"ERROR"|Traceback|\bERROR\b', line)
+        )
+
+
+class Bench:
+    def __init__(
+        self, cluster: LocalCluster, api: client.ApiClient, namespace: str, adapter_dir: Path
+    ) -> None:
+        self.cluster, self.namespace, self.adapter_dir = cluster, namespace, adapter_dir
+        self.custom, self.core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+
+    def adapter(self, name: str) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "LoraAdapter",
+            "metadata": {"name": name},
+            "spec": {"baseModel": {"name": BASE}, "source": {"uri": f"file://{self.adapter_dir}"}},
+        }
+
+    def create(self, names: list[str]) -> None:
+        def one(name: str) -> None:
+            self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, "loraadapters", self.adapter(name)
+            )
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(one, names))
+
+    def delete(self, names: list[str]) -> None:
+        def one(name: str) -> None:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, "loraadapters", name)
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(one, names))
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        items = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, "loraadapters")[
+            "items"
+        ]
+        return {item["metadata"]["name"]: item.get("status") or {} for item in items}
+
+    def base(self) -> dict[str, Any]:
+        return (
+            self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, "basemodeldeployments", BASE
+            ).get("status")
+            or {}
+        )
+
+    def status(self, name: str) -> dict[str, Any]:
+        return (
+            self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, "loraadapters", name
+            ).get("status")
+            or {}
+        )
+
+
+def ready(status: dict[str, Any], replicas: int = REPLICAS) -> bool:
+    return status.get("phase") == "Ready" and status.get("readyReplicas") == replicas
+
+
+def apiserver_totals(cluster: LocalCluster) -> collections.Counter[tuple[str, str]]:
+    text = cluster.kubectl("get", "--raw", "/metrics").stdout
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            resource = labels.get("resource", "") + (
+                f"/{labels['subresource']}" if labels.get("subresource") else ""
+            )
+            counts[(labels.get("verb", ""), resource)] += int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def delta(after: collections.Counter, before: collections.Counter) -> dict[str, int]:
+    return {f"{verb} {resource}": n for (verb, resource), n in sorted((after - before).items()) if n}
+
+
+def latency(bench: Bench, n: int) -> dict[str, Any]:
+    """One adapter at a time: create → Ready on every replica (status polled every 20 ms)."""
+    times = []
+    for i in range(n):
+        name = f"lat-{i:03d}"
+        started = time.monotonic()
+        bench.create([name])
+        wait_until(lambda name=name: ready(bench.status(name)), timeout=60, interval=0.02)
+        times.append(time.monotonic() - started)
+    bench.delete([f"lat-{i:03d}" for i in range(n)])
+    wait_until(
+        lambda: not any(name.startswith("lat-") for name in bench.statuses()), timeout=120, interval=0.2
+    )
+    ordered = sorted(times)
+    return {
+        "n": n,
+        "p50_s": round(statistics.median(ordered), 3),
+        "p90_s": round(ordered[int(0.9 * (n - 1))], 3),
+        "p99_s": round(ordered[min(n - 1, int(0.99 * (n - 1)))], 3),
+        "max_s": round(ordered[-1], 3),
+    }
+
+
+def burst(bench: Bench, operator: OperatorProcess, proxy: CountingProxy, n: int) -> dict[str, Any]:
+    names = [f"b{n}-{i:04d}" for i in range(n)]
+    before, usage = proxy.snapshot(), operator.usage()
+    total_before = apiserver_totals(bench.cluster)
+    started = time.monotonic()
+    bench.create(names)
+    applied = time.monotonic()
+    slowest_list = 0.0
+
+    def all_ready() -> bool:
+        nonlocal slowest_list
+        t0 = time.monotonic()
+        statuses = bench.statuses()
+        slowest_list = max(slowest_list, time.monotonic() - t0)
+        return all(ready(statuses.get(name, {})) for name in names)
+
+    ok = wait_until(all_ready, timeout=300, interval=0.25)
+    done = time.monotonic()
+    after = operator.usage()
+    requests = proxy.snapshot() - before
+    result = {
+        "n": n,
+        "all_ready": ok,
+        "apply_s": round(applied - started, 2),
+        "ready_after_apply_s": round(done - applied, 2),
+        "operator_requests": sum(requests.values()),
+        "requests_per_adapter": round(sum(requests.values()) / n, 2),
+        "operator_requests_by_kind": delta(requests, collections.Counter()),
+        "apiserver_requests_all_clients": delta(apiserver_totals(bench.cluster), total_before),
+        "rss_mb": round(after["rss_mb"], 1),
+        "cpu_s": round(after["cpu_s"] - usage["cpu_s"], 2),
+        "slowest_list_s": round(slowest_list, 3),
+    }
+    return result
+
+
+def delete_all(bench: Bench, operator: OperatorProcess, prefix: str) -> dict[str, Any]:
+    names = [name for name in bench.statuses() if name.startswith(prefix)]
+    errors = operator.error_lines()
+    started = time.monotonic()
+    bench.delete(names)
+    ok = wait_until(
+        lambda: not any(name.startswith(prefix) for name in bench.statuses()), timeout=300, interval=0.25
+    )
+    return {
+        "n": len(names),
+        "gone": ok,
+        "delete_s": round(time.monotonic() - started, 2),
+        "new_error_lines": operator.error_lines() - errors,
+    }
+
+
+def pod_killed(bench: Bench, runner: PodRunner, names: list[str]) -> dict[str, Any]:
+    """Kill one server; time until the base, then every adapter, no longer counts it."""
+    pod = sorted(
+        item.metadata.name
+        for item in bench.core.list_namespaced_pod(bench.namespace, label_selector=SELECTOR).items
+    )[0]
+    started = time.monotonic()
+    runner.kill(bench.namespace, pod)
+    base_s = adapters_s = None
+    claims_dead = 0
+    while time.monotonic() - started < 120 and adapters_s is None:
+        if base_s is None and bench.base().get("readyReplicas") == REPLICAS - 1:
+            base_s = time.monotonic() - started
+        statuses = bench.statuses()
+        claiming = [
+            n
+            for n in names
+            if any(
+                i.get("pod") == pod and i.get("state") == "Ready"
+                for i in statuses.get(n, {}).get("instances", [])
+            )
+        ]
+        claims_dead = max(claims_dead, len(claiming))
+        if not claiming:
+            adapters_s = time.monotonic() - started
+        time.sleep(0.1)
+    back = wait_until(
+        lambda: all(ready(s) for n, s in bench.statuses().items() if n in names), timeout=180, interval=0.5
+    )
+    return {
+        "adapters": len(names),
+        "base_reflects_s": round(base_s, 2) if base_s is not None else None,
+        "every_adapter_reflects_s": round(adapters_s, 2) if adapters_s is not None else None,
+        "back_ready_s": round(time.monotonic() - started, 2) if back else None,
+    }
+
+
+def operator_restart(bench: Bench, operator: OperatorProcess, n: int) -> dict[str, Any]:
+    names = [f"r-{i:04d}" for i in range(n)]
+    bench.create(names)
+    time.sleep(1.0)
+    operator.stop()
+    operator.start()
+    started = time.monotonic()
+    ok = wait_until(
+        lambda: (
+            all(ready(s) for k, s in bench.statuses().items() if k in names)
+            and len(names) <= len(bench.statuses())
+        ),
+        timeout=300,
+        interval=0.25,
+    )
+    return {"n": n, "all_ready": ok, "ready_after_restart_s": round(time.monotonic() - started, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--python", default=sys.executable, help="interpreter whose loraplex operator runs")
+    parser.add_argument("--sizes", default="100,1000", help="adapters created at once, comma-separated")
+    parser.add_argument("--latency", type=int, default=20, help="adapters for the one-at-a-time latency")
+    parser.add_argument("--tick", default="30", help="LORAPLEX_TICK_SECONDS (the chart's default: 30)")
+    parser.add_argument("--restart-n", type=int, default=100)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": git_commit(),
+        "python": args.python,
+    }
+    work = Path(tempfile.mkdtemp(prefix="bench-operator-"))
+    workload = build_workload(work / "assets")
+    with LocalCluster.start(with_controllers=True) as cluster:
+        apply_crds(cluster)
+        namespace = f"bench-{uuid.uuid4().hex[:6]}"
+        cluster.kubectl("create", "namespace", namespace)
+        proxy = CountingProxy(cluster.kubeconfig)
+        proxy.start()
+        operator = OperatorProcess(
+            args.python,
+            proxy.kubeconfig(work / "operator.kubeconfig"),
+            namespace,
+            work / "operator.log",
+            args.tick,
+        )
+        env = {"OMP_NUM_THREADS": "1", "LOG_FORMAT": "text", "LOG_LEVEL": "warning"}
+        with (
+            cluster.api_client() as api,
+            PodRunner(api, work / "pods", (namespace,), SELECTOR, extra_env=env) as runner,
+        ):
+            operator.start()
+            try:
+                results.update(run_all(cluster, api, namespace, workload, operator, proxy, runner, args))
+            finally:
+                results["operator_error_lines"] = operator.error_lines()
+                operator.stop()
+                results["operator_log"] = str(work / "operator.log")
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    print(
+        markdown_table(
+            [{k: v for k, v in row.items() if not isinstance(v, dict)} for row in results.get("bursts", [])]
+        )
+    )
+    return 0
+
+
+def run_all(cluster, api, namespace, workload, operator, proxy, runner, args) -> dict[str, Any]:
+    base = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "BaseModelDeployment",
+        "metadata": {"name": BASE},
+        "spec": {
+            "model": {"id": f"file://{workload.model_dir}"},
+            "replicas": REPLICAS,
+            "engine": {"maxLoraRank": 16, "maxCpuLoras": 4096, "maxLoras": 8},
+            "resources": {"cpu": "1", "memory": "2Gi", "ephemeralStorage": "2Gi"},
+        },
+    }
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(base))
+    bench = Bench(cluster, api, namespace, workload.adapters["a4"])
+    started = time.monotonic()
+    assert wait_until(lambda: bench.base().get("readyReplicas") == REPLICAS, timeout=240, interval=0.5), (
+        bench.base()
+    )
+    out: dict[str, Any] = {"base_ready_s": round(time.monotonic() - started, 1)}
+    out["latency"] = latency(bench, args.latency)
+    print(json.dumps(out["latency"]), flush=True)
+    out["bursts"], out["deletes"] = [], []
+    for n in [int(size) for size in args.sizes.split(",") if size]:
+        out["bursts"].append(burst(bench, operator, proxy, n))
+        print(json.dumps(out["bursts"][-1]), flush=True)
+        if n == max(int(size) for size in args.sizes.split(",")):
+            names = [f"b{n}-{i:04d}" for i in range(n)]
+            out["pod_killed"] = pod_killed(bench, runner, names)
+            print(json.dumps(out["pod_killed"]), flush=True)
+        out["deletes"].append(delete_all(bench, operator, f"b{n}-"))
+        print(json.dumps(out["deletes"][-1]), flush=True)
+    if args.restart_n:
+        out["operator_restart"] = operator_restart(bench, operator, args.restart_n)
+        out["deletes"].append(delete_all(bench, operator, "r-"))
+        print(json.dumps(out["operator_restart"]), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
