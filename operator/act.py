@@ -42,8 +42,11 @@ class BaseState:
 
     attempts: dict[PodAdapter, Attempt] = field(default_factory=dict)
     busy: dict[PodAdapter, asyncio.Task[None]] = field(default_factory=dict)
+    started: dict[PodAdapter, float] = field(default_factory=dict)  # unix seconds, of busy calls
     applied: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> content hash
-    written: dict[tuple[str, str, str], tuple[str | None, dict[str, Any]]] = field(default_factory=dict)
+    written: dict[tuple[str, str, str], tuple[dict[str, Any] | None, dict[str, Any]]] = field(
+        default_factory=dict
+    )
     limits: dict[str, asyncio.Semaphore] = field(default_factory=dict)  # per pod
     salt: bytes | None = None
     restored: bool = False
@@ -71,11 +74,11 @@ class Actor:
 
 async def act(actor: Actor, plan: Plan, pods: Sequence[PodObservation]) -> None:
     await _apply_children(actor, plan.children)
-    start_engine_calls(actor, plan.actions, pods)
+    await _bounded([_patch_meta(actor.kube, patch) for patch in plan.meta])  # before statuses move
+    start_engine_calls(actor, plan.actions, pods)  # resourceVersion on from what we observed
     if plan.bmd_status is not None:
         await _write_status(actor, plan.bmd_status)
     await _bounded([_write_status(actor, patch) for patch in plan.lora_statuses])
-    await _bounded([_patch_meta(actor.kube, patch) for patch in plan.meta])
     for gate in plan.gates:
         body = {"type": READINESS_GATE, **gate.condition, "lastTransitionTime": timestamp(time.time())}
         await _tolerate_gone(actor.kube.set_pod_condition(plan.namespace, gate.pod, body))
@@ -93,12 +96,12 @@ async def _apply_children(actor: Actor, children: Sequence[dict[str, Any]]) -> N
 
 
 async def _write_status(actor: Actor, patch: StatusPatch) -> None:
-    """Skipped when we wrote exactly this against the same object version (the watch lags)."""
+    """Skipped when we already wrote exactly this over the same stored status (the watch lags)."""
     key = (patch.plural, patch.namespace, patch.name)
-    if actor.state.written.get(key) == (patch.seen_version, patch.status):
+    if actor.state.written.get(key) == (patch.seen, patch.status):
         return
     if await _tolerate_gone(actor.kube.patch_status(patch.plural, patch.namespace, patch.name, patch.status)):
-        actor.state.written[key] = (patch.seen_version, patch.status)
+        actor.state.written[key] = (patch.seen, patch.status)
 
 
 async def _patch_meta(kube: Kube, patch: MetaPatch) -> None:
@@ -143,6 +146,7 @@ def start_engine_calls(
             key = (pod_name, name)
             task = asyncio.create_task(_run(actor, by_name[pod_name], steps, limit))
             actor.state.busy[key] = task
+            actor.state.started[key] = actor.clock()
             task.add_done_callback(lambda _, key=key: _finished(actor, key))
             tasks.append(task)
     return tasks
@@ -150,6 +154,7 @@ def start_engine_calls(
 
 def _finished(actor: Actor, key: PodAdapter) -> None:
     actor.state.busy.pop(key, None)
+    actor.state.started.pop(key, None)
     actor.wake()
 
 

@@ -94,7 +94,7 @@ class BaseLoop:
             secrets=await self.secrets.read(self.kube, secret_refs(adapters)),
             salt=self.state.salt,
             attempts=dict(self.state.attempts),
-            busy=frozenset(self.state.busy),
+            busy={key: self.state.started.get(key, 0.0) for key in self.state.busy},
             now=time.time(),
         )
         if not self.state.restored:

@@ -25,7 +25,7 @@ from loraplex.operator.common import GROUP, Condition
 from loraplex.operator.conditions import condition, merge_conditions, timestamp
 from loraplex.operator.desired import DesiredAdapter
 from loraplex.operator.engine_client import AdapterState
-from loraplex.operator.lora import DeletionPolicy, LoraAdapterStatus, LoraPhase
+from loraplex.operator.lora import DeletionPolicy, InstanceState, LoraAdapterStatus, LoraPhase
 from loraplex.operator.observe import Observed, found_keys
 from loraplex.operator.plan import GatePatch, MetaPatch, Plan, StatusPatch, Warning_
 from loraplex.operator.pods import PodObservation
@@ -37,6 +37,7 @@ FINALIZER = f"{GROUP}/unload"  # on Unload adapters: released once no pod holds 
 LEGACY_FINALIZERS = frozenset({f"{GROUP}/finalizer"})  # kopf's, before the operator kept its own
 ACCESS_OWNED = ("AccessKeys",)  # dropped once the adapter no longer has `access`
 RECHECK_S = 0.5  # a pod reports an adapter loading that no call of ours waits on (access pending)
+LOAD_GRACE_S = 2.0  # an adapter's first status waits this long for the loads just started
 # Refusals that need the user to change something; NotAllowed may resolve from the base's side.
 _REFUSED_PHASE = {"NotAllowed": LoraPhase.PENDING}
 
@@ -131,9 +132,8 @@ def _bmd_patch(
 def _changed(plural: str, body: Mapping[str, Any], new: dict[str, Any]) -> StatusPatch | None:
     """A patch only when a key we write differs from what is stored."""
     meta, old = body["metadata"], body.get("status") or {}
-    namespace, name, version = meta["namespace"], meta["name"], meta.get("resourceVersion")
     ours = {key: old[key] for key in new if key in old}
-    return None if new == ours else StatusPatch(plural, namespace, name, new, version)
+    return None if new == ours else StatusPatch(plural, meta["namespace"], meta["name"], new, dict(old))
 
 
 def _lora_patches(
@@ -149,12 +149,21 @@ def _lora_patches(
         old = LoraAdapterStatus.model_validate(old_raw)
         access = keys.get(verdict.adapter.name) if verdict.adapter is not None else None
         status = adapter_status(verdict, observed.pods, observed, old, access)
+        if _loading_briefly(status, observed):
+            continue  # a fast load is about to report Ready: write once, not Loading then Ready
         if (patch := _changed(lora_crd.PLURAL, body, status.to_k8s())) is not None:
             patches.append(patch)
         turned_failed = status.phase == LoraPhase.FAILED and old_raw.get("phase") != LoraPhase.FAILED.value
         if turned_failed and (warning := _warning(body, status)) is not None:
             warnings.append(warning)
     return tuple(patches), tuple(warnings)
+
+
+def _loading_briefly(status: LoraAdapterStatus, observed: Observed) -> bool:
+    """Every pod that does not have it Ready runs a load of it started under LOAD_GRACE_S ago."""
+    waiting = [item.pod for item in status.instances if item.state != InstanceState.READY]
+    started = [observed.busy.get((pod, status.served_name or "")) for pod in waiting]
+    return bool(waiting) and all(at is not None and observed.now - at < LOAD_GRACE_S for at in started)
 
 
 def adapter_status(
@@ -258,7 +267,9 @@ def _recheck(
         for report in pod.reports or ():
             if report.state == AdapterState.LOADING and (pod.name, report.name) not in observed.busy:
                 return RECHECK_S
-    return None
+    # a load outlasting the grace still gets its Loading status written, at the grace's end
+    waits = [wait for at in observed.busy.values() if (wait := at + LOAD_GRACE_S - observed.now) > 0]
+    return max(0.05, min(waits)) if waits else None
 
 
 def _notes(verdicts: Sequence[Verdict], observed: Observed) -> tuple[str, ...]:

@@ -40,7 +40,7 @@ class Observed:
     secrets: Mapping[SecretRef, str | None] = field(default_factory=dict)  # access key values
     salt: bytes = b""
     attempts: Mapping[PodAdapter, Attempt] = field(default_factory=dict)  # failed loads backing off
-    busy: frozenset[PodAdapter] = frozenset()  # engine calls still running
+    busy: Mapping[PodAdapter, float] = field(default_factory=dict)  # engine calls running, since
     now: float = 0.0
 
 

@@ -21,7 +21,7 @@ class StatusPatch:
     namespace: str
     name: str
     status: dict[str, Any]  # only the keys we own; already known to differ from the stored one
-    seen_version: str | None = None  # resourceVersion of the object it was compared with
+    seen: dict[str, Any] | None = None  # the stored status it was compared with
 
 
 @dataclass(frozen=True)

@@ -138,8 +138,15 @@ def test_loads_what_is_missing_and_unloads_what_is_not_wanted() -> None:
 
 
 def test_engine_calls_in_flight_are_not_repeated() -> None:
-    plan = decide(observe(pod("a"), busy=frozenset({("a", "sql")})))
+    plan = decide(observe(pod("a"), busy={("a", "sql"): NOW - 60}))
     assert plan.actions == {}
+    assert lora_status(plan)["phase"] == "Pending"  # a slow load: its status is written
+
+
+def test_a_fresh_load_writes_no_status_until_it_answers() -> None:
+    plan = decide(observe(pod("a"), busy={("a", "sql"): NOW - 0.5}))
+    assert plan.lora_statuses == ()  # one write when it is Ready, not Loading then Ready
+    assert plan.recheck_s == pytest.approx(decide_module.LOAD_GRACE_S - 0.5)
 
 
 def test_backoff_then_retry_and_a_restart_retries_at_once() -> None:
