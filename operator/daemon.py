@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from loraplex.operator.plan import Key, Plan
 from loraplex.operator.render.meta import READINESS_GATE
 from loraplex.operator.settings import OperatorConfig
 
+log = logging.getLogger(__name__)
 DEBOUNCE_S = 0.02  # after a wake-up: let a burst of events land in one pass
 
 
@@ -104,13 +106,25 @@ class BaseLoop:
         return observed
 
     async def step(self, engine: EngineClient, wake: Callable[[], None]) -> Plan:
+        started = time.monotonic()
         observed = await self.observe(engine)
+        observed_at = time.monotonic()
         plan = decide(observed)
+        decided_at = time.monotonic()
         live = {pod.name for pod in observed.pods}
         self.state.attempts = {key: value for key, value in self.state.attempts.items() if key[0] in live}
-        await act(
-            Actor(self.kube, engine, self.state, wake, self.config.pod_concurrency), plan, observed.pods
-        )
+        actor = Actor(self.kube, engine, self.state, wake, self.config.pod_concurrency)
+        await act(actor, plan, observed.pods)
+        if plan.engine_calls or plan.lora_statuses or plan.meta or plan.bmd_status:
+            log.info(
+                "pass: observe %.3fs, decide %.3fs, act %.3fs; %d engine call(s), %d status(es), %d meta",
+                observed_at - started,
+                decided_at - observed_at,
+                time.monotonic() - decided_at,
+                plan.engine_calls,
+                len(plan.lora_statuses) + (plan.bmd_status is not None),
+                len(plan.meta),
+            )
         return plan
 
 

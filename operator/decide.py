@@ -56,7 +56,8 @@ def decide(observed: Observed) -> Plan:
     secret, keys = _access(bmd, verdicts, observed)
     actions = _actions(desired, observed)
     bmd_patch = _bmd_patch(bmd, desired, observed, refusals)
-    loras, warnings = _lora_patches(verdicts, observed, keys)
+    starting = {(pod, _target(a)): observed.now for pod, acts in actions.items() for a in acts}
+    loras, warnings = _lora_patches(verdicts, replace(observed, busy={**starting, **observed.busy}), keys)
     return Plan(
         namespace=bmd.namespace,
         children=(secret, build_configmap(bmd, desired.values())),  # keys first: pods check them

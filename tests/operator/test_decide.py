@@ -71,6 +71,7 @@ def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
 UNSERVING = pod("b", report("sql"), ready=False)
 LOADING = pod("b", report("sql", state="loading"))
 FAILED = pod("b", report("sql", state="failed", error="bad rank", error_type="rank_exceeds_max"))
+STARTING = PodObservation(name="a")  # scheduled, not running: nothing to load on it yet
 
 # (case, pods, adapter phase, ready replicas, adapter conditions that must hold)
 PHASES = [
@@ -88,7 +89,8 @@ PHASES = [
 
 @pytest.mark.parametrize(("case", "pods", "phase", "ready", "wanted"), PHASES, ids=[p[0] for p in PHASES])
 def test_adapter_phase(case: str, pods: list, phase: str, ready: int, wanted: dict) -> None:
-    status = lora_status(decide(observe(*pods)))
+    failure = record_failure(None, EPOCH, decide(observe(pod("b"))).actions["b"][0].adapter, "bad rank", NOW)
+    status = lora_status(decide(observe(*pods, attempts={("b", "sql"): failure})))  # no retry yet
     assert (status["phase"], status.get("readyReplicas", 0)) == (phase, ready)
     assert conditions(status)["Accepted"] == ("True", "Accepted")
     assert wanted.items() <= conditions(status).items()
@@ -207,7 +209,8 @@ def test_cross_namespace_clash_serves_the_newcomer_under_its_qualified_name() ->
     plan = decide(observe(pod("a"), adapters=adapters, bmd_body=base))
     loads = {action.adapter.name for action in plan.actions["a"]}
     assert loads == {"sql", "team-a/sql"}
-    clashing = next(p.status for p in plan.lora_statuses if p.namespace == "team-a")
+    written = decide(observe(STARTING, adapters=adapters, bmd_body=base))
+    clashing = next(p.status for p in written.lora_statuses if p.namespace == "team-a")
     assert conditions(clashing)["Accepted"] == ("True", "NameConflict")
 
 
@@ -221,9 +224,9 @@ def test_access_pending_is_not_ready_and_looks_again_soon() -> None:
 def test_access_keys_condition_and_secret() -> None:
     refs = {"apiKeySecretRefs": [{"name": "keys", "key": "k"}]}
     adapters = [lora("sql", access=refs)]
-    missing = decide(observe(pod("a"), adapters=adapters))
+    missing = decide(observe(STARTING, adapters=adapters))
     assert conditions(lora_status(missing))["AccessKeys"] == ("False", "SecretNotFound")
-    found = decide(observe(pod("a"), adapters=adapters, secrets={("llm", "keys", "k"): "key-1"}))
+    found = decide(observe(STARTING, adapters=adapters, secrets={("llm", "keys", "k"): "key-1"}))
     assert conditions(lora_status(found))["AccessKeys"] == ("True", "KeysFound")
     assert [child["kind"] for child in found.children] == ["Secret", "ConfigMap"]
     assert found.children[0] != missing.children[0]  # the digest of key-1 is in the file now
