@@ -101,7 +101,7 @@ async def _write_status(actor: Actor, patch: StatusPatch) -> None:
     if actor.state.written.get(key) == (patch.seen, patch.status):
         return
     if await _tolerate_gone(actor.kube.patch_status(patch.plural, patch.namespace, patch.name, patch.status)):
-        actor.state.written[key] = (patch.seen, patch.status)
+        actor.state.written[key] = (patch.seen or {}, patch.status)
 
 
 async def _patch_meta(kube: Kube, patch: MetaPatch) -> None:

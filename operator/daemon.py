@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from loraplex.operator import bmd as bmd_crd
+from loraplex.operator import lora as lora_crd
 from loraplex.operator.access import read_salt
 from loraplex.operator.act import Actor, BaseState, act
 from loraplex.operator.bmd import BaseModelDeployment
@@ -83,8 +85,8 @@ class BaseLoop:
 
     async def observe(self, engine: EngineClient) -> Observed:
         bodies = list(self.sources.pods())
-        adapters = list(self.sources.adapters())
-        bmd_body = plain(self.sources.body)
+        adapters = [self._as_written(lora_crd.PLURAL, body) for body in self.sources.adapters()]
+        bmd_body = self._as_written(bmd_crd.PLURAL, plain(self.sources.body))
         if self.state.salt is None:
             self.state.salt = await read_salt(self.kube, BaseModelDeployment.from_body(bmd_body))
         observed = Observed(
@@ -104,6 +106,15 @@ class BaseLoop:
             self.state.restored = True
             observed = Observed(**{**observed.__dict__, "attempts": dict(self.state.attempts)})
         return observed
+
+    def _as_written(self, plural: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The body with our last status write on top while the watch has not delivered it yet
+        (the stored status is still the one we wrote over): decide then sees its own write."""
+        meta = body["metadata"]
+        written = self.state.written.get((plural, meta["namespace"], meta["name"]))
+        if written is None or written[0] != (body.get("status") or {}):
+            return body
+        return {**body, "status": {**(body.get("status") or {}), **written[1]}}
 
     async def step(self, engine: EngineClient, wake: Callable[[], None]) -> Plan:
         started = time.monotonic()

@@ -12,6 +12,7 @@ import base64
 import tempfile
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import kubernetes
@@ -23,6 +24,7 @@ from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 from loraplex.operator.common import GROUP, VERSION
 
 FIELD_MANAGER = "loraplex-operator"
+THREADS = 32  # blocking client calls in flight (status writes of many adapters run in parallel)
 T = TypeVar("T")
 
 
@@ -35,6 +37,7 @@ class Kube:
         self._dynamic: DynamicClient | None = None
         self._discovery = threading.Lock()
         self._kinds: dict[tuple[str, str], Any] = {}
+        self._threads = ThreadPoolExecutor(THREADS, thread_name_prefix="kube")
 
     @property
     def api_client(self) -> ApiClient:
@@ -47,10 +50,13 @@ class Kube:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()
-        return cls(ApiClient())
+        configuration = kubernetes.client.Configuration.get_default_copy()
+        configuration.connection_pool_maxsize = THREADS  # one connection per thread, reused
+        return cls(ApiClient(configuration))
 
     async def _run(self, call: Callable[[], T]) -> T:
-        return await asyncio.to_thread(call)
+        """In our own threads: the default executor is small (CPUs + 4) and kopf's, too."""
+        return await asyncio.get_running_loop().run_in_executor(self._threads, call)
 
     def _resource(self, api_version: str, kind: str) -> Any:
         """The dynamic client's resource for a kind, looked up once. Discovery is not thread-safe
