@@ -33,7 +33,7 @@ from loraplex.operator.reconcile import Action, Attempt, Load, Unload, record_fa
 from loraplex.operator.render.meta import READINESS_GATE, content_hash
 
 log = logging.getLogger(__name__)
-WRITE_CONCURRENCY = 16  # status patches in flight at once
+WRITE_CONCURRENCY = 32  # status patches in flight at once
 
 
 @dataclass
