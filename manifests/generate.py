@@ -65,7 +65,8 @@ def helm_binary() -> str:
 
 
 def helm_template(helm: str, extra: list[str]) -> str:
-    command = [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra]
+    # --no-hooks: the uninstall hook belongs to `helm uninstall`; applied, it would stop the operator
+    command = [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--no-hooks", *extra]
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
 

@@ -4,6 +4,7 @@ what it would do for one base.
 loraplex operator --all-namespaces
 loraplex operator --namespace llm --namespace team-a
 loraplex operator explain tiny-llama --namespace llm
+loraplex operator release --all-namespaces --operator-deployment loraplex-system/loraplex-operator
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import kopf
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", nargs="?", choices=("run", "explain"), default="run", help="[%(default)s]")
+    parser.add_argument(
+        "action", nargs="?", choices=("run", "explain", "release"), default="run", help="[%(default)s]"
+    )
     parser.add_argument("target", nargs="?", help="explain: the BaseModelDeployment's name")
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument(
@@ -30,11 +33,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="liveness endpoint for the operator's pod probe [%(default)s]",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--operator-deployment",
+        metavar="NAMESPACE/NAME",
+        help="release: scale this operator Deployment to zero first (the chart's uninstall hook)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "explain":
         return _explain(args)
+    if args.action == "release":
+        from loraplex.operator.release import release
+
+        print(release(args.namespace, args.operator_deployment))
+        return 0
     from loraplex.operator import handlers  # noqa: F401 - registers the handlers with kopf
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON)
