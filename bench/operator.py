@@ -194,7 +194,7 @@ def burst(bench: Bench, operator: OperatorProcess, proxy: CountingProxy, n: int)
         slowest_list = max(slowest_list, time.monotonic() - t0)
         return all(ready(statuses.get(name, {})) for name in names)
 
-    ok = wait_until(all_ready, timeout=300, interval=0.25)
+    ok = wait_until(all_ready, timeout=300, interval=1.0)  # a LIST of 1000 is heavy itself
     done = time.monotonic()
     after = operator.usage()
     requests = proxy.snapshot() - before
@@ -255,7 +255,7 @@ def pod_killed(bench: Bench, runner: PodRunner, names: list[str]) -> dict[str, A
         claims_dead = max(claims_dead, len(claiming))
         if not claiming:
             adapters_s = time.monotonic() - started
-        time.sleep(0.1)
+        time.sleep(0.3)
     back = wait_until(
         lambda: all(ready(s) for n, s in bench.statuses().items() if n in names), timeout=180, interval=0.5
     )

@@ -27,10 +27,11 @@ from loraplex.operator.engine_client import (
     EngineHTTPError,
 )
 from loraplex.operator.k8s import Kube
-from loraplex.operator.plan import MetaPatch, Plan, PodAdapter, StatusPatch
+from loraplex.operator.plan import MetaPatch, Plan, PodAdapter
 from loraplex.operator.pods import PodObservation
 from loraplex.operator.reconcile import Action, Attempt, Load, Unload, record_failure
 from loraplex.operator.render.meta import READINESS_GATE, content_hash
+from loraplex.operator.writer import StatusWriter
 
 log = logging.getLogger(__name__)
 WRITE_CONCURRENCY = 32  # status patches in flight at once
@@ -44,9 +45,7 @@ class BaseState:
     busy: dict[PodAdapter, asyncio.Task[None]] = field(default_factory=dict)
     started: dict[PodAdapter, float] = field(default_factory=dict)  # unix seconds, of busy calls
     applied: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> content hash
-    written: dict[tuple[str, str, str], tuple[dict[str, Any] | None, dict[str, Any]]] = field(
-        default_factory=dict
-    )
+    writer: StatusWriter | None = None  # set by the loop: status writes off the pass
     limits: dict[str, asyncio.Semaphore] = field(default_factory=dict)  # per pod
     salt: bytes | None = None
     restored: bool = False
@@ -60,6 +59,8 @@ class BaseState:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.writer is not None:
+            await self.writer.close()
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,13 @@ async def act(actor: Actor, plan: Plan, pods: Sequence[PodObservation]) -> None:
     await _apply_children(actor, plan.children)
     await _bounded([_patch_meta(actor.kube, patch) for patch in plan.meta])  # before statuses move
     start_engine_calls(actor, plan.actions, pods)  # resourceVersion on from what we observed
+    writer = actor.state.writer
+    if writer is None:
+        raise RuntimeError("BaseState.writer is not set")
     if plan.bmd_status is not None:
-        await _write_status(actor, plan.bmd_status)
-    await _bounded([_write_status(actor, patch) for patch in plan.lora_statuses])
+        writer.submit(plan.bmd_status, first=True)  # the pod counts before the adapters'
+    for patch in plan.lora_statuses:
+        writer.submit(patch)
     for gate in plan.gates:
         body = {"type": READINESS_GATE, **gate.condition, "lastTransitionTime": timestamp(time.time())}
         await _tolerate_gone(actor.kube.set_pod_condition(plan.namespace, gate.pod, body))
@@ -93,15 +98,6 @@ async def _apply_children(actor: Actor, children: Sequence[dict[str, Any]]) -> N
         if actor.state.applied.get(key) != digest:
             await actor.kube.apply(child)
             actor.state.applied[key] = digest
-
-
-async def _write_status(actor: Actor, patch: StatusPatch) -> None:
-    """Skipped when we already wrote exactly this over the same stored status (the watch lags)."""
-    key = (patch.plural, patch.namespace, patch.name)
-    if actor.state.written.get(key) == (patch.seen, patch.status):
-        return
-    if await _tolerate_gone(actor.kube.patch_status(patch.plural, patch.namespace, patch.name, patch.status)):
-        actor.state.written[key] = (patch.seen or {}, patch.status)
 
 
 async def _patch_meta(kube: Kube, patch: MetaPatch) -> None:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from loraplex.operator import bmd as bmd_crd
@@ -27,9 +27,10 @@ from loraplex.operator.decide import decide, restore_attempts
 from loraplex.operator.engine_client import EngineClient
 from loraplex.operator.k8s import Kube
 from loraplex.operator.observe import Observed, SecretCache, ask_pods, pod_bodies_gate, secret_refs
-from loraplex.operator.plan import Key, Plan
+from loraplex.operator.plan import Key, Plan, StatusPatch
 from loraplex.operator.render.meta import READINESS_GATE
 from loraplex.operator.settings import OperatorConfig
+from loraplex.operator.writer import StatusWriter
 
 log = logging.getLogger(__name__)
 DEBOUNCE_S = 0.02  # after a wake-up: let a burst of events land in one pass
@@ -72,6 +73,9 @@ class BaseLoop:
 
     def __init__(self, kube: Kube, config: OperatorConfig, sources: Sources, state: BaseState) -> None:
         self.kube, self.config, self.sources, self.state = kube, config, sources, state
+        if state.writer is None:
+            state.writer = StatusWriter(kube)
+        self._stored: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.secrets = SecretCache(config.tick_s)
         self.api_keys = SecretCache(config.tick_s)
 
@@ -108,19 +112,33 @@ class BaseLoop:
         return observed
 
     def _as_written(self, plural: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The body with our last status write on top while the watch has not delivered it yet
-        (the stored status is still the one we wrote over): decide then sees its own write."""
-        meta = body["metadata"]
-        written = self.state.written.get((plural, meta["namespace"], meta["name"]))
-        if written is None or written[0] != (body.get("status") or {}):
+        """The body with our latest status on top while the watch has not delivered it yet
+        (queued, or written over the status still shown): decide then sees its own write."""
+        meta, writer = body["metadata"], self.state.writer
+        stored = body.get("status") or {}
+        key = (plural, meta["namespace"], meta["name"])
+        latest = writer.latest(key, stored) if writer else None
+        if latest is None:
             return body
-        return {**body, "status": {**(body.get("status") or {}), **written[1]}}
+        self._stored[key] = stored  # what the patch is written over, whatever decide compared with
+        return {**body, "status": {**stored, **latest}}
+
+    def _written_over_stored(self, plan: Plan) -> Plan:
+        stored, self._stored = self._stored, {}
+
+        def fix(patch: StatusPatch | None) -> StatusPatch | None:
+            key = (patch.plural, patch.namespace, patch.name) if patch else None
+            return replace(patch, seen=stored[key]) if patch and key in stored else patch
+
+        return replace(
+            plan, bmd_status=fix(plan.bmd_status), lora_statuses=tuple(map(fix, plan.lora_statuses))
+        )
 
     async def step(self, engine: EngineClient, wake: Callable[[], None]) -> Plan:
         started = time.monotonic()
         observed = await self.observe(engine)
         observed_at = time.monotonic()
-        plan = decide(observed)
+        plan = self._written_over_stored(decide(observed))
         decided_at = time.monotonic()
         live = {pod.name for pod in observed.pods}
         self.state.attempts = {key: value for key, value in self.state.attempts.items() if key[0] in live}
