@@ -17,7 +17,6 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from loraplex.operator import lora as lora_crd
 from loraplex.operator.conditions import timestamp
 from loraplex.operator.engine_client import (
     AdapterRejected,
@@ -27,7 +26,7 @@ from loraplex.operator.engine_client import (
     EngineHTTPError,
 )
 from loraplex.operator.k8s import Kube
-from loraplex.operator.plan import MetaPatch, Plan, PodAdapter
+from loraplex.operator.plan import Plan, PodAdapter
 from loraplex.operator.pods import PodObservation
 from loraplex.operator.reconcile import Action, Attempt, Load, Unload, record_failure
 from loraplex.operator.render.meta import READINESS_GATE, content_hash
@@ -75,11 +74,12 @@ class Actor:
 
 async def act(actor: Actor, plan: Plan, pods: Sequence[PodObservation]) -> None:
     await _apply_children(actor, plan.children)
-    await _bounded([_patch_meta(actor.kube, patch) for patch in plan.meta])  # before statuses move
-    start_engine_calls(actor, plan.actions, pods)  # resourceVersion on from what we observed
+    start_engine_calls(actor, plan.actions, pods)
     writer = actor.state.writer
     if writer is None:
         raise RuntimeError("BaseState.writer is not set")
+    for meta in plan.meta:
+        writer.submit_meta(meta)
     if plan.bmd_status is not None:
         writer.submit(plan.bmd_status, first=True)  # the pod counts before the adapters'
     for patch in plan.lora_statuses:
@@ -98,15 +98,6 @@ async def _apply_children(actor: Actor, children: Sequence[dict[str, Any]]) -> N
         if actor.state.applied.get(key) != digest:
             await actor.kube.apply(child)
             actor.state.applied[key] = digest
-
-
-async def _patch_meta(kube: Kube, patch: MetaPatch) -> None:
-    meta: dict[str, Any] = {"finalizers": list(patch.finalizers)}
-    if patch.annotations:
-        meta["annotations"] = patch.annotations
-    if patch.resource_version:
-        meta["resourceVersion"] = patch.resource_version
-    await _tolerate_gone(kube.patch_metadata(lora_crd.PLURAL, patch.namespace, patch.name, meta))
 
 
 async def _tolerate_gone(call: Awaitable[Any]) -> bool:

@@ -243,8 +243,11 @@ def meta_patch(body: Mapping[str, Any], verdict: Verdict, observed: Observed, ba
         annotations[ATTACHED_ANNOTATION] = base
     if wanted == finalizers and not annotations:
         return None
-    version = meta.get("resourceVersion")
-    return MetaPatch(meta["namespace"], meta["name"], tuple(wanted), version, annotations, reason)
+    observed = tuple(finalizers) if "finalizers" in meta else None
+    has_annotations = meta.get("annotations") is not None
+    return MetaPatch(
+        meta["namespace"], meta["name"], tuple(wanted), observed, annotations, has_annotations, reason
+    )
 
 
 def _held(body: Mapping[str, Any], observed: Observed) -> bool:

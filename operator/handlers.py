@@ -28,6 +28,7 @@ from loraplex.operator.daemon import BaseLoop, EngineCache, Sources, Wakers, pla
 from loraplex.operator.decide import FINALIZER, LEGACY_FINALIZERS
 from loraplex.operator.k8s import Kube
 from loraplex.operator.lora import LoraAdapterStatus, LoraPhase
+from loraplex.operator.plan import MetaPatch
 from loraplex.operator.render import build_deployment, build_inference_pool, build_pdb, build_service
 from loraplex.operator.render.autoscaling import (
     HPA_API_VERSIONS,
@@ -228,9 +229,10 @@ async def _without_base(kube: Kube, body: Mapping[str, Any], key: tuple[str, str
     if meta.get("deletionTimestamp"):
         if ours:
             kept = [item for item in meta.get("finalizers") or () if item not in ours]
+            release = MetaPatch(meta["namespace"], meta["name"], tuple(kept), tuple(meta["finalizers"]))
             with contextlib.suppress(ApiException):
                 await kube.patch_metadata(
-                    lora_crd.PLURAL, meta["namespace"], meta["name"], {"finalizers": kept}
+                    lora_crd.PLURAL, meta["namespace"], meta["name"], release.json_patch()
                 )
         return
     if _condition_reason(body, "Accepted") != "BaseModelNotFound":

@@ -113,12 +113,10 @@ class Kube:
             )
         )
 
-    async def patch_metadata(self, plural: str, namespace: str, name: str, metadata: dict[str, Any]) -> None:
-        """Merge-patch one of our resources' metadata (finalizers, annotations; a resourceVersion
-        in `metadata` makes it conditional: 409 when the object changed meanwhile)."""
-        body = {"metadata": metadata}
+    async def patch_metadata(self, plural: str, namespace: str, name: str, ops: list[dict[str, Any]]) -> None:
+        """JSON-patch one of our resources (its finalizers and annotations)."""
         await self._run(
-            lambda: self._custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, body)
+            lambda: self._custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, ops)
         )
 
     async def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:

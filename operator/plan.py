@@ -31,9 +31,28 @@ class MetaPatch:
     namespace: str
     name: str
     finalizers: tuple[str, ...]  # the whole new list
-    resource_version: str | None = None  # a conflict means a newer object: the next pass retries
+    observed: tuple[str, ...] | None = None  # the list it replaces (None: there was none)
     annotations: dict[str, str] = field(default_factory=dict)
+    has_annotations: bool = True  # whether the object has an annotations map to add to
     reason: str = ""  # why (for `explain`): "attach", "release", ...
+
+    def json_patch(self) -> list[dict[str, Any]]:
+        """A JSON patch that fails (422) if someone else changed the finalizers meanwhile, and
+        does not care about other changes (our status writes move the resourceVersion)."""
+        if self.observed is None:
+            ops = [{"op": "add", "path": "/metadata/finalizers", "value": list(self.finalizers)}]
+        else:
+            ops = [
+                {"op": "test", "path": "/metadata/finalizers", "value": list(self.observed)},
+                {"op": "replace", "path": "/metadata/finalizers", "value": list(self.finalizers)},
+            ]
+        if self.annotations and not self.has_annotations:
+            ops.append({"op": "add", "path": "/metadata/annotations", "value": dict(self.annotations)})
+        else:
+            for key, value in self.annotations.items():
+                path = "/metadata/annotations/" + key.replace("~", "~0").replace("/", "~1")
+                ops.append({"op": "add", "path": path, "value": value})
+        return ops
 
 
 @dataclass(frozen=True)
