@@ -116,7 +116,9 @@ class Kube:
     async def patch_metadata(self, plural: str, namespace: str, name: str, ops: list[dict[str, Any]]) -> None:
         """JSON-patch one of our resources (its finalizers and annotations)."""
         await self._run(
-            lambda: self._custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, ops)
+            lambda: self._custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, ops, _content_type="application/json-patch+json"
+            )
         )
 
     async def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -18,6 +19,7 @@ from loraplex.operator import lora as lora_crd
 from loraplex.operator.k8s import Kube
 from loraplex.operator.plan import MetaPatch, StatusPatch
 
+log = logging.getLogger(__name__)
 ObjectKey = tuple[str, str, str]  # (plural or "meta", namespace, name)
 CONCURRENCY = 32  # PATCHes in flight at once
 
