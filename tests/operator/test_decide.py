@@ -329,3 +329,23 @@ def test_restored_attempts_come_from_status() -> None:
     stored["status"] = lora_status(decide(observe(pod("a"), attempts={("a", "sql"): failure})))
     restored = decide_module.restore_attempts(observe(pod("a"), adapters=[stored]))
     assert restored[("a", "sql")].attempts == 1 and restored[("a", "sql")].epoch == EPOCH
+
+
+def test_finalizer_patch_tests_the_finalizers_not_the_resource_version() -> None:
+    body = lora("sql")
+    body["metadata"]["finalizers"] = ["example.com/other"]
+    del body["metadata"]["annotations"]
+    (patch,) = decide(observe(pod("a"), adapters=[body])).meta
+    assert patch.json_patch() == [
+        {"op": "test", "path": "/metadata/finalizers", "value": ["example.com/other"]},
+        {"op": "replace", "path": "/metadata/finalizers", "value": ["example.com/other", FINALIZER]},
+        {"op": "add", "path": "/metadata/annotations", "value": {ATTACHED_ANNOTATION: "llm/gemma"}},
+    ]
+    fresh = lora("sql")
+    del fresh["metadata"]["finalizers"]
+    fresh["metadata"]["annotations"] = {"a": "b"}
+    (patch,) = decide(observe(pod("a"), adapters=[fresh])).meta
+    assert patch.json_patch() == [
+        {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        {"op": "add", "path": "/metadata/annotations/loraplex.dev~1attached-to", "value": "llm/gemma"},
+    ]
