@@ -3,8 +3,9 @@ serve` pods on the tiny Llama): apply→Ready latency, N adapters at once, delet
 the operator restarted mid-way. The operator runs as its own process (RSS and CPU from /proc);
 its API requests go through a counting proxy, the API server's own counters cover everyone.
 
-    python bench/operator.py --sizes 100,1000 --out /tmp/operator.json
-    python bench/operator.py --python /work/main/.venv/bin/python   # another checkout's operator
+    python bench/operator.py --label after                # docs/benchmarks/operator-after.json
+    python bench/operator.py --label before --python /work/main/.venv/bin/python --sizes 100
+    python bench/operator.py --report                     # operator.md from operator-*.json
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from loraplex.server.demo_assets import build_tiny_assets  # noqa: F401 - the wo
 GROUP, VERSION, BASE = "loraplex.dev", "v1alpha1", "tiny-llama"
 SELECTOR = f"app.kubernetes.io/instance={BASE}"
 REPLICAS = 2
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
 
 def _die_with_parent() -> None:
@@ -307,6 +309,40 @@ def operator_restart(bench: Bench, operator: OperatorProcess, n: int) -> dict[st
     return {"n": n, "all_ready": ok, "ready_after_restart_s": round(time.monotonic() - started, 2)}
 
 
+def uninstall(bench: Bench, operator: OperatorProcess, api: client.ApiClient, n: int) -> dict[str, Any]:
+    """What `helm uninstall` does with N adapters present: its hook stops the operator and
+    releases the finalizers (`loraplex operator release`), then everything is deleted."""
+    from loraplex.operator.release import release_finalizers
+
+    names = [f"u-{i:04d}" for i in range(n)]
+    bench.create(names)
+    wait_until(
+        lambda: all(ready(s) for k, s in bench.statuses().items() if k in names), timeout=300, interval=1
+    )
+    operator.stop()
+    started = time.monotonic()
+    released = release_finalizers(api, [bench.namespace])
+    release_s = time.monotonic() - started
+    bench.cluster.kubectl("delete", "lora,bmd", "--all", "-n", bench.namespace, "--wait=false")
+
+    def left() -> int:
+        return len(bench.statuses()) + len(
+            bench.custom.list_namespaced_custom_object(
+                GROUP, VERSION, bench.namespace, "basemodeldeployments"
+            )["items"]
+        )
+
+    gone = wait_until(lambda: left() == 0, timeout=120, interval=0.5)
+    return {
+        "adapters": n,
+        "released": released,
+        "release_s": round(release_s, 2),
+        "all_gone": gone,
+        "gone_s": round(time.monotonic() - started, 2),
+        "left": left(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -315,9 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="100,1000", help="adapters created at once, comma-separated")
     parser.add_argument("--latency", type=int, default=20, help="adapters for the one-at-a-time latency")
     parser.add_argument("--tick", default="30", help="LORAPLEX_TICK_SECONDS (the chart's default: 30)")
-    parser.add_argument("--restart-n", type=int, default=100)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--restart-n", type=int, default=100, help="0: skip the operator restart")
+    parser.add_argument("--uninstall-n", type=int, default=100, help="0: skip the uninstall")
+    parser.add_argument("--label", help="write docs/benchmarks/operator-<label>.json")
+    parser.add_argument("--report", action="store_true", help="only write operator.md from the results")
     args = parser.parse_args(argv)
+    if args.report:
+        write_report()
+        return 0
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": git_commit(),
@@ -350,10 +391,17 @@ def main(argv: list[str] | None = None) -> int:
                 results["operator_error_lines"] = operator.error_lines()
                 operator.stop()
                 results["operator_log"] = str(work / "operator.log")
+    results["label"] = args.label or "unlabelled"
+    results["args"] = {
+        "sizes": args.sizes,
+        "latency": args.latency,
+        "tick": args.tick,
+        "restart_n": args.restart_n,
+    }
     text = json.dumps(results, indent=2)
     print(text)
-    if args.out:
-        args.out.write_text(text)
+    if args.label:
+        (DOCS / f"operator-{args.label}.json").write_text(text + "\n")
     print(
         markdown_table(
             [{k: v for k, v in row.items() if not isinstance(v, dict)} for row in results.get("bursts", [])]
@@ -397,7 +445,59 @@ def run_all(cluster, api, namespace, workload, operator, proxy, runner, args) ->
         out["operator_restart"] = operator_restart(bench, operator, args.restart_n)
         out["deletes"].append(delete_all(bench, operator, "r-"))
         print(json.dumps(out["operator_restart"]), flush=True)
+    if args.uninstall_n:
+        out["uninstall"] = uninstall(bench, operator, api, args.uninstall_n)  # stops the operator
+        print(json.dumps(out["uninstall"]), flush=True)
     return out
+
+
+def write_report() -> None:
+    """docs/benchmarks/operator.md from every operator-*.json there (no number typed by hand)."""
+    runs = [json.loads(path.read_text()) for path in sorted(DOCS.glob("operator-*.json"))]
+    lines = [
+        "# Operator on the local cluster",
+        "",
+        "Written by `python bench/operator.py --report` from `operator-*.json` (each run:",
+        "`python bench/operator.py --label <label>`). Real kube-apiserver + controller-manager",
+        "(1.20), the local pod runner, two real `loraplex serve` pods on the tiny Llama, local-file",
+        "adapters; the operator in its own process, its API requests counted by a proxy in front",
+        "of the API server (`bench/apiproxy.py`); `apiserver_request_total` counts every client.",
+        "**The machine was shared** (2 cores, 8 engineers building and testing at once, load",
+        "average about 8): absolute times are inflated and noisy; compare runs, not with targets",
+        "measured elsewhere.",
+        "",
+    ]
+    for run in runs:
+        lines += [f"## {run['label']}: {run['date']}, commit {run['commit']}", ""]
+        lines += [f"Operator interpreter `{run['python']}`; arguments {json.dumps(run.get('args', {}))}.", ""]
+        if "latency" in run:
+            lines += ["apply → Ready on both replicas, one adapter at a time:", ""]
+            lines += [markdown_table([run["latency"]]), ""]
+        rows = [{k: v for k, v in row.items() if not isinstance(v, dict)} for row in run.get("bursts", [])]
+        if rows:
+            lines += ["N adapters created at once (16 client threads) → all Ready on both replicas:", ""]
+            lines += [markdown_table(rows), ""]
+            for row in run["bursts"]:
+                kinds = ", ".join(f"{k} {v}" for k, v in row["operator_requests_by_kind"].items())
+                lines += [f"- {row['n']}: operator requests by verb and resource: {kinds}"]
+            lines += [""]
+        if run.get("deletes"):
+            lines += ["Deleting them (Unload policy: each waits for the pods to unload it):", ""]
+            lines += [markdown_table(run["deletes"]), ""]
+        if "pod_killed" in run:
+            lines += ["One server process killed with every adapter loaded:", ""]
+            lines += [markdown_table([run["pod_killed"]]), ""]
+        if "uninstall" in run:
+            lines += ["Uninstall with N adapters present (the hook's release, then delete everything):", ""]
+            lines += [markdown_table([run["uninstall"]]), ""]
+        if "operator_restart" in run:
+            lines += ["Operator restarted 1 s after creating N adapters:", ""]
+            lines += [markdown_table([run["operator_restart"]]), ""]
+        lines += [
+            f"Error lines in the operator's log over the whole run: {run.get('operator_error_lines')}.",
+            "",
+        ]
+    (DOCS / "operator.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
