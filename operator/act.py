@@ -1,8 +1,9 @@
-"""Act: carry out a `Plan` — apply children, start engine calls, write what changed.
+"""Act: carry out a `Plan` — apply children, start engine calls, hand over what to write.
 
 Engine calls run as tasks (per pod at most `concurrency` at once); each one that finishes
-records its outcome and wakes the base, so the next pass reports it within milliseconds. The
-BMD's status is written first (it carries the pod counts), then the adapters' in parallel.
+records its outcome and wakes the base, so the next pass reports it within milliseconds.
+Statuses and finalizer patches go to the base's writer (`writer.py`): the pass never waits on
+them, and the base's status is written first (it carries the pod counts).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from loraplex.operator.render.meta import READINESS_GATE, content_hash
 from loraplex.operator.writer import StatusWriter
 
 log = logging.getLogger(__name__)
-WRITE_CONCURRENCY = 32  # status patches in flight at once
 
 
 @dataclass
@@ -109,16 +109,6 @@ async def _tolerate_gone(call: Awaitable[Any]) -> bool:
         if error.status in (404, 409):
             return False
         raise
-
-
-async def _bounded(jobs: Sequence[Awaitable[Any]], limit: int = WRITE_CONCURRENCY) -> None:
-    gate = asyncio.Semaphore(limit)
-
-    async def one(job: Awaitable[Any]) -> None:
-        async with gate:
-            await job
-
-    await asyncio.gather(*(one(job) for job in jobs))
 
 
 def start_engine_calls(
