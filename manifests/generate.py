@@ -66,7 +66,8 @@ def helm_binary() -> str:
 
 
 def helm_template(helm: str, chart: Path, extra: list[str]) -> str:
-    command = [helm, "template", RELEASE, str(chart), "--namespace", NAMESPACE, *extra]
+    # --no-hooks: the uninstall hook belongs to `helm uninstall`; applied, it would stop the operator
+    command = [helm, "template", RELEASE, str(chart), "--namespace", NAMESPACE, "--no-hooks", *extra]
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
 

@@ -1,6 +1,11 @@
-"""The reconciling daemon of one BaseModelDeployment (DESIGN.md §3): each cycle it admits the
-adapters, keeps the ConfigMap current, converges every pod, then writes both resources' status
-and the pods' readiness gate from what the pods reported. Wakes on pod and adapter changes.
+"""The loop of one BaseModelDeployment (DESIGN.md §3): observe → decide → act, then sleep until
+something wakes it (a watch event, an engine call finishing) or the safety-net tick.
+
+    while not stopped:
+        observed = await observe(base)      # indexes + one GET /v1/adapters per running pod
+        plan = decide(observed)              # pure: children, loads/unloads, statuses, gates
+        await act(plan)                      # apply, start engine calls, write what changed
+        await wakers.sleep(base, plan.recheck_s or tick)
 """
 
 from __future__ import annotations
@@ -9,40 +14,31 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
-
-import kopf
 
 from loraplex.operator import bmd as bmd_crd
 from loraplex.operator import lora as lora_crd
-from loraplex.operator.access import read_salt, render_access
-from loraplex.operator.admission import Verdict, admit, desired_set
-from loraplex.operator.bmd import BaseModelDeployment, BaseModelDeploymentStatus
-from loraplex.operator.common import Condition
-from loraplex.operator.conditions import condition, merge_conditions, timestamp
-from loraplex.operator.credentials import apply_credentials
-from loraplex.operator.cycle import CycleResult, run_cycle
+from loraplex.operator.access import read_salt
+from loraplex.operator.act import Actor, BaseState, act
+from loraplex.operator.bmd import BaseModelDeployment
+from loraplex.operator.credentials import credential_secret_refs
+from loraplex.operator.decide import decide, restore_attempts
 from loraplex.operator.engine_client import EngineClient
 from loraplex.operator.k8s import Kube
-from loraplex.operator.lora import LoraAdapterStatus, LoraPhase
-from loraplex.operator.pods import observe_pod
-from loraplex.operator.reconcile import Attempt, readiness_gate
-from loraplex.operator.render import RenderOptions, build_configmap
-from loraplex.operator.render.meta import READINESS_GATE, content_hash
+from loraplex.operator.observe import Observed, SecretCache, ask_pods, pod_bodies_gate, secret_refs
+from loraplex.operator.plan import Key, Plan, StatusPatch
+from loraplex.operator.render.meta import READINESS_GATE
 from loraplex.operator.settings import OperatorConfig
-from loraplex.operator.status import LORA_OWNED, attempts_from_status, bmd_status, lora_status
+from loraplex.operator.writer import StatusWriter
 
 log = logging.getLogger(__name__)
-Key = tuple[str, str]
-# Refusals that need the user to change something; NotAllowed may resolve from the base's side.
-_REFUSED_PHASE = {"NotAllowed": LoraPhase.PENDING}
-ACCESS_OWNED = ("AccessKeys",)  # dropped once the adapter no longer has `access`
+DEBOUNCE_S = 0.02  # after a wake-up: let a burst of events land in one pass
 
 
 class Wakers:
-    """One event per base model; handlers set it when something the daemon reads changed."""
+    """One event per base model; handlers and finished engine calls set it."""
 
     def __init__(self) -> None:
         self._events: dict[Key, asyncio.Event] = {}
@@ -58,183 +54,132 @@ class Wakers:
         event = self.event(key)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=seconds)
+        if event.is_set():
+            await asyncio.sleep(DEBOUNCE_S)
         event.clear()
 
 
-@dataclass
-class DaemonState:
-    """What one daemon carries between cycles (rebuilt from status after an operator restart)."""
-
-    attempts: dict[tuple[str, str], Attempt] = field(default_factory=dict)
-    configmap_hash: str | None = None
-    access_hash: str | None = None
-    access_salt: bytes | None = None  # read back from the access Secret once, then kept
-    credentials_hash: str | None = None
-    restored: bool = False
-
-
 @dataclass(frozen=True)
-class World:
-    """This cycle's snapshot of what the daemon reads from the indexes."""
+class Sources:
+    """Where one base's observation comes from: kopf's live body and indexes."""
 
-    bmd_body: Mapping[str, Any]
-    pods: Sequence[Mapping[str, Any]]
-    adapters: Sequence[Mapping[str, Any]]
-    namespace_labels: Mapping[str, Mapping[str, str]]
-
-
-async def converge_once(
-    kube: Kube,
-    engine: EngineClient,
-    state: DaemonState,
-    world: World,
-    config: OperatorConfig,
-    options: RenderOptions,
-) -> bool:
-    """One cycle; True when something was loaded or unloaded (look again soon)."""
-    bmd = BaseModelDeployment.from_body(world.bmd_body)
-    verdicts = admit(bmd, world.adapters, world.namespace_labels)
-    desired = desired_set(verdicts)
-    access = await _apply_access(kube, bmd, state, verdicts, world)  # before the list: keys land first
-    state.credentials_hash = await apply_credentials(
-        kube, bmd, verdicts, world.adapters, state.credentials_hash
-    )
-    configmap = build_configmap(bmd, desired.values())
-    if (digest := content_hash(configmap)) != state.configmap_hash:
-        await kube.apply(configmap)  # pods started from now on preload the current set
-        state.configmap_hash = digest
-    if not state.restored:
-        state.attempts = _restore_attempts(verdicts, world)
-        state.restored = True
-    now = time.time()
-    result = await run_cycle(engine, desired, world.pods, state.attempts, now, config.pod_concurrency)
-    state.attempts = result.attempts
-    await _write_bmd_status(kube, bmd, desired, result, world, now)
-    await _write_lora_statuses(kube, verdicts, result, world, now, access)
-    if bmd.spec.readiness_gate:
-        await _write_gates(kube, bmd, desired, result, world)
-    return result.acted
+    body: Mapping[str, Any]
+    pods: Callable[[], Sequence[Mapping[str, Any]]]
+    adapters: Callable[[], Sequence[Mapping[str, Any]]]
+    namespace_labels: Callable[[], Mapping[str, Mapping[str, str]]]
 
 
-async def _apply_access(
-    kube: Kube, bmd: BaseModelDeployment, state: DaemonState, verdicts: Sequence[Verdict], world: World
-) -> dict[str, Condition]:
-    """Re-read the referenced key Secrets every cycle (rotation needs no watch) and rewrite the
-    access Secret when its content changed; the AccessKeys conditions, by served name."""
-    if state.access_salt is None:
-        state.access_salt = await read_salt(kube, bmd)
-    secret, conditions = await render_access(kube, bmd, verdicts, world.adapters, state.access_salt)
-    if (digest := content_hash(secret)) != state.access_hash:
-        await kube.apply(secret)
-        state.access_hash = digest
-    return conditions
+class BaseLoop:
+    """observe → decide → act for one base; `explain` runs the first two without the third."""
 
+    def __init__(self, kube: Kube, config: OperatorConfig, sources: Sources, state: BaseState) -> None:
+        self.kube, self.config, self.sources, self.state = kube, config, sources, state
+        if state.writer is None:
+            state.writer = StatusWriter(kube)
+        self._stored: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.secrets = SecretCache(config.tick_s)
+        self.api_keys = SecretCache(config.tick_s)
 
-def _restore_attempts(verdicts: Sequence[Verdict], world: World) -> dict[tuple[str, str], Attempt]:
-    pods = [observe_pod(body) for body in world.pods]
-    bodies = {_key(body): body for body in world.adapters}
-    restored: dict[tuple[str, str], Attempt] = {}
-    for verdict in verdicts:
-        if verdict.adapter is not None:
-            status = LoraAdapterStatus.model_validate(
-                bodies[(verdict.namespace, verdict.name)].get("status") or {}
-            )
-            restored.update(attempts_from_status(verdict.adapter, status, pods))
-    return restored
+    async def api_key(self) -> str | None:
+        """The deployment's own key (the engine's admin calls need it), re-read once a tick."""
+        ref = (self.sources.body.get("spec") or {}).get("apiKeySecretRef")
+        if not ref:
+            return None
+        secret = (self.sources.body["metadata"]["namespace"], ref["name"], ref["key"])
+        return (await self.api_keys.read(self.kube, {secret}))[secret]
 
-
-async def _write_bmd_status(
-    kube: Kube,
-    bmd: BaseModelDeployment,
-    desired: Mapping[str, Any],
-    result: CycleResult,
-    world: World,
-    now: float,
-) -> None:
-    old_raw = world.bmd_body.get("status") or {}
-    new = bmd_status(
-        bmd, desired, result.pods, BaseModelDeploymentStatus.model_validate(old_raw), now
-    ).to_k8s()
-    if new != _ours(old_raw, new):
-        await kube.patch_status(bmd_crd.PLURAL, bmd.namespace, bmd.name, new)
-
-
-async def _write_lora_statuses(
-    kube: Kube,
-    verdicts: Sequence[Verdict],
-    result: CycleResult,
-    world: World,
-    now: float,
-    access: Mapping[str, Condition],
-) -> None:
-    """`access`: the AccessKeys condition of each protected adapter, by served name."""
-    bodies = {_key(body): body for body in world.adapters}
-    for verdict in verdicts:
-        if verdict.reason == "Deleting":
-            continue  # the object is going away; its delete handler waits for the unload
-        body = bodies[(verdict.namespace, verdict.name)]
-        old_raw = body.get("status") or {}
-        old = LoraAdapterStatus.model_validate(old_raw)
-        keys = access.get(verdict.adapter.name) if verdict.adapter is not None else None
-        new_status = lora_verdict_status(verdict, result, old, now, keys)
-        new = new_status.to_k8s()
-        if new != _ours(old_raw, new):
-            await kube.patch_status(lora_crd.PLURAL, verdict.namespace, verdict.name, new)
-        if new_status.phase == LoraPhase.FAILED and old_raw.get("phase") != LoraPhase.FAILED.value:
-            _warn(body, new_status)
-
-
-def _warn(body: Mapping[str, Any], status: LoraAdapterStatus) -> None:
-    """A Kubernetes Warning event on the adapter when it turns Failed (kubectl describe shows it)."""
-    failure = next((c for c in status.conditions if c.status.value == "False" and c.type == "Accepted"), None)
-    failure = failure or next(
-        (c for c in status.conditions if c.type not in ("Accepted", "Loaded", "Ready", *ACCESS_OWNED)), None
-    )
-    if failure is not None:
-        kopf.warn(dict(body), reason=failure.reason or failure.type, message=failure.message)
-
-
-def lora_verdict_status(
-    verdict: Verdict, result: CycleResult, old: LoraAdapterStatus, now: float, keys: Condition | None = None
-) -> LoraAdapterStatus:
-    accepted = condition("Accepted", verdict.accepted, verdict.reason, verdict.message, verdict.generation)
-    if verdict.adapter is None:  # refused: nothing of it is loaded, only the verdict to report
-        return LoraAdapterStatus(
-            observed_generation=verdict.generation,
-            phase=_REFUSED_PHASE.get(verdict.reason, LoraPhase.FAILED),
-            conditions=merge_conditions(old.conditions, [accepted], timestamp(now), LORA_OWNED),
-            tokens=old.tokens,
+    async def observe(self, engine: EngineClient) -> Observed:
+        bodies = list(self.sources.pods())
+        adapters = [self._as_written(lora_crd.PLURAL, body) for body in self.sources.adapters()]
+        bmd_body = self._as_written(bmd_crd.PLURAL, plain(self.sources.body))
+        if self.state.salt is None:
+            self.state.salt = await read_salt(self.kube, BaseModelDeployment.from_body(bmd_body))
+        observed = Observed(
+            bmd_body=bmd_body,
+            adapters=adapters,
+            namespace_labels=self.sources.namespace_labels(),
+            pods=await ask_pods(engine, bodies, self.config.pod_concurrency),
+            pod_gates=pod_bodies_gate(bodies, READINESS_GATE),
+            secrets=await self.secrets.read(
+                self.kube, secret_refs(adapters) | credential_secret_refs(adapters)
+            ),
+            salt=self.state.salt,
+            attempts=dict(self.state.attempts),
+            busy={key: self.state.started.get(key, 0.0) for key in self.state.busy},
+            now=time.time(),
         )
-    by_pod = {
-        pod: attempt for (pod, name), attempt in result.attempts.items() if name == verdict.adapter.name
-    }
-    status = lora_status(verdict.adapter, verdict.generation, result.pods, by_pod, old, now)
-    asserted = [accepted] if keys is None else [accepted, keys]
-    conditions = merge_conditions(status.conditions, asserted, timestamp(now), ACCESS_OWNED)
-    return status.model_copy(update={"conditions": conditions})
+        if not self.state.restored:
+            self.state.attempts = restore_attempts(observed)
+            self.state.restored = True
+            observed = Observed(**{**observed.__dict__, "attempts": dict(self.state.attempts)})
+        return observed
+
+    def _as_written(self, plural: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The body with our latest status on top while the watch has not delivered it yet
+        (queued, or written over the status still shown): decide then sees its own write."""
+        meta, writer = body["metadata"], self.state.writer
+        stored = body.get("status") or {}
+        key = (plural, meta["namespace"], meta["name"])
+        latest = writer.latest(key, stored) if writer else None
+        if latest is None:
+            return body
+        self._stored[key] = stored  # what the patch is written over, whatever decide compared with
+        return {**body, "status": {**stored, **latest}}
+
+    def _written_over_stored(self, plan: Plan) -> Plan:
+        stored, self._stored = self._stored, {}
+
+        def fix(patch: StatusPatch | None) -> StatusPatch | None:
+            key = (patch.plural, patch.namespace, patch.name) if patch else None
+            return replace(patch, seen=stored[key]) if patch and key in stored else patch
+
+        return replace(
+            plan, bmd_status=fix(plan.bmd_status), lora_statuses=tuple(map(fix, plan.lora_statuses))
+        )
+
+    async def step(self, engine: EngineClient, wake: Callable[[], None]) -> Plan:
+        started = time.monotonic()
+        observed = await self.observe(engine)
+        observed_at = time.monotonic()
+        plan = self._written_over_stored(decide(observed))
+        decided_at = time.monotonic()
+        live = {pod.name for pod in observed.pods}
+        self.state.attempts = {key: value for key, value in self.state.attempts.items() if key[0] in live}
+        actor = Actor(self.kube, engine, self.state, wake, self.config.pod_concurrency)
+        await act(actor, plan, observed.pods)
+        if plan.engine_calls or plan.lora_statuses or plan.meta or plan.bmd_status:
+            log.info(
+                "pass: observe %.3fs, decide %.3fs, act %.3fs; %d engine call(s), %d status(es), %d meta",
+                observed_at - started,
+                decided_at - observed_at,
+                time.monotonic() - decided_at,
+                plan.engine_calls,
+                len(plan.lora_statuses) + (plan.bmd_status is not None),
+                len(plan.meta),
+            )
+        return plan
 
 
-async def _write_gates(
-    kube: Kube, bmd: BaseModelDeployment, desired: Mapping[str, Any], result: CycleResult, world: World
-) -> None:
-    bodies = {body["metadata"]["name"]: body for body in world.pods}
-    for pod in result.pods:
-        current = _pod_condition(bodies[pod.name], READINESS_GATE)
-        wanted = readiness_gate(pod, desired, current)
-        if wanted is not None:
-            gate = {"type": READINESS_GATE, **wanted, "lastTransitionTime": timestamp(time.time())}
-            await kube.set_pod_condition(bmd.namespace, pod.name, gate)
+class EngineCache:
+    """One engine client per base, replaced when the deployment's API key changes."""
+
+    def __init__(self, config: OperatorConfig) -> None:
+        self._config = config
+        self._key: str | None = None
+        self._client: EngineClient | None = None
+
+    async def get(self, api_key: str | None) -> EngineClient:
+        if self._client is None or api_key != self._key:
+            await self.close()
+            self._key, self._client = api_key, EngineClient(self._config.timeouts, api_key).open()
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
 
-def _pod_condition(body: Mapping[str, Any], condition_type: str) -> Mapping[str, Any] | None:
-    conditions = (body.get("status") or {}).get("conditions") or ()
-    return next((item for item in conditions if item.get("type") == condition_type), None)
-
-
-def _ours(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """The old status restricted to the keys we write, so a no-op cycle writes nothing."""
-    return {key: old[key] for key in new if key in old}
-
-
-def _key(body: Mapping[str, Any]) -> Key:
-    return body["metadata"]["namespace"], body["metadata"]["name"]
+def plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A snapshot of a kopf body as plain dicts (kopf's views follow the live object)."""
+    return {key: (plain(value) if isinstance(value, Mapping) else value) for key, value in body.items()}

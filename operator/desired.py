@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
@@ -22,6 +23,9 @@ class DesiredAdapter(BaseModel):
     sha256: str | None = None
     aliases: tuple[str, ...] = ()
     pinned: bool = False
+    # No access keys: the load declares it open, so it is callable before the pod's mounted keys
+    # file names it (not written to the ConfigMap: a pod starting reads that file first).
+    open: bool = False
 
 
 def desired_adapter(served_name: str, spec: LoraAdapterSpec) -> DesiredAdapter:
@@ -40,9 +44,19 @@ _LIST = TypeAdapter(list[DesiredAdapter])
 
 def adapters_to_json(adapters: Iterable[DesiredAdapter]) -> str:
     """Stable text (sorted by name) so an unchanged set never rewrites the ConfigMap."""
-    ordered = sorted(adapters, key=lambda adapter: adapter.name)
+    return _to_json(tuple(sorted(adapters, key=lambda adapter: adapter.name)))
+
+
+@lru_cache(maxsize=16)
+def _to_json(ordered: tuple[DesiredAdapter, ...]) -> str:
+    """Cached: every pass renders the ConfigMap, and the set rarely changes between passes."""
     return (
-        json.dumps([adapter.model_dump(mode="json") for adapter in ordered], indent=2, sort_keys=True) + "\n"
+        json.dumps(
+            [adapter.model_dump(mode="json", exclude={"open"}) for adapter in ordered],
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n"
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from enum import StrEnum
 from types import TracebackType
 from typing import Any
 
@@ -48,6 +49,14 @@ class AdapterRejected(EngineHTTPError):
     """The engine refused to load or unload the adapter; `message` is its own explanation."""
 
 
+class AdapterState(StrEnum):
+    """An adapter's state on one pod, as `GET /v1/adapters` says it (the engine's vocabulary)."""
+
+    LOADING = "loading"  # downloading, loading, or loaded but not callable yet (access pending)
+    READY = "ready"
+    FAILED = "failed"
+
+
 class AdapterReport(BaseModel):
     """One entry of `GET /v1/adapters`: what a pod says about one adapter."""
 
@@ -55,7 +64,7 @@ class AdapterReport(BaseModel):
 
     name: str
     source: str = ""
-    state: str  # "loading", "ready" or "failed"
+    state: AdapterState
     rank: int | None = None
     alpha: float | None = None
     target_modules: tuple[str, ...] = ()
@@ -148,6 +157,7 @@ class EngineClient:
             "sha256": adapter.sha256,
             "aliases": list(adapter.aliases),
             "pinned": adapter.pinned,
+            "open": adapter.open,
         }
         status, body = await self._request(
             "POST", f"{url}/v1/load_lora_adapter", payload, self.timeouts.load_s

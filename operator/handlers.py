@@ -1,9 +1,13 @@
-"""kopf handlers: a thin registry. Each handler parses, calls the pure parts, and does I/O through
-`Kube`; the per-base daemon (`daemon.py`) does the converging and writes status.
+"""kopf handlers: a thin registry that parses, indexes, wakes and refuses. Each base's loop
+(`daemon.py`: observe → decide → act) does the converging and writes status.
+
+LoraAdapters have no kopf change handlers: an event only wakes their base (no progress or
+diff-base annotations written per object); the base's loop manages their finalizer itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -16,24 +20,17 @@ from pydantic import ValidationError
 from loraplex.operator import autopilot
 from loraplex.operator import bmd as bmd_crd
 from loraplex.operator import lora as lora_crd
-from loraplex.operator.access import read_salt, render_access_secret
-from loraplex.operator.admission import ATTACHED_ANNOTATION, admit, base_key, desired_set, qualified_name
+from loraplex.operator.act import BaseState
+from loraplex.operator.admission import base_key
 from loraplex.operator.bmd import BaseModelDeployment, BaseModelDeploymentStatus, BmdPhase
 from loraplex.operator.common import GROUP, VERSION
 from loraplex.operator.conditions import condition, merge_conditions, timestamp
-from loraplex.operator.credentials import render_credentials
-from loraplex.operator.daemon import DaemonState, Wakers, World, converge_once
-from loraplex.operator.engine_client import EngineClient, EngineClientError
+from loraplex.operator.daemon import BaseLoop, EngineCache, Sources, Wakers, plain
+from loraplex.operator.decide import FINALIZER, LEGACY_FINALIZERS
 from loraplex.operator.k8s import Kube
 from loraplex.operator.lora import LoraAdapterStatus, LoraPhase
-from loraplex.operator.pods import observe_pod
-from loraplex.operator.render import (
-    build_configmap,
-    build_deployment,
-    build_inference_pool,
-    build_pdb,
-    build_service,
-)
+from loraplex.operator.plan import MetaPatch
+from loraplex.operator.render import build_deployment, build_inference_pool, build_pdb, build_service
 from loraplex.operator.render.autoscaling import (
     HPA_API_VERSIONS,
     HPA_KIND,
@@ -59,7 +56,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.config = OperatorConfig.from_env()
     memo.kube = Kube.from_environment()
     memo.wakers = Wakers()
-    memo.daemon_states = {}  # (namespace, name) -> DaemonState, shared with the change handlers
+    memo.daemon_states = {}  # (namespace, name) -> BaseState, shared with the change handlers
+    memo.seen = {}  # adapter -> what its last event carried that a pass decides on
     modern = await memo.kube.served("policy/v1", "PodDisruptionBudget")
     memo.options = memo.config.render_options("policy/v1" if modern else "policy/v1beta1")
     # autoscaling/v2 from 1.23 on; older servers (the local 1.20) serve the same schema as v2beta2.
@@ -70,13 +68,18 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 # Indexes: the daemon reads them every cycle instead of listing from the API server.
 @kopf.index("pods", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
 def server_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, labels.get(BASE_MODEL_LABEL, "")): _plain(body)}
+    return {(namespace, labels.get(BASE_MODEL_LABEL, "")): plain(body)}
 
 
 @kopf.index(GROUP, VERSION, lora_crd.PLURAL)
 def adapters_by_base(body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
     key = base_key(body)
-    return {key: _plain(body)} if key else None
+    return {key: plain(body)} if key else None
+
+
+@kopf.index(GROUP, VERSION, bmd_crd.PLURAL)
+def bases(namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+    return {(namespace, name): True}
 
 
 @kopf.index("namespaces")
@@ -101,11 +104,9 @@ def pod_changed(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_:
 @kopf.on.create(GROUP, VERSION, bmd_crd.PLURAL)
 @kopf.on.update(GROUP, VERSION, bmd_crd.PLURAL)
 @kopf.on.resume(GROUP, VERSION, bmd_crd.PLURAL)
-async def apply_children(
-    body: kopf.Body, memo: kopf.Memo, adapters_by_base: kopf.Index, namespace_labels: kopf.Index, **_: Any
-) -> None:
-    """Render and server-side-apply the Deployment, Service, ConfigMap, PDB, InferencePool and
-    autoscaler (HPA or KEDA ScaledObject)."""
+async def apply_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Render and server-side-apply the Deployment, Service, PDB, InferencePool and autoscaler
+    (HPA or KEDA ScaledObject); the base's loop applies the ConfigMap and access Secret."""
     kube: Kube = memo.kube
     try:
         bmd = BaseModelDeployment.from_body(body)
@@ -113,18 +114,10 @@ async def apply_children(
         await _report_invalid_spec(kube, body, str(error))
         raise kopf.PermanentError(f"invalid spec: {error}") from error
     key = (bmd.namespace, bmd.name)
-    adapters = list(adapters_by_base.get(key, []))
-    verdicts = admit(bmd, adapters, _labels(namespace_labels))
-    state = memo.daemon_states.get(key)
-    salt = state.access_salt if state is not None and state.access_salt else await read_salt(kube, bmd)
-    children = [
-        await render_access_secret(kube, bmd, verdicts, adapters, salt),  # the pods mount it
-        await render_credentials(kube, bmd, verdicts, adapters),  # the pods mount it too
-        build_configmap(bmd, desired_set(verdicts).values()),  # first: the pods mount it
-        build_deployment(bmd, memo.options),
-        build_service(bmd),
-        build_pdb(bmd, memo.options),
-    ]
+    if (state := memo.daemon_states.get(key)) is not None:
+        state.forget_children()  # e.g. the base's name in the ConfigMap: compare them again
+    memo.wakers.wake(key)
+    children = [build_deployment(bmd, memo.options), build_service(bmd), build_pdb(bmd, memo.options)]
     if autopilot.bmd_rejections(bmd):  # pods Autopilot refuses: status says AutopilotRejected
         children = [child for child in children if child["kind"] != "Deployment"]
     for child in children:
@@ -134,11 +127,6 @@ async def apply_children(
         await kube.apply(pool)
     elif await kube.served(INFERENCE_POOL_API_VERSION, "InferencePool"):
         await kube.delete(INFERENCE_POOL_API_VERSION, "InferencePool", bmd.namespace, bmd.name)
-    if (state := memo.daemon_states.get(key)) is not None:
-        state.configmap_hash = None  # we just wrote the ConfigMap: the daemon re-checks it
-        state.access_hash = None
-        state.credentials_hash = None
-    memo.wakers.wake(key)
     await _apply_autoscaler(kube, bmd, memo.hpa_api_version)  # last: it may retry (KEDA missing)
 
 
@@ -170,50 +158,32 @@ async def converge(
     namespace_labels: kopf.Index,
     **_: Any,
 ) -> None:
-    """Converge this base's pods until the object is deleted or the operator stops."""
+    """observe → decide → act for this base until it is deleted or the operator stops."""
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
-    state = memo.daemon_states.setdefault(key, DaemonState())
-    engines = _EngineCache(memo.config)
+    state = memo.daemon_states.setdefault(key, BaseState())
+    sources = Sources(
+        body=body,
+        pods=lambda: list(server_pods.get(key, [])),
+        adapters=lambda: list(adapters_by_base.get(key, [])),
+        namespace_labels=lambda: _labels(namespace_labels),
+    )
+    loop = BaseLoop(memo.kube, memo.config, sources, state)
+    engines = EngineCache(memo.config)
     try:
         while not stopped:
-            world = World(
-                bmd_body=_plain(body),
-                pods=list(server_pods.get(key, [])),
-                adapters=list(adapters_by_base.get(key, [])),
-                namespace_labels=_labels(namespace_labels),
-            )
-            acted = False
+            recheck = None
             try:
-                engine = await engines.get(await _api_key(memo.kube, body))
-                acted = await converge_once(memo.kube, engine, state, world, memo.config, memo.options)
+                engine = await engines.get(await loop.api_key())
+                recheck = (await loop.step(engine, lambda: memo.wakers.wake(key))).recheck_s
             except (ValidationError, kopf.PermanentError):
                 pass  # invalid spec: the change handler reported it; wait for a fix
-            except Exception:  # one bad cycle must not end the daemon
-                log.exception("cycle for %s/%s failed", *key)
-            await memo.wakers.sleep(key, memo.config.quick_tick_s if acted else memo.config.tick_s)
+            except Exception:  # one bad pass must not end the loop
+                log.exception("pass for %s/%s failed", *key)
+            await memo.wakers.sleep(key, recheck or memo.config.tick_s)
     finally:
         memo.daemon_states.pop(key, None)
+        await state.cancel()
         await engines.close()
-
-
-class _EngineCache:
-    """One engine client per daemon, replaced when the deployment's API key changes."""
-
-    def __init__(self, config: OperatorConfig) -> None:
-        self._config = config
-        self._key: str | None = None
-        self._client: EngineClient | None = None
-
-    async def get(self, api_key: str | None) -> EngineClient:
-        if self._client is None or api_key != self._key:
-            await self.close()
-            self._key, self._client = api_key, EngineClient(self._config.timeouts, api_key).open()
-        return self._client
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
 
 
 @kopf.on.delete(GROUP, VERSION, bmd_crd.PLURAL, optional=True)
@@ -230,70 +200,48 @@ async def base_deleted(body: kopf.Body, memo: kopf.Memo, adapters_by_base: kopf.
                 raise
 
 
-@kopf.on.create(GROUP, VERSION, lora_crd.PLURAL)
-@kopf.on.update(GROUP, VERSION, lora_crd.PLURAL)
-@kopf.on.resume(GROUP, VERSION, lora_crd.PLURAL)
-async def adapter_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Record the attachment and wake the base's daemon; it admits, loads and reports."""
+@kopf.on.event(GROUP, VERSION, lora_crd.PLURAL)
+async def adapter_event(type: str, body: kopf.Body, memo: kopf.Memo, bases: kopf.Index, **_: Any) -> None:
+    """Wake the adapter's base when something it decides on changed (not for status writes);
+    refuse an adapter whose base does not exist. No API call on the common path."""
     key = base_key(body)
-    kube: Kube = memo.kube
-    if key is None or await kube.get(bmd_crd.PLURAL, *key) is None:
-        await _refuse(
-            kube, body, "BaseModelNotFound", f"no BaseModelDeployment {key[0]}/{key[1]}" if key else ""
-        )
+    meta = body["metadata"]
+    seen_key = (meta["namespace"], meta["name"])
+    if type == "DELETED":
+        memo.seen.pop(seen_key, None)
+        memo.wakers.wake(key)
         return
-    meta = body["metadata"]
-    if ATTACHED_ANNOTATION not in (meta.get("annotations") or {}):
-        await kube.patch_annotations(
-            lora_crd.PLURAL, meta["namespace"], meta["name"], {ATTACHED_ANNOTATION: "/".join(key)}
+    if key is not None and key in bases:
+        signature = (
+            meta.get("uid"),
+            meta.get("generation"),
+            meta.get("deletionTimestamp"),
+            tuple(meta.get("finalizers") or ()),
+            tuple(sorted((meta.get("annotations") or {}).items())),
         )
-    memo.wakers.wake(key)
+        if memo.seen.get(seen_key) != signature:
+            memo.seen[seen_key] = signature
+            memo.wakers.wake(key)
+        return
+    await _without_base(memo.kube, body, key)
 
 
-def _unloads_on_delete(spec: Mapping[str, Any], **_: Any) -> bool:
-    return spec.get("deletionPolicy", "Unload") == "Unload"
-
-
-@kopf.on.delete(GROUP, VERSION, lora_crd.PLURAL, when=_unloads_on_delete)
-async def adapter_deleted(body: kopf.Body, memo: kopf.Memo, server_pods: kopf.Index, **_: Any) -> None:
-    """Unload policy: hold the finalizer until no pod of the base serves the adapter any more."""
-    key = base_key(body)
-    base = await memo.kube.get(bmd_crd.PLURAL, *key) if key else None
-    if key is None or base is None or not _condition_true(body, "Accepted"):
-        return  # no base, or never loaded under this object: nothing to wait for
-    memo.wakers.wake(key)  # the daemon now sees it as Deleting and unloads it
-    spec = body.get("spec") or {}
+async def _without_base(kube: Kube, body: Mapping[str, Any], key: tuple[str, str] | None) -> None:
+    """No such base: say so (once), and never hold a deletion for it."""
     meta = body["metadata"]
-    # its bare served name, or the qualified one it is served under after a cross-namespace clash
-    names = {spec.get("servedName") or meta["name"], qualified_name(meta["namespace"], meta["name"])}
-    served = (frozenset(names), spec.get("source", {}).get("uri"))
-    api_key = await _api_key(memo.kube, base)
-    holders = await _pods_serving(memo, list(server_pods.get(key, [])), served, api_key)
-    if holders:
-        raise kopf.TemporaryError(f"still loaded on {', '.join(holders)}", delay=3)
-
-
-async def _pods_serving(
-    memo: kopf.Memo,
-    pod_bodies: list[Mapping[str, Any]],
-    served: tuple[frozenset[str], str | None],
-    api_key: str | None,
-) -> list[str]:
-    """Pods that list this adapter (served name and source: another adapter may take the name next)."""
-    holders = []
-    async with EngineClient(memo.config.timeouts, api_key) as engine:
-        for pod in map(observe_pod, pod_bodies):
-            if pod.url is None:
-                continue
-            try:
-                if any(
-                    report.name in served[0] and report.source == served[1]
-                    for report in await engine.list_adapters(pod.url)
-                ):
-                    holders.append(pod.name)
-            except EngineClientError:
-                continue  # a pod that does not answer restarts from the ConfigMap, without it
-    return holders
+    ours = [item for item in meta.get("finalizers") or () if item == FINALIZER or item in LEGACY_FINALIZERS]
+    if meta.get("deletionTimestamp"):
+        if ours:
+            kept = [item for item in meta.get("finalizers") or () if item not in ours]
+            release = MetaPatch(meta["namespace"], meta["name"], tuple(kept), tuple(meta["finalizers"]))
+            with contextlib.suppress(ApiException):
+                await kube.patch_metadata(
+                    lora_crd.PLURAL, meta["namespace"], meta["name"], release.json_patch()
+                )
+        return
+    if _condition_reason(body, "Accepted") != "BaseModelNotFound":
+        message = f"no BaseModelDeployment {key[0]}/{key[1]}" if key else "spec.baseModel is not set"
+        await _refuse(kube, body, "BaseModelNotFound", message)
 
 
 async def _report_invalid_spec(kube: Kube, body: Mapping[str, Any], message: str) -> None:
@@ -319,22 +267,10 @@ async def _refuse(kube: Kube, body: Mapping[str, Any], reason: str, message: str
     await kube.patch_status(lora_crd.PLURAL, meta["namespace"], meta["name"], status)
 
 
-async def _api_key(kube: Kube, body: Mapping[str, Any]) -> str | None:
-    ref = (body.get("spec") or {}).get("apiKeySecretRef")
-    if not ref:
-        return None
-    return await kube.read_secret_key(body["metadata"]["namespace"], ref["name"], ref["key"])
-
-
-def _condition_true(body: Mapping[str, Any], condition_type: str) -> bool:
+def _condition_reason(body: Mapping[str, Any], condition_type: str) -> str | None:
     conditions = (body.get("status") or {}).get("conditions") or ()
-    return any(item.get("type") == condition_type and item.get("status") == "True" for item in conditions)
+    return next((item.get("reason") for item in conditions if item.get("type") == condition_type), None)
 
 
 def _labels(index: kopf.Index) -> dict[str, dict[str, str]]:
     return {name: next(iter(store), {}) for name, store in index.items()}
-
-
-def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A snapshot of a kopf body as plain dicts (kopf's views follow the live object)."""
-    return {key: (_plain(value) if isinstance(value, Mapping) else value) for key, value in body.items()}

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import tempfile
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import kubernetes
@@ -21,6 +24,7 @@ from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 from loraplex.operator.common import GROUP, VERSION
 
 FIELD_MANAGER = "loraplex-operator"
+THREADS = 32  # blocking client calls in flight (status writes of many adapters run in parallel)
 T = TypeVar("T")
 
 
@@ -31,6 +35,13 @@ class Kube:
         self._core = CoreV1Api(api_client)
         self._custom = CustomObjectsApi(api_client)
         self._dynamic: DynamicClient | None = None
+        self._discovery = threading.Lock()
+        self._kinds: dict[tuple[str, str], Any] = {}
+        self._threads = ThreadPoolExecutor(THREADS, thread_name_prefix="kube")
+
+    @property
+    def api_client(self) -> ApiClient:
+        return self._api_client
 
     @classmethod
     def from_environment(cls) -> Kube:
@@ -39,22 +50,36 @@ class Kube:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()
-        return cls(ApiClient())
+        configuration = kubernetes.client.Configuration.get_default_copy()
+        configuration.connection_pool_maxsize = THREADS  # one connection per thread, reused
+        return cls(ApiClient(configuration))
 
     async def _run(self, call: Callable[[], T]) -> T:
-        return await asyncio.to_thread(call)
+        """In our own threads: the default executor is small (CPUs + 4) and kopf's, too."""
+        return await asyncio.get_running_loop().run_in_executor(self._threads, call)
 
-    def _resources(self) -> Any:
-        if self._dynamic is None:  # discovery: once, lazily, in the worker thread
-            self._dynamic = DynamicClient(self._api_client)
-        return self._dynamic.resources
+    def _resource(self, api_version: str, kind: str) -> Any:
+        """The dynamic client's resource for a kind, looked up once. Discovery is not thread-safe
+        (its lazy cache raced into `KeyError: 'apis'` from concurrent worker threads): one lock,
+        and a cache file of this process only."""
+        with self._discovery:
+            if (api_version, kind) not in self._kinds:
+                if self._dynamic is None:
+                    # kept for the client's life (an empty file would log a cache error)
+                    self._cache_dir = tempfile.TemporaryDirectory(prefix="loraplex-discovery-")
+                    cache = f"{self._cache_dir.name}/discovery.json"
+                    self._dynamic = DynamicClient(self._api_client, cache_file=cache)
+                self._kinds[(api_version, kind)] = self._dynamic.resources.get(
+                    api_version=api_version, kind=kind
+                )
+            return self._kinds[(api_version, kind)]
 
     async def served(self, api_version: str, kind: str) -> bool:
         """Whether the API server knows this kind (policy/v1 on 1.21+, InferencePool if installed)."""
 
         def lookup() -> bool:
             try:
-                self._resources().get(api_version=api_version, kind=kind)
+                self._resource(api_version, kind)
                 return True
             except ResourceNotFoundError:
                 return False
@@ -63,7 +88,7 @@ class Kube:
 
     async def apply(self, body: dict[str, Any]) -> None:
         def call() -> None:
-            resource = self._resources().get(api_version=body["apiVersion"], kind=body["kind"])
+            resource = self._resource(body["apiVersion"], body["kind"])
             resource.server_side_apply(body=body, field_manager=self._field_manager, force_conflicts=True)
 
         await self._run(call)
@@ -73,7 +98,7 @@ class Kube:
 
         def call() -> None:
             try:
-                resource = self._resources().get(api_version=api_version, kind=kind)
+                resource = self._resource(api_version, kind)
                 resource.delete(name=name, namespace=namespace)
             except (NotFoundError, ResourceNotFoundError):
                 pass
@@ -88,12 +113,12 @@ class Kube:
             )
         )
 
-    async def patch_annotations(
-        self, plural: str, namespace: str, name: str, annotations: dict[str, str]
-    ) -> None:
-        body = {"metadata": {"annotations": annotations}}
+    async def patch_metadata(self, plural: str, namespace: str, name: str, ops: list[dict[str, Any]]) -> None:
+        """JSON-patch one of our resources (its finalizers and annotations)."""
         await self._run(
-            lambda: self._custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, body)
+            lambda: self._custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, ops, _content_type="application/json-patch+json"
+            )
         )
 
     async def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:

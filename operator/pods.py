@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 from loraplex.operator.engine_client import AdapterReport, pod_url
@@ -35,6 +36,10 @@ class PodObservation:
     @property
     def reachable(self) -> bool:
         return self.reports is not None
+
+    @cached_property
+    def reports_by_name(self) -> dict[str, AdapterReport]:
+        return {report.name: report for report in self.reports or ()}
 
     @property
     def url(self) -> str | None:

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraplex.operator.desired import DesiredAdapter
-from loraplex.operator.engine_client import AdapterReport
+from loraplex.operator.engine_client import AdapterReport, AdapterState
 from loraplex.operator.pods import PodObservation
 
 BACKOFF_BASE_S = 10.0
 BACKOFF_MAX_S = 600.0
 
-READY, LOADING, FAILED = "ready", "loading", "failed"
+READY, LOADING, FAILED = AdapterState.READY, AdapterState.LOADING, AdapterState.FAILED
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
-"""Both resources' status, computed from what the pods reported this cycle (never from our own
-bookkeeping: an adapter is Ready on a pod only when that pod says so)."""
+"""Both resources' status, computed from what the pods reported (never from our own bookkeeping).
+
+The one place that says whether an adapter is Ready on a pod (`instance`): the pod reports it
+ready in the wanted version and the pod itself is Ready, i.e. serving through the Service.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from loraplex.operator.bmd import (
 from loraplex.operator.common import Condition
 from loraplex.operator.conditions import condition, merge_conditions, parse_timestamp, timestamp
 from loraplex.operator.desired import DesiredAdapter
-from loraplex.operator.engine_client import AdapterReport
+from loraplex.operator.engine_client import AdapterReport, AdapterState
 from loraplex.operator.lora import (
     AdapterInstance,
     InstanceState,
@@ -47,6 +50,7 @@ FAILURE_CONDITIONS = {
     "capacity": "InsufficientCapacity",
 }
 DEFAULT_FAILURE = "LoadFailed"
+NOT_SERVING = "loaded; the pod is not Ready (not in the Service's endpoints)"
 LORA_OWNED = frozenset({"Loaded", "Ready", DEFAULT_FAILURE, *FAILURE_CONDITIONS.values()})
 BMD_OWNED = frozenset({"Available", "Ready", "Progressing", "GPUCapacityPending", autopilot.CONDITION})
 
@@ -56,7 +60,7 @@ def live_pods(pods: Sequence[PodObservation]) -> list[PodObservation]:
 
 
 def _report(pod: PodObservation, name: str) -> AdapterReport | None:
-    return next((report for report in pod.reports or () if report.name == name), None)
+    return pod.reports_by_name.get(name)
 
 
 def instance(
@@ -71,10 +75,14 @@ def instance(
     elif report is None:
         state = InstanceState.FAILED if attempt else InstanceState.PENDING
         error, error_type = (attempt.last_error, attempt.error_type) if attempt else (None, None)
-    elif report.state == "ready":
-        state = InstanceState.READY if matches(adapter, report) else InstanceState.LOADING
-        error = None
-    elif report.state == "failed":
+    elif report.state == AdapterState.READY and not matches(adapter, report):
+        state, error = InstanceState.LOADING, None  # an older version: being replaced
+    elif report.state == AdapterState.READY:
+        # Ready only where clients reach it: the pod holds it and serves (Ready, so in the
+        # Service's EndpointSlices); base and adapter counts never contradict each other.
+        state = InstanceState.READY if pod.ready else InstanceState.PENDING
+        error = None if pod.ready else NOT_SERVING
+    elif report.state == AdapterState.FAILED:
         state, error, error_type = InstanceState.FAILED, report.error, report.error_type
         if attempt is not None:
             error, error_type = error or attempt.last_error, error_type or attempt.error_type
@@ -185,7 +193,7 @@ def _failure_conditions(
     failures: dict[str, tuple[str, str, list[str]]] = {}
     for pod in pods:
         report, attempt = _report(pod, adapter.name), attempts.get(pod.name)
-        if report is not None and report.state == "failed":
+        if report is not None and report.state == AdapterState.FAILED:
             error_type, message = report.error_type or "adapter_load_failed", report.error or "load failed"
         elif report is None and pod.reachable and attempt and attempt.applies_to(pod.epoch, adapter):
             error_type, message = (
@@ -209,7 +217,7 @@ def _camel(error_type: str) -> str:
 def _resolved(adapter: DesiredAdapter, pods: Sequence[PodObservation]) -> ResolvedAdapter | None:
     for pod in pods:
         report = _report(pod, adapter.name)
-        if report is not None and report.state == "ready" and matches(adapter, report):
+        if report is not None and report.state == AdapterState.READY and matches(adapter, report):
             return ResolvedAdapter(
                 revision=report.revision,
                 sha256=report.sha256,
@@ -315,7 +323,9 @@ def _pod_report(pod: PodObservation, desired: Mapping[str, DesiredAdapter]) -> P
     loaded = sum(
         1
         for report in pod.reports or ()
-        if report.state == "ready" and report.name in desired and matches(desired[report.name], report)
+        if report.state == AdapterState.READY
+        and report.name in desired
+        and matches(desired[report.name], report)
     )
     return PodReport(
         name=pod.name, ip=pod.ip, ready=pod.ready, engine_epoch=pod.epoch, adapters_loaded=loaded

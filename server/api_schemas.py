@@ -188,6 +188,8 @@ class LoadLoraAdapterRequest(_Body):
     token: str | None = Field(
         default=None, repr=False
     )  # for a private hf:// or https:// source; never stored
+    # callable at once without a key file entry (the operator's declaration; the file's wins)
+    open: bool = False
 
 
 class UnloadLoraAdapterRequest(_Body):

@@ -10,7 +10,9 @@ once and compared in constant time with every digest. Rules:
 - the base model, and the adapters the file lists as `open` (every adapter when no file is
   configured), follow the deployment key (`API_KEY`), or are open when there is none;
 - with a file, an adapter it does not name yet (loaded before the kubelet refreshed the mount)
-  is closed, and until the file could be read once every adapter is (fail closed);
+  is closed, unless its load (an admin call) declared it open: the operator knows at load
+  time what the file will say, and the mount can lag a minute; until the file could be read
+  once every adapter is closed (fail closed);
 - admin routes (`/v1/adapters`, load, unload) need the deployment key when there is one.
 
 Keys and digests never reach logs, metrics or error messages: errors name the adapter only.
@@ -129,6 +131,19 @@ class AccessControl:
     def __init__(self, api_key: str | None, table: AccessTable | None = None) -> None:
         self.api_key = api_key
         self.table = table or AccessTable()
+        self.declared_open: set[str] = set()  # loads that said `open`; the file's entry wins
+
+    def declare_open(self, adapter: str, is_open: bool) -> None:
+        (self.declared_open.add if is_open else self.declared_open.discard)(adapter)
+
+    def _declared(self, adapter: str) -> bool:
+        return self.table.loaded and adapter in self.declared_open and adapter not in self.table.digests
+
+    def is_protected(self, adapter: str) -> bool:
+        return not self._declared(adapter) and self.table.is_protected(adapter)
+
+    def access_of(self, adapter: str) -> str:
+        return "open" if self._declared(adapter) else self.table.access_of(adapter)
 
     def identify(self, header: str | None) -> Caller:
         scheme, _, token = (header or "").partition(" ")
@@ -140,7 +155,7 @@ class AccessControl:
 
     def may_use(self, caller: Caller, adapter: str | None) -> bool:
         """`adapter` None is the base model."""
-        if adapter is not None and self.table.is_protected(adapter):
+        if adapter is not None and self.is_protected(adapter):
             return adapter in caller.adapters
         return not self.api_key or caller.is_deployment
 

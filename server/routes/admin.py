@@ -40,7 +40,7 @@ def adapter_report(ctx: ServerContext, info: AdapterInfo) -> dict[str, Any]:
     yet answers 401 to everyone, so it is reported `loading`, not `ready`: the operator must not
     call it Ready before clients can reach it."""
     report = adapter_json(with_usage(ctx, info))
-    report["access"] = ctx.access.table.access_of(info.name)
+    report["access"] = ctx.access.access_of(info.name)
     if report["access"] == "pending" and report["state"] == "ready":
         report["state"] = "loading"
     return report
@@ -76,6 +76,7 @@ async def load_adapter(http: web.Request) -> web.Response:
         ctx.metrics.adapter_loads.labels(exc.error_type).inc()
         raise
     ctx.metrics.adapter_loads.labels("ok").inc()
+    ctx.access.declare_open(body.lora_name, body.open)
     return web.json_response(adapter_report(ctx, info))
 
 
@@ -88,6 +89,7 @@ async def unload_adapter(http: web.Request) -> web.Response:
         ctx.metrics.adapter_unloads.labels(exc.error_type).inc()
         raise
     ctx.metrics.adapter_unloads.labels("ok").inc()
+    ctx.access.declare_open(body.lora_name, False)
     return web.json_response({"lora_name": body.lora_name, "unloaded": True})
 
 

@@ -23,10 +23,11 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def render(*values: str, namespace: str = "loraplex-system") -> list[dict[str, Any]]:
-    """`helm template` with `--set` values, as parsed documents."""
+def render(*values: str, namespace: str = "loraplex-system", hooks: bool = False) -> list[dict[str, Any]]:
+    """`helm template` with `--set` values, as parsed documents (hooks only when asked)."""
     sets = [arg for value in values for arg in ("--set", value)]
-    text = helm("template", "loraplex", str(CHART), "--namespace", namespace, *sets).stdout
+    no_hooks = [] if hooks else ["--no-hooks"]
+    text = helm("template", "loraplex", str(CHART), "--namespace", namespace, *no_hooks, *sets).stdout
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 

@@ -149,3 +149,25 @@ def test_team_role_and_bindings() -> None:
     assert binding["metadata"]["namespace"] == "team-a"
     assert binding["roleRef"]["name"] == "loraplex-adapter-editor"
     assert binding["subjects"] == [{"kind": "Group", "name": "team-a"}]
+
+
+def test_uninstall_hook_stops_the_operator_then_releases_the_finalizers() -> None:
+    assert not find(render(), "Job")  # a hook: never part of what gets installed (nor install.yaml)
+    docs = render(hooks=True)
+    (job,) = find(docs, "Job", "loraplex-operator-uninstall")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["loraplex", "operator"]
+    args = _parse_operator_args(container["args"])
+    assert (args.action, args.all_namespaces) == ("release", True)
+    assert args.operator_deployment == "loraplex-system/loraplex-operator"
+    (role,) = find(docs, "Role", "loraplex-operator-uninstall")
+    scale = next(rule for rule in role["rules"] if rule["resources"] == ["deployments/scale"])
+    assert scale["resourceNames"] == ["loraplex-operator"] and scale["verbs"] == ["patch"]
+    scoped = _parse_operator_args(
+        find(render("scope=namespace", "watchNamespaces={llm}", hooks=True), "Job")[0]["spec"]["template"][
+            "spec"
+        ]["containers"][0]["args"]
+    )
+    assert scoped.namespace == ["llm"]
+    assert not find(render("uninstallHook.enabled=false", hooks=True), "Job")

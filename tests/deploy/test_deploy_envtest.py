@@ -88,7 +88,19 @@ def test_helm_install_and_uninstall(cluster: LocalCluster) -> None:
         status = json.loads(helm("status", "lp", kubeconfig, "--namespace", namespace, "-o", "json").stdout)
         assert status["info"]["status"] == "deployed"
     finally:
-        helm("uninstall", "lp", kubeconfig, "--namespace", namespace, "--wait", "--timeout", "60s")
+        # --no-hooks: no kubelet here runs the uninstall hook's Job; what it runs,
+        # `loraplex operator release`, is tested in tests/operator/test_release_envtest.py
+        helm(
+            "uninstall",
+            "lp",
+            kubeconfig,
+            "--namespace",
+            namespace,
+            "--wait",
+            "--timeout",
+            "60s",
+            "--no-hooks",
+        )
     left = cluster.kubectl("get", "deployment,bmd,lora,role", "--namespace", namespace, "-o", "name").stdout
     assert left.strip() == ""
     assert (

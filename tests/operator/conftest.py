@@ -1,16 +1,21 @@
-"""A fake server pod speaking the adapter admin API over real HTTP, for engine_client and cycle tests."""
+"""A fake server pod speaking the adapter admin API over real HTTP, for engine_client and act tests."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from loraplex.operator.act import Actor, BaseState, start_engine_calls
 from loraplex.operator.engine_client import pod_url
+from loraplex.operator.observe import ask_pods
+from loraplex.operator.pods import PodObservation
+from loraplex.operator.reconcile import Attempt, plan
 
 
 class FakePod:
@@ -127,3 +132,26 @@ def crds(local_cluster) -> None:
     from loraplex.localcluster.install import apply_crds
 
     apply_crds(local_cluster)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    pods: list[PodObservation]  # reports as the pods give them after the engine calls
+    attempts: dict[tuple[str, str], Attempt]
+    acted: bool
+
+
+@pytest.fixture
+def engine_pass() -> Callable[..., Awaitable[PassResult]]:
+    """`await engine_pass(engine, desired, pod_bodies, attempts, now)`: observe the pods, plan,
+    run the engine calls to the end, observe again (a base's loop without Kubernetes writes)."""
+
+    async def run(engine, desired, bodies, attempts=None, now=0.0) -> PassResult:
+        pods = await ask_pods(engine, bodies, 8)
+        actions = plan(desired, pods, attempts or {}, now)
+        state = BaseState(attempts=dict(attempts or {}))
+        actor = Actor(kube=None, engine=engine, state=state, wake=lambda: None, clock=lambda: now)
+        await asyncio.gather(*start_engine_calls(actor, actions, pods))
+        return PassResult(await ask_pods(engine, bodies, 8), state.attempts, any(actions.values()))
+
+    return run

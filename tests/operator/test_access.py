@@ -109,6 +109,22 @@ async def test_access_secret_holds_digests_the_server_accepts() -> None:
     assert not access.may_use(access.identify("Bearer deployment"), "not-yet-listed")
 
 
+def test_a_load_declared_open_is_callable_before_the_file_names_it_and_the_file_wins() -> None:
+    text = access_document(SALT, {"sql": ["key-a"]}, open_names=["chat"])
+    access = AccessControl("deployment", AccessTable.from_json(text))
+    deployment = access.identify("Bearer deployment")
+    assert access.access_of("poem") == "pending" and not access.may_use(deployment, "poem")
+    access.declare_open("poem", True)  # the operator's load said: no keys, open
+    assert access.access_of("poem") == "open" and access.may_use(deployment, "poem")
+    access.declare_open("sql", True)  # a declaration never opens what the file protects
+    assert access.access_of("sql") == "protected" and not access.may_use(deployment, "sql")
+    access.declare_open("poem", False)  # unloaded (or reloaded without `open`): closed again
+    assert access.access_of("poem") == "pending"
+    closed = AccessControl("deployment", AccessTable(loaded=False))
+    closed.declare_open("poem", True)  # before the file could be read once: fail closed
+    assert closed.is_protected("poem")
+
+
 def test_document_is_stable_and_keeps_its_salt() -> None:
     first = access_document(SALT, {"sql": ["k2", "k1"]}, ["chat", "chat"])
     assert first == access_document(SALT, {"sql": ["k1", "k2"]}, ["chat"])

@@ -116,7 +116,7 @@ FULL_LORA_SPEC: dict[str, Any] = {
     "access": {"apiKeySecretRefs": [SECRET_REF]},
 }
 # Fields a kopf filter reads from the raw body (no model in between): (path, file, text it contains).
-RAW_READS = {"LoraAdapter.deletionPolicy": ("operator/handlers.py", 'spec.get("deletionPolicy"')}
+RAW_READS = {"LoraAdapter.deletionPolicy": ("operator/decide.py", '.get("deletionPolicy"')}
 
 
 def _leaves(schema: dict[str, Any], prefix: str) -> set[str]:

@@ -54,6 +54,7 @@ async def test_load_list_unload_round_trip(pod, client) -> None:
             "sha256": None,
             "aliases": ["q"],
             "pinned": True,
+            "open": False,
         }
     ]
     (listed,) = await client.list_adapters(url)

@@ -1,4 +1,4 @@
-"""Contract: the operator's engine client and convergence cycle against the real server app
+"""Contract: the operator's engine client and one pass of engine calls against the real server app
 (tiny CPU Llama, real adapter loads), not a fake. The operator code itself imports no server code."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from loraplex.operator.cycle import run_cycle
 from loraplex.operator.desired import DesiredAdapter
 from loraplex.operator.engine_client import AdapterRejected, EngineClient, EngineHTTPError, pod_url
 from loraplex.operator.lora import LoraAdapterStatus, LoraPhase
@@ -77,7 +76,7 @@ async def test_client_speaks_the_real_admin_api(server) -> None:
         assert denied.value.status == 401
 
 
-async def test_cycle_converges_a_real_pod(server) -> None:
+async def test_a_pass_converges_a_real_pod(server, engine_pass) -> None:
     url, port, dirs = server
     body = _pod_body(port)
     desired = {
@@ -86,22 +85,22 @@ async def test_cycle_converges_a_real_pod(server) -> None:
         "big": DesiredAdapter(name="big", source=str(dirs["c16"])),
     }
     async with EngineClient(api_key=KEY) as engine:
-        first = await run_cycle(engine, desired, [body], {}, now=1000.0)
+        first = await engine_pass(engine, desired, [body], {}, now=1000.0)
         states = {report.name: report.state for report in first.pods[0].reports}
         assert states["a"] == states["b"] == "ready"
         assert ("pod-a", "big") in first.attempts  # refused: backing off, the others serve
-        second = await run_cycle(engine, desired, [body], first.attempts, now=1001.0)
+        second = await engine_pass(engine, desired, [body], first.attempts, now=1001.0)
         assert not second.acted  # converged; the refusal is not retried before its backoff
         names = {report.name for report in await engine.list_adapters(url) if report.state == "ready"}
         assert names == {"a", "b"}
 
 
-async def test_refusal_reaches_status_with_the_engines_text(server) -> None:
+async def test_refusal_reaches_status_with_the_engines_text(server, engine_pass) -> None:
     _, port, dirs = server
     body = _pod_body(port)
     big = DesiredAdapter(name="big", source=str(dirs["c16"]))
     async with EngineClient(api_key=KEY) as engine:
-        result = await run_cycle(engine, {"big": big}, [body], {}, now=1000.0)
+        result = await engine_pass(engine, {"big": big}, [body], {}, now=1000.0)
     attempts = {pod: a for (pod, name), a in result.attempts.items() if name == "big"}
     status = lora_status(big, 1, result.pods, attempts, LoraAdapterStatus(), now=1000.0)
     assert status.phase == LoraPhase.FAILED

@@ -203,6 +203,11 @@ def test_every_adapter_is_ready_on_every_pod_and_answers_its_own_text(live: Live
     assert wait_until(lambda: bmd() == ("Ready", 2), timeout=30), bmd()
     ips = {live.runner.worker(live.namespace, pod).ip for pod in pods}
     assert wait_until(lambda: live.endpoint_ips() == ips, timeout=10), live.endpoint_ips()
+    from loraplex.operator.explain import explain  # what a user runs to see why (not) Ready
+
+    text = explain(live.namespace, BASE)
+    assert f"adapter {live.namespace}/sql: Ready 2/2" in text and "base: Ready, readyReplicas 2" in text
+    assert all(f"pod {pod}: running=True ready=True" in text for pod in pods), text
 
 
 def test_bad_adapters_fail_with_the_engines_reason_and_the_others_stay_ready(live: Live) -> None:

@@ -8,20 +8,16 @@ import json
 from typing import Any
 
 from loraplex.operator.admission import admit
-from loraplex.operator.credentials import credential_refs, render_credentials
+from loraplex.operator.credentials import credential_files, credential_refs, credential_secret_refs
 from loraplex.operator.render import RenderOptions, build_deployment
-from loraplex.operator.render.credentials import CREDENTIALS_DIR, SCHEME_KEYS, credential_file, source_scheme
+from loraplex.operator.render.credentials import (
+    CREDENTIALS_DIR,
+    SCHEME_KEYS,
+    build_credentials_secret,
+    credential_file,
+    source_scheme,
+)
 from loraplex.server.adapters import credentials as server_credentials
-
-
-class Secrets:
-    """The one Kube call this code makes (the API server's part is the envtest's)."""
-
-    def __init__(self, secrets: dict[tuple[str, str], dict[str, str]]) -> None:
-        self.secrets = secrets
-
-    async def read_secret_key(self, namespace: str, name: str, key: str) -> str | None:
-        return self.secrets.get((namespace, name), {}).get(key)
 
 
 def lora(name: str, uri: str, secret: str | None = None, namespace: str = "llm") -> dict[str, Any]:
@@ -47,7 +43,7 @@ USER_SECRETS = {
 }
 
 
-async def test_only_the_named_keys_reach_the_pod(bmd) -> None:
+def test_only_the_named_keys_reach_the_pod(bmd) -> None:
     adapters = [
         lora("sql", "gs://models/sql", "gcs-key"),
         lora("chat", "s3://models/chat", "aws"),
@@ -56,7 +52,11 @@ async def test_only_the_named_keys_reach_the_pod(bmd) -> None:
     ]
     verdicts = admit(bmd, adapters, {})
     assert sorted(ref.served_name for ref in credential_refs(verdicts, adapters)) == ["chat", "sql", "web"]
-    secret = await render_credentials(Secrets(USER_SECRETS), bmd, verdicts, adapters)
+    # What observe reads through the Secret cache: only the scheme's keys, never the rest
+    wanted = credential_secret_refs(adapters)
+    assert ("llm", "gcs-key", "unrelated") not in wanted and ("llm", "aws", "ssh-privatekey") not in wanted
+    secrets = {(ns, name, key): USER_SECRETS.get((ns, name), {}).get(key) for ns, name, key in wanted}
+    secret = build_credentials_secret(bmd, credential_files(credential_refs(verdicts, adapters), secrets))
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
     assert data == {
         "sql.service-account.json": '{"type": "service_account"}',

@@ -1,10 +1,11 @@
-"""A full convergence cycle against fake pods over real HTTP: list, plan, load/unload, report."""
+"""Engine calls of one pass against fake pods over real HTTP: list, plan, load/unload, report."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from loraplex.operator.cycle import run_cycle
+import pytest
+
 from loraplex.operator.desired import DesiredAdapter
 from loraplex.operator.engine_client import EngineClient, EngineTimeouts
 from loraplex.operator.lora import InstanceState, LoraAdapterStatus, LoraPhase
@@ -23,17 +24,22 @@ def body(name: str, port: int, restarts: int = 0, ip: str | None = "127.0.0.1") 
         "spec": {"containers": [{"name": "server", "ports": [{"name": "http", "containerPort": port}]}]},
         "status": {
             "podIP": ip,
+            "conditions": [{"type": "Ready", "status": "True"}],
             "containerStatuses": [{"name": "server", "restartCount": restarts, "state": running}],
         },
     }
 
 
-async def converge(desired, bodies, attempts=None, now=NOW):
-    async with EngineClient(EngineTimeouts(connect_s=1, request_s=2, load_s=2)) as engine:
-        return await run_cycle(engine, desired, bodies, attempts or {}, now)
+@pytest.fixture
+def converge(engine_pass):
+    async def run(desired, bodies, attempts=None, now=NOW):
+        async with EngineClient(EngineTimeouts(connect_s=1, request_s=2, load_s=2)) as engine:
+            return await engine_pass(engine, desired, bodies, attempts, now)
+
+    return run
 
 
-async def test_loads_missing_adapters_on_every_pod(start_fake_pod) -> None:
+async def test_loads_missing_adapters_on_every_pod(start_fake_pod, converge) -> None:
     a, b = await start_fake_pod(), await start_fake_pod()
     b.adapters["old"] = {"name": "old", "source": "hf://org/old", "state": "ready"}
     result = await converge({"sql": SQL, "chat": CHAT}, [body("a", a.port), body("b", b.port)])
@@ -48,7 +54,7 @@ async def test_loads_missing_adapters_on_every_pod(start_fake_pod) -> None:
     assert not again.acted and len(a.loads) == 2  # converged: nothing reloaded
 
 
-async def test_refused_adapter_backs_off_and_others_stay_ready(start_fake_pod) -> None:
+async def test_refused_adapter_backs_off_and_others_stay_ready(start_fake_pod, converge) -> None:
     pod = await start_fake_pod()
     desired = {"sql": SQL, "bad": BAD}
     first = await converge(desired, [body("a", pod.port)])
@@ -65,7 +71,7 @@ async def test_refused_adapter_backs_off_and_others_stay_ready(start_fake_pod) -
     assert retried.attempts[("a", "bad")].attempts == 2
 
 
-async def test_restarted_engine_is_reloaded(start_fake_pod) -> None:
+async def test_restarted_engine_is_reloaded(start_fake_pod, converge) -> None:
     pod = await start_fake_pod()
     await converge({"sql": SQL}, [body("a", pod.port)])
     pod.adapters.clear()  # the process restarted: an empty engine
@@ -74,7 +80,7 @@ async def test_restarted_engine_is_reloaded(start_fake_pod) -> None:
     assert result.pods[0].epoch == "1@2026-11-22T10:01:00Z"
 
 
-async def test_unreachable_and_unstarted_pods_are_reported_not_fatal(start_fake_pod) -> None:
+async def test_unreachable_and_unstarted_pods_are_reported_not_fatal(start_fake_pod, converge) -> None:
     up = await start_fake_pod()
     gone = await start_fake_pod()
     bodies = [body("up", up.port), body("gone", gone.port), body("new", 1, ip=None)]
@@ -92,7 +98,7 @@ async def test_unreachable_and_unstarted_pods_are_reported_not_fatal(start_fake_
     ]
 
 
-async def test_busy_pod_keeps_its_reports_and_is_retried_later(start_fake_pod) -> None:
+async def test_busy_pod_keeps_its_reports_and_is_retried_later(start_fake_pod, converge) -> None:
     pod = await start_fake_pod()
     pod.busy = True
     result = await converge({"sql": SQL}, [body("a", pod.port)])

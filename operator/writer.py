@@ -1,0 +1,101 @@
+"""Writes of one base, off the pass: statuses and adapters' finalizer patches, queued, coalesced
+per object, the base's status first.
+
+A pass never waits for a thousand PATCHes: it hands them here and goes on observing, so a dead
+pod reaches the base's status within one pass even while adapters' statuses are still being
+written. A newer status for an object replaces the one still queued (only the latest matters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from loraplex.operator import lora as lora_crd
+from loraplex.operator.k8s import Kube
+from loraplex.operator.plan import MetaPatch, StatusPatch
+
+log = logging.getLogger(__name__)
+ObjectKey = tuple[str, str, str]  # (plural or "meta", namespace, name)
+CONCURRENCY = 32  # PATCHes in flight at once
+
+
+class StatusWriter:
+    def __init__(self, kube: Kube, concurrency: int = CONCURRENCY) -> None:
+        self._kube = kube
+        self._concurrency = concurrency
+        self._queue: asyncio.PriorityQueue[tuple[int, int, ObjectKey]] = asyncio.PriorityQueue()
+        self._order = itertools.count()
+        self.pending: dict[ObjectKey, StatusPatch | MetaPatch] = {}
+        # what we last wrote, and over which stored status: the watch delivers it later
+        self.written: dict[ObjectKey, tuple[Any, Any]] = {}
+        self._workers: list[asyncio.Task[None]] = []
+
+    def submit(self, patch: StatusPatch, first: bool = False) -> None:
+        key = (patch.plural, patch.namespace, patch.name)
+        if self.written.get(key) == (patch.seen or {}, patch.status):
+            self.pending.pop(key, None)
+            return  # already written over this same stored status
+        if key not in self.pending or first:
+            self._queue.put_nowait((0 if first else 1, next(self._order), key))
+        self.pending[key] = patch
+        self._start()
+
+    def submit_meta(self, patch: MetaPatch) -> None:
+        """Finalizers before statuses: an adapter's attachment is recorded before it is reported."""
+        key = ("meta", patch.namespace, patch.name)
+        if self.written.get(key) == (patch.observed, patch.finalizers):
+            return  # written, the watch has not shown it yet
+        if key not in self.pending:
+            self._queue.put_nowait((0, next(self._order), key))
+        self.pending[key] = patch
+        self._start()
+
+    def _start(self) -> None:
+        if not self._workers:
+            self._workers = [asyncio.create_task(self._work()) for _ in range(self._concurrency)]
+
+    def latest(self, key: ObjectKey, stored: dict[str, Any]) -> dict[str, Any] | None:
+        """The status we are writing or wrote over `stored`, while the watch still shows `stored`."""
+        if isinstance(patch := self.pending.get(key), StatusPatch):
+            return patch.status
+        written = self.written.get(key)
+        return written[1] if written is not None and written[0] == stored else None
+
+    async def idle(self) -> None:
+        """Until everything queued is written (tests, shutdown)."""
+        while self.pending:
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+
+    async def _work(self) -> None:
+        while True:
+            _, _, key = await self._queue.get()
+            patch = self.pending.pop(key, None)
+            if patch is None:
+                continue  # written already by an earlier entry of the same object
+            try:
+                await self._write(key, patch)
+            except ApiException as error:
+                if error.status not in (404, 409, 422):  # gone, or changed: the next pass decides
+                    self.written.pop(key, None)
+                self.written.pop(key, None)
+            except Exception:
+                self.written.pop(key, None)
+
+    async def _write(self, key: ObjectKey, patch: StatusPatch | MetaPatch) -> None:
+        if isinstance(patch, MetaPatch):
+            await self._kube.patch_metadata(lora_crd.PLURAL, patch.namespace, patch.name, patch.json_patch())
+            self.written[key] = (patch.observed, patch.finalizers)
+        else:
+            await self._kube.patch_status(patch.plural, patch.namespace, patch.name, patch.status)
+            self.written[key] = (patch.seen or {}, patch.status)

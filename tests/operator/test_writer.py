@@ -1,0 +1,50 @@
+"""The status writer: the base's status first, a newer status replaces a queued one, a write
+already made over the same stored status is not repeated, and the loop sees its own writes."""
+
+from __future__ import annotations
+
+import asyncio
+
+from loraplex.operator.plan import StatusPatch
+from loraplex.operator.writer import StatusWriter
+
+
+class RecordingKube:
+    """Records status PATCHes (the Kubernetes boundary; the writer is what is tested)."""
+
+    def __init__(self) -> None:
+        self.patches: list[tuple[str, str, dict]] = []
+        self.gate = asyncio.Event()
+
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict) -> None:
+        await self.gate.wait()
+        self.patches.append((plural, name, status))
+
+
+def patch(plural: str, name: str, phase: str) -> StatusPatch:
+    return StatusPatch(plural, "llm", name, {"phase": phase}, seen={})
+
+
+async def test_base_first_latest_wins_and_no_repeat() -> None:
+    kube = RecordingKube()
+    writer = StatusWriter(kube, concurrency=1)  # type: ignore[arg-type]
+    for i in range(3):
+        writer.submit(patch("loraadapters", f"a{i}", "Loading"))
+    writer.submit(patch("loraadapters", "a1", "Ready"))  # replaces the queued Loading
+    writer.submit(patch("basemodeldeployments", "gemma", "Degraded"), first=True)
+    assert writer.latest(("loraadapters", "llm", "a1"), {}) == {"phase": "Ready"}
+    await asyncio.sleep(0)
+    kube.gate.set()
+    await writer.idle()
+    await asyncio.sleep(0.01)
+    names = [name for _, name, _ in kube.patches]
+    assert names == ["gemma", "a0", "a1", "a2"]  # submitted last, written first
+    assert ("loraadapters", "a1", {"phase": "Ready"}) in kube.patches
+    assert len(kube.patches) == 4  # a1 written once, with its latest status
+    writer.submit(patch("loraadapters", "a1", "Ready"))  # same status over the same stored one
+    await asyncio.sleep(0.01)
+    assert len(kube.patches) == 4
+    # until the watch shows it, the loop sees its own write; then the stored status again
+    assert writer.latest(("loraadapters", "llm", "a1"), {}) == {"phase": "Ready"}
+    assert writer.latest(("loraadapters", "llm", "a1"), {"phase": "Ready"}) is None
+    await writer.close()
