@@ -91,6 +91,14 @@ class LoadAdapterSpec:
 
 
 @dataclass(frozen=True)
+class EngineHealth:
+    """What `/health` reports: `ok` is False, with the reason, when the engine cannot serve."""
+
+    ok: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """Live numbers for /metrics and autoscaling (vLLM metric names in DESIGN.md §4)."""
 
@@ -138,5 +146,7 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> EngineStats: ...
+
+    def health(self) -> EngineHealth: ...  # cheap: /health calls it on the event loop
 
     async def shutdown(self, timeout_s: float) -> None: ...

@@ -28,6 +28,7 @@ from loraplex.server.routes.generation import (
     authorize_adapter,
     encode,
     engine_stream,
+    error_type_of,
     raise_if_failed,
     resolve_adapter,
     room_left,
@@ -258,7 +259,7 @@ async def _chunks(
     async for event in events:
         if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
             yield {"error": {"message": event.error or "generation failed", "type": "server_error", "param": None,
-                             "code": "generation"}}  # fmt: skip
+                             "code": error_type_of(event)}}  # fmt: skip
             return
         text = writer.text_of(event)
         logprobs = writer.logprobs([event])

@@ -30,6 +30,7 @@ from loraplex.server.routes.generation import (
     authorize_adapter,
     encode,
     engine_stream,
+    error_type_of,
     raise_if_failed,
     resolve_adapter,
     room_left,
@@ -192,7 +193,10 @@ async def stream_sse(http: web.Request, ctx: ServerContext, body: TGIGenerateReq
         try:
             async for event in stream.events():
                 if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
-                    error = {"error": event.error or str(event.finish_reason), "error_type": "generation"}
+                    error = {
+                        "error": event.error or str(event.finish_reason),
+                        "error_type": error_type_of(event),
+                    }
                     await write_sse(response, json.dumps(error).encode())
                     break
                 index += 1
