@@ -351,7 +351,8 @@ class LLMEngine:
         if seq.adapter is not None:
             self.registry.release(seq.adapter)
         del self._requests[seq.request_id]
-        if reason not in (FinishReason.CANCELLED, FinishReason.ERROR):  # a failed request's text may be broken
+        # A cancelled request wants no more text, a failed one's may be broken.
+        if reason not in (FinishReason.CANCELLED, FinishReason.ERROR):
             text += state.output.finish()
         return self._event(state, token=token, text=text, finish_reason=reason, error=error)
 
