@@ -57,6 +57,11 @@ def _servable(name: str, state: str, error: str | None) -> str:
 
 
 def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
+    """Token ids of `text`. Blocking (milliseconds to seconds): routes call it in the worker pool."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate from a JSON \ud800 escape
+        raise ApiError(422, f"the text is not valid Unicode ({exc.reason})", "validation") from exc
     return tuple(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 

@@ -223,7 +223,7 @@ def _chat_logprob(decode: Callable[[list[int]], str], event: TokenEvent) -> dict
 
 
 async def _complete(ctx: ServerContext, body: Any, dialect: _Dialect) -> dict[str, Any]:
-    request = _request(ctx, body)
+    request = await ctx.blocking.run(_request, ctx, body)  # tokenising, chat template: off the loop
     writer = _Writer(ctx, body, request, dialect)
     events: list[TokenEvent] = []
     text: list[str] = []
@@ -274,7 +274,7 @@ async def _chunks(
 
 
 async def _stream(http: web.Request, ctx: ServerContext, body: Any, dialect: _Dialect) -> web.StreamResponse:
-    request = _request(ctx, body)
+    request = await ctx.blocking.run(_request, ctx, body)  # tokenising, chat template: off the loop
     writer = _Writer(ctx, body, request, dialect)
     async with engine_stream(ctx, request, dialect.chunk_object) as stream:
         response = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": request.request_id})

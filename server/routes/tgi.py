@@ -145,7 +145,7 @@ async def generate_json(
     ctx: ServerContext, body: TGIGenerateRequest
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Run one request to the end; the TGI `GenerateResponse` and its headers."""
-    request = build_request(ctx, body)
+    request = await ctx.blocking.run(build_request, ctx, body)  # tokenising: off the event loop
     p = body.parameters
     tokens: list[dict[str, Any]] = []
     top_tokens: list[list[dict[str, Any]]] = []
@@ -183,7 +183,7 @@ async def generate_json(
 
 async def stream_sse(http: web.Request, ctx: ServerContext, body: TGIGenerateRequest) -> web.StreamResponse:
     """TGI's `generate_stream`: admission errors are plain JSON errors, later ones SSE error events."""
-    request = build_request(ctx, body)
+    request = await ctx.blocking.run(build_request, ctx, body)  # tokenising: off the event loop
     p = body.parameters
     async with engine_stream(ctx, request, "generate_stream") as stream:
         response = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": request.request_id})

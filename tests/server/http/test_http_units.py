@@ -96,6 +96,7 @@ class _NoEngine:
 
     model_name = "m"
     tokenizer = None
+    max_input_tokens = 16
 
     def stats(self) -> None:
         raise AssertionError("not scraped here")
