@@ -65,9 +65,15 @@ _ERROR_SCHEMA = {
 
 
 def _operation(route: Route) -> dict[str, Any]:
-    content: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
-    if route.streams:
-        content["text/event-stream"] = {"schema": {"type": "string"}}
+    # The TGI compat route `POST /` answers a one-element list when not streaming.
+    body_schema = {"type": ["object", "array"]} if route.path == "/" else {"type": "object"}
+    content: dict[str, Any] = {"application/json": {"schema": body_schema}}
+    if route.path == "/metrics":
+        content = {"text/plain": {"schema": {"type": "string"}}}  # Prometheus text format
+    if route.streams:  # each SSE event: {data, event, id, retry}, `data` the JSON text (or [DONE])
+        content["text/event-stream"] = {
+            "schema": {"type": "object", "properties": {"data": {"type": "string"}}}
+        }
     responses: dict[str, Any] = {"200": {"description": "OK", "content": content}}
     for status, description in _ERRORS.items():
         responses[status] = {
