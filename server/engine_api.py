@@ -63,8 +63,9 @@ class AdapterInfo:
     alpha: float | None = None
     target_modules: tuple[str, ...] = ()
     size_bytes: int | None = None
-    revision: str | None = None
-    sha256: str | None = None
+    revision: str | None = None  # as requested (what the operator compares with the spec)
+    sha256: str | None = None  # the pinned digest (verified), else the weights file's own, computed
+    resolved_revision: str | None = None  # the hub commit the revision resolved to
     load_generation: int = 0
     loaded_at: float | None = None  # unix seconds
     error: str | None = None

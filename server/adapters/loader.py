@@ -62,7 +62,7 @@ class SourceLoader:
         weights.metadata |= {
             "owned_dir": str(owned.directory),
             "sha256": owned.sha256,
-            "revision": owned.revision or spec.revision,
+            "revision": owned.revision,
         }
         log.info(
             "adapter read",

@@ -320,8 +320,10 @@ def _info_of(entry: AdapterEntry, spec: LoadAdapterSpec, weights: LoraWeights) -
         alpha=weights.alpha,
         target_modules=weights.target_modules,
         size_bytes=weights.num_bytes,
-        revision=_str_or_none(weights.metadata.get("revision")) or spec.revision,
-        sha256=_str_or_none(weights.metadata.get("sha256")) or spec.sha256,  # computed from the files
+        revision=spec.revision,
+        # A pinned digest was verified (for https it is the archive's); else the one computed here.
+        sha256=spec.sha256 or _str_or_none(weights.metadata.get("sha256")),
+        resolved_revision=_str_or_none(weights.metadata.get("revision")) or spec.revision,
         load_generation=entry.ref.generation,
         loaded_at=entry.loaded_at,
         aliases=entry.aliases,

@@ -99,7 +99,7 @@ def own_copy(directory: Path, root: Path) -> OwnedCopy:
     link = directory.resolve().is_relative_to(root.resolve())
     staging = new_staging(owned_root)
     try:
-        for name in (CONFIG_FILE, WEIGHTS_FILE, REVISION_FILE):
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
             if (directory / name).is_file():
                 _link_or_copy(directory / name, staging / name, link)
         weights_digest = file_sha256(staging / WEIGHTS_FILE)
@@ -111,7 +111,8 @@ def own_copy(directory: Path, root: Path) -> OwnedCopy:
             except OSError:
                 if not final.is_dir():  # not a concurrent load of the same files: a real failure
                     raise
-        return OwnedCopy(final, weights_digest, _revision(final))
+        # The revision is the source's (the same files may have come from another source before).
+        return OwnedCopy(final, weights_digest, _revision(directory))
     except OSError as exc:
         raise SourceError(
             f"cannot copy the adapter into the server's cache {owned_root}: {exc}", "source"
