@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -256,3 +257,43 @@ def run_hostile(url: str, cases: list[Hostile], rounds: int, workers: int = 4) -
 def unexpected(results: list[tuple[str, int]], cases: list[Hostile]) -> list[tuple[str, int]]:
     allowed: dict[str, frozenset[int]] = {case.name: case.statuses for case in cases}
     return [(name, status) for name, status in results if status not in allowed[name]]
+
+
+_PROBE_SCRIPT = r"""
+import http.client, json, sys, threading, time
+host, port = sys.argv[1], int(sys.argv[2])
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+latencies, statuses, i = [], [], 0
+while not stop.is_set():
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    started = time.perf_counter()
+    connection.request("GET", ("/health", "/ready")[i % 2])
+    response = connection.getresponse()
+    response.read()
+    latencies.append((time.perf_counter() - started) * 1000)
+    statuses.append(response.status)
+    connection.close()
+    i += 1
+    stop.wait(0.02)
+print(json.dumps({"latencies_ms": latencies, "statuses": statuses}))
+"""
+
+
+class ProbeProcess(HealthProbe):
+    """`HealthProbe` from its own process, so the test's client threads (same GIL) don't slow it."""
+
+    def __post_init__(self) -> None:
+        parsed = urlparse(self.url)
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _PROBE_SCRIPT, str(parsed.hostname), str(parsed.port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def stop(self) -> HealthProbe:
+        out, _ = self._process.communicate("", timeout=60)
+        result = json.loads(out)
+        self.latencies_ms, self.statuses = result["latencies_ms"], result["statuses"]
+        return self
