@@ -80,6 +80,7 @@ class _OpenAISampling(_Body):
     logit_bias: dict[str, float] | None = None
     # vLLM extensions
     top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None

@@ -86,6 +86,7 @@ def _sampling(
             temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's default
             top_k=max(0, body.top_k or 0),  # vLLM's -1 = off
             top_p=body.top_p or 1.0,
+            min_p=body.min_p or 0.0,
             repetition_penalty=body.repetition_penalty or 1.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             presence_penalty=body.presence_penalty or 0.0,

@@ -168,3 +168,13 @@ def test_a_body_that_cannot_fit_is_refused_before_it_is_read(server) -> None:
     limit = body_limit(MAX_INPUT_TOKENS)
     status, body = send(server.url, "POST", "/generate", b" " * (limit + 1))
     assert status == 413 and body["error_type"] == "payload_too_large" and "MAX_INPUT_TOKENS" in body["error"]
+
+
+def test_min_p_one_keeps_only_the_top_token(server) -> None:
+    """vLLM's `min_p` reaches the sampler: at 1.0 only the most likely token survives (= greedy)."""
+    body = {"model": server.engine.model_name, "prompt": "the model serves", "max_tokens": 8}
+    _, greedy = send(server.url, "POST", "/v1/completions", json_body({**body, "temperature": 0}))
+    status, sampled = send(
+        server.url, "POST", "/v1/completions", json_body({**body, "temperature": 1.5, "min_p": 1.0})
+    )
+    assert status == 200 and sampled["choices"][0]["text"] == greedy["choices"][0]["text"]
