@@ -5,8 +5,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch (a CUDA build is several GB); override on GPU machines: make install TORCH=torch
-TORCH ?= torch==2.13.0
+# Every package pinned with hashes (locks/update.py); CPU torch. On a GPU machine: make install LOCK=locks/dev-cuda.txt
+LOCK ?= locks/dev.txt
 PYTEST_ARGS ?=
 
 ##@ General
@@ -21,15 +21,19 @@ help: ## Show this help
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+# The lock holds every dependency and the build backend: nothing unpinned is fetched.
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(LOCK)
+	$(BIN)/pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 .PHONY: install
-install: $(VENV)/.installed ## Create .venv and install loraplex with its test extras (CPU torch)
+install: $(VENV)/.installed ## Create .venv and install loraplex and its test tools from the lock (LOCK=locks/dev.txt)
+
+.PHONY: lock
+lock: install ## Re-resolve locks/*.txt from pyproject.toml with uv (needs PyPI), after editing dependencies
+	$(BIN)/python locks/update.py
 
 .PHONY: test
 test: install cluster-provision ## Run the test suite (CPU; GPU-marked tests are deselected)
@@ -67,6 +71,15 @@ cluster-up: install cluster-provision ## Start a local control plane in the back
 
 cluster-down: install ## Stop the local control plane
 	$(BIN)/python -m loraplex.localcluster down
+
+##@ Build
+
+REGISTRY ?= loraplex
+TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+
+.PHONY: images
+images: ## Build the server, server-cpu and operator images with docker, podman or buildah (PUSH=1 pushes to REGISTRY)
+	REGISTRY=$(REGISTRY) TAG=$(TAG) PUSH=$(PUSH) bash images/build.sh
 
 ##@ Deployment
 

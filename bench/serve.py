@@ -10,6 +10,10 @@ of `w<id>` words, what bench/random_checkpoint.py's tokenizer reads as random to
 
     python bench/serve.py --url http://127.0.0.1:8080 --adapters a,b,c --num-requests 200 \
         --concurrency 32 --api openai --json out.json
+
+`--compare-n 4` measures instead one request with `n=4` against 4 concurrent requests for the
+same prompt (`--num-requests` rounds, `--prompt-words` HIGH words, `--output-tokens` LOW tokens;
+bench/choices.py).
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class LoadSpec:
     timeout_s: float = 600.0
     vocab: int | None = None  # prompts of `w<id>` words (random token ids) instead of WORDS
     base_model: str | None = None  # OpenAI `model` for base requests; None: asked from /info
+    compare_n: int | None = None  # instead of a load: `n` choices vs `n` requests (bench/choices.py)
 
 
 @dataclass
@@ -359,6 +364,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadSpec, str | None]:
     )
     parser.add_argument("--base-model", default=None, help="OpenAI `model` of base requests (default: /info)")
     parser.add_argument("--json", dest="json_path", default=None, help="write the summary here")
+    parser.add_argument("--compare-n", type=int, default=None,
+                        help="instead: one request with n=N vs N requests, same prompt, --num-requests rounds")  # fmt: skip
     args = parser.parse_args(argv)
     if args.concurrency is None and args.rate is None:
         args.concurrency = 8
@@ -376,20 +383,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadSpec, str | None]:
         api_key=args.api_key,
         vocab=args.vocab,
         base_model=args.base_model,
+        compare_n=args.compare_n,
     )
     return spec, args.json_path
 
 
 def main(argv: list[str] | None = None) -> int:
     spec, json_path = parse_args(argv)
-    results, duration = asyncio.run(run_load(spec))
-    summary = summarize(spec, results, duration)
+    if spec.compare_n is not None:
+        from choices import CompareSpec, compare
+
+        adapter = spec.adapters[0] or spec.base_model
+        words, tokens = spec.prompt_words[1], spec.output_tokens[0]
+        summary = asyncio.run(
+            compare(CompareSpec(spec.url, adapter, spec.compare_n, spec.num_requests, words, tokens))
+        )
+    else:
+        results, duration = asyncio.run(run_load(spec))
+        summary = summarize(spec, results, duration)
     text = json.dumps(summary, indent=2)
     if json_path:
         with open(json_path, "w") as handle:
             handle.write(text + "\n")
     print(text)
-    return 0 if summary["errors"] == 0 else 1
+    return 0 if summary.get("errors", 0) == 0 else 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
 # The operator: kopf handlers only. No torch, no model code: it talks to pods over HTTP.
+# Installs locks/operator.txt (the `operator` extra, resolved with the rest of the stack).
 # Build from the repo root: docker build -f images/operator.Dockerfile -t loraplex-operator .
 
 FROM python:3.11.11-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY locks/operator.txt /tmp/requirements.txt
+RUN python -m venv /opt/loraplex \
+    && /opt/loraplex/bin/pip install --require-hashes --no-deps -r /tmp/requirements.txt
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY loraplex loraplex
@@ -9,16 +14,15 @@ COPY server server
 COPY kernels kernels
 COPY operator operator
 COPY e2e/cluster e2e/cluster
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+# --no-deps: the distribution's own requirements are the server's (torch, transformers); the lock
+# holds the build backend too (setuptools, wheel), so nothing unpinned is fetched to build.
+RUN /opt/loraplex/bin/pip install --no-deps --no-build-isolation . \
+    && /opt/loraplex/bin/python -c "import loraplex.operator.main"
 
 FROM python:3.11.11-slim-bookworm
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-COPY --from=build /wheels /wheels
-# --no-deps: the distribution also lists the server's dependencies (torch, transformers).
-RUN pip install --no-cache-dir --no-deps /wheels/*.whl \
-    && pip install --no-cache-dir "kopf>=1.37,<2" "kubernetes>=29" "pydantic>=2.6,<3" "aiohttp>=3.9,<4" "pyyaml>=6" \
-    && rm -rf /wheels \
-    && useradd --uid 1000 --no-create-home --shell /usr/sbin/nologin loraplex
+RUN useradd --uid 1000 --no-create-home --shell /usr/sbin/nologin loraplex
+COPY --from=build /opt/loraplex /opt/loraplex
+ENV PATH=/opt/loraplex/bin:$PATH PYTHONUNBUFFERED=1
 USER 1000
 EXPOSE 8080
 ENTRYPOINT ["loraplex", "operator"]

@@ -14,6 +14,7 @@ import argparse
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,19 +65,26 @@ def helm_binary() -> str:
         return found
 
 
-def helm_template(helm: str, extra: list[str]) -> str:
-    command = [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra]
+def helm_template(helm: str, chart: Path, extra: list[str]) -> str:
+    command = [helm, "template", RELEASE, str(chart), "--namespace", NAMESPACE, *extra]
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
 
 def expected_files(helm: str) -> dict[Path, str]:
-    """Every generated path and its content."""
+    """Every generated path and its content. Rendered from a copy of the chart whose crds/ already
+    holds crds/, so install.yaml carries the current CRDs after one run (not the chart's old ones)."""
     files = {CHART / "crds" / path.name: path.read_text() for path in sorted(CRDS.glob("*.yaml"))}
-    for name, extra in RENDERS.items():
-        body = helm_template(helm, extra)
-        if name == "install.yaml":
-            body = f"---\n{NAMESPACE_DOC}{body}"
-        files[MANIFESTS / name] = HEADER + body
+    with tempfile.TemporaryDirectory() as scratch:
+        chart = Path(scratch) / CHART.name
+        shutil.copytree(CHART, chart, ignore=shutil.ignore_patterns("crds"))
+        (chart / "crds").mkdir()
+        for path, text in files.items():
+            (chart / "crds" / path.name).write_text(text)
+        for name, extra in RENDERS.items():
+            body = helm_template(helm, chart, extra)
+            if name == "install.yaml":
+                body = f"---\n{NAMESPACE_DOC}{body}"
+            files[MANIFESTS / name] = HEADER + body
     return files
 
 

@@ -54,11 +54,32 @@ class PullPolicy(StrEnum):
     NEVER = "Never"
 
 
+# The engine runs one model replica on one device (no tensor parallelism yet): more GPUs per pod
+# would be requested and billed for nothing, so the CRD refuses them (CEL) and so does the operator.
+MAX_ACCELERATORS_PER_POD = 1
+
+
 class AcceleratorSpec(K8sModel):
     """GPUs per pod; `type` is the GKE accelerator name (nvidia-l4, nvidia-h100-80gb, ...)."""
 
     type: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    count: int = Field(default=1, ge=1, le=16)
+    count: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="GPUs per pod. Only 1 is accepted until the engine uses more than one device.",
+    )
+
+    @model_validator(mode="after")
+    def _one_device(self) -> AcceleratorSpec:
+        if self.count > MAX_ACCELERATORS_PER_POD:
+            raise ValueError(ACCELERATOR_COUNT_MESSAGE)
+        return self
+
+
+ACCELERATOR_COUNT_MESSAGE = (
+    "accelerator.count must be 1: the engine uses one device per pod (scale out with replicas)"
+)
 
 
 class ResourcesSpec(K8sModel):
@@ -110,6 +131,14 @@ class SchedulingSpec(K8sModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     priority_class_name: str | None = None
+    autopilot: bool = Field(
+        default=False,
+        description=(
+            "The cluster is GKE Autopilot: the operator checks the pods against Autopilot's admission "
+            "rules and reports AutopilotRejected (with the rule) instead of applying a Deployment whose "
+            "pods Autopilot would refuse."
+        ),
+    )
 
 
 class ServiceType(StrEnum):
@@ -295,6 +324,10 @@ SPEC_VALIDATIONS = [
     {
         "rule": "!self.routing.inferencePool.enabled || has(self.routing.inferencePool.endpointPickerRef)",
         "message": "routing.inferencePool.endpointPickerRef is required when the pool is enabled",
+    },
+    {
+        "rule": f"!has(self.accelerator) || self.accelerator.count <= {MAX_ACCELERATORS_PER_POD}",
+        "message": ACCELERATOR_COUNT_MESSAGE,
     },
 ]
 

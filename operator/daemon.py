@@ -22,6 +22,7 @@ from loraplex.operator.admission import Verdict, admit, desired_set
 from loraplex.operator.bmd import BaseModelDeployment, BaseModelDeploymentStatus
 from loraplex.operator.common import Condition
 from loraplex.operator.conditions import condition, merge_conditions, timestamp
+from loraplex.operator.credentials import apply_credentials
 from loraplex.operator.cycle import CycleResult, run_cycle
 from loraplex.operator.engine_client import EngineClient
 from loraplex.operator.k8s import Kube
@@ -68,6 +69,7 @@ class DaemonState:
     configmap_hash: str | None = None
     access_hash: str | None = None
     access_salt: bytes | None = None  # read back from the access Secret once, then kept
+    credentials_hash: str | None = None
     restored: bool = False
 
 
@@ -94,6 +96,9 @@ async def converge_once(
     verdicts = admit(bmd, world.adapters, world.namespace_labels)
     desired = desired_set(verdicts)
     access = await _apply_access(kube, bmd, state, verdicts, world)  # before the list: keys land first
+    state.credentials_hash = await apply_credentials(
+        kube, bmd, verdicts, world.adapters, state.credentials_hash
+    )
     configmap = build_configmap(bmd, desired.values())
     if (digest := content_hash(configmap)) != state.configmap_hash:
         await kube.apply(configmap)  # pods started from now on preload the current set

@@ -13,6 +13,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from loraplex.operator import autopilot
 from loraplex.operator import bmd as bmd_crd
 from loraplex.operator import lora as lora_crd
 from loraplex.operator.access import read_salt, render_access_secret
@@ -20,6 +21,7 @@ from loraplex.operator.admission import ATTACHED_ANNOTATION, admit, base_key, de
 from loraplex.operator.bmd import BaseModelDeployment, BaseModelDeploymentStatus, BmdPhase
 from loraplex.operator.common import GROUP, VERSION
 from loraplex.operator.conditions import condition, merge_conditions, timestamp
+from loraplex.operator.credentials import render_credentials
 from loraplex.operator.daemon import DaemonState, Wakers, World, converge_once
 from loraplex.operator.engine_client import EngineClient, EngineClientError
 from loraplex.operator.k8s import Kube
@@ -117,11 +119,14 @@ async def apply_children(
     salt = state.access_salt if state is not None and state.access_salt else await read_salt(kube, bmd)
     children = [
         await render_access_secret(kube, bmd, verdicts, adapters, salt),  # the pods mount it
+        await render_credentials(kube, bmd, verdicts, adapters),  # the pods mount it too
         build_configmap(bmd, desired_set(verdicts).values()),  # first: the pods mount it
         build_deployment(bmd, memo.options),
         build_service(bmd),
         build_pdb(bmd, memo.options),
     ]
+    if autopilot.bmd_rejections(bmd):  # pods Autopilot refuses: status says AutopilotRejected
+        children = [child for child in children if child["kind"] != "Deployment"]
     for child in children:
         await kube.apply(child)
     pool = build_inference_pool(bmd)
@@ -132,6 +137,7 @@ async def apply_children(
     if (state := memo.daemon_states.get(key)) is not None:
         state.configmap_hash = None  # we just wrote the ConfigMap: the daemon re-checks it
         state.access_hash = None
+        state.credentials_hash = None
     memo.wakers.wake(key)
     await _apply_autoscaler(kube, bmd, memo.hpa_api_version)  # last: it may retry (KEDA missing)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from loraplex.operator import autopilot
 from loraplex.operator.bmd import (
     AdapterCounts,
     BaseModelDeployment,
@@ -47,7 +48,7 @@ FAILURE_CONDITIONS = {
 }
 DEFAULT_FAILURE = "LoadFailed"
 LORA_OWNED = frozenset({"Loaded", "Ready", DEFAULT_FAILURE, *FAILURE_CONDITIONS.values()})
-BMD_OWNED = frozenset({"Available", "Ready", "Progressing", "GPUCapacityPending"})
+BMD_OWNED = frozenset({"Available", "Ready", "Progressing", "GPUCapacityPending", autopilot.CONDITION})
 
 
 def live_pods(pods: Sequence[PodObservation]) -> list[PodObservation]:
@@ -305,6 +306,8 @@ def _bmd_conditions(
         conditions.append(
             condition("GPUCapacityPending", True, "Unschedulable", "; ".join(unschedulable), generation)
         )
+    if (rejected := autopilot.rejected_condition(bmd)) is not None:
+        conditions.append(rejected)  # the Deployment is not applied: see handlers.apply_children
     return conditions
 
 

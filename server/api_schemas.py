@@ -2,8 +2,9 @@
 
 Field names and limits follow TGI (`/generate`), OpenAI (`/v1/completions`,
 `/v1/chat/completions`) and vLLM (`/v1/load_lora_adapter`), so existing clients work unchanged.
-Unknown fields are ignored, as TGI and vLLM do; fields we cannot honour are refused with 422
-by the routes rather than silently dropped.
+Unknown fields are ignored, as TGI and vLLM do; fields we cannot honour are declared with
+`unsupported(...)` (marked `x-loraplex-unsupported` in /openapi.json) and refused by the routes
+when set, rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -15,10 +16,42 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_STOP_SEQUENCES = 4  # TGI's default `max_stop_sequences`
 MAX_TOP_N_TOKENS = 5  # TGI's default `max_top_n_tokens`, also OpenAI completions' logprobs limit
 MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI chat's `top_logprobs` limit
+MAX_BEST_OF = 8  # choices per request (`n`, `best_of`), each one a sequence in the batch
+MAX_PROMPTS = 32  # prompts in one completions request
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+# --- unsupported fields ------------------------------------------------------------------------
+
+UNSUPPORTED = "x-loraplex-unsupported"  # the schema's mark on fields this server refuses
+
+
+def unsupported(what: str) -> Any:
+    """A field clients send that this server cannot honour: accepted as absent, refused when set."""
+    return Field(
+        default=None,
+        description=f"Not supported: a request that sets it ({what}) is refused with 400/422 naming it.",
+        json_schema_extra={UNSUPPORTED: True},
+    )
+
+
+def is_inert(value: Any) -> bool:
+    """Values of an unsupported field that ask for nothing (what clients send by default)."""
+    return value in (None, False, "", [], {}, "none", "auto") or value == {"type": "text"}
+
+
+def unsupported_fields_set(body: BaseModel) -> list[str]:
+    """Names of the unsupported fields `body` sets to something that is not inert."""
+    return [
+        name
+        for name, info in type(body).model_fields.items()
+        if isinstance(info.json_schema_extra, dict)
+        and info.json_schema_extra.get(UNSUPPORTED)
+        and not is_inert(getattr(body, name))
+    ]
 
 
 # --- TGI ---------------------------------------------------------------------------------------
@@ -28,24 +61,24 @@ class TGIParameters(_Body):
     """`parameters` of a TGI generate request (what `InferenceClient.text_generation` sends)."""
 
     adapter_id: str | None = None
-    best_of: Annotated[int, Field(ge=1)] | None = None
-    decoder_input_details: bool = False
-    details: bool = False
-    do_sample: bool = False
+    best_of: Annotated[int, Field(ge=1, le=MAX_BEST_OF)] | None = None
+    decoder_input_details: bool | None = unsupported("prompt token logprobs")
+    details: bool | None = False
+    do_sample: bool | None = False
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    grammar: dict[str, Any] | None = None
+    grammar: dict[str, Any] | None = unsupported("guided decoding")
     max_new_tokens: Annotated[int, Field(ge=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
     return_full_text: bool | None = None
     seed: Annotated[int, Field(ge=0)] | None = None
-    stop: Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] = Field(default_factory=list)
+    stop: Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     temperature: Annotated[float, Field(gt=0.0)] | None = None
     top_k: Annotated[int, Field(gt=0)] | None = None
     top_n_tokens: Annotated[int, Field(ge=0, le=MAX_TOP_N_TOKENS)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     truncate: Annotated[int, Field(ge=1)] | None = None
-    typical_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    watermark: bool = False
+    typical_p: Annotated[float, Field(gt=0.0, lt=1.0)] | None = unsupported("typical sampling")
+    watermark: bool | None = unsupported("watermarking")
 
 
 class TGIGenerateRequest(_Body):
@@ -53,48 +86,66 @@ class TGIGenerateRequest(_Body):
 
     inputs: Annotated[str, Field(min_length=1)]
     parameters: TGIParameters = Field(default_factory=TGIParameters)
-    stream: bool = False
+    stream: bool | None = False
+
+
+class TokenizeRequest(_Body):
+    """Body of TGI's `POST /tokenize` (`parameters` is accepted for symmetry and unused)."""
+
+    inputs: Annotated[str, Field(min_length=1)]
+    parameters: dict[str, Any] | None = None
 
 
 # --- OpenAI ------------------------------------------------------------------------------------
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM: usage on every chunk
 
 
 class _OpenAISampling(_Body):
-    """Fields shared by completions and chat, with vLLM's extra sampling knobs."""
+    """Fields shared by completions and chat, with vLLM's extra sampling knobs. Every optional
+    field accepts an explicit `null` (the OpenAI SDKs and TGI's client send them)."""
 
-    model: Annotated[str, Field(min_length=1)]
+    model: str | None = Field(
+        default=None,
+        description="An adapter's served name or alias; absent, `tgi`, `dummy` or the base's name: the base.",
+    )
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    n: Annotated[int, Field(ge=1)] = 1
-    stream: bool = False
+    n: Annotated[int, Field(ge=1, le=MAX_BEST_OF)] | None = None
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     seed: int | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | list[float] | None = unsupported("logit biases")
+    prompt_logprobs: int | None = unsupported("prompt token logprobs (vLLM)")
     # vLLM extensions
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
 
 
 class CompletionRequest(_OpenAISampling):
     """Body of `POST /v1/completions`."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_N_TOKENS)] | None = None
-    echo: bool = False
-    best_of: Annotated[int, Field(ge=1)] | None = None
-    suffix: str | None = None
+    echo: bool | None = False
+    best_of: Annotated[int, Field(ge=1, le=MAX_BEST_OF)] | None = None
+    suffix: str | None = unsupported("insertion")
 
 
 class ChatContentPart(_Body):
@@ -114,12 +165,13 @@ class ChatCompletionRequest(_OpenAISampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_CHAT_TOP_LOGPROBS)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-    add_generation_prompt: bool = True  # vLLM extension
+    tools: list[dict[str, Any]] | None = unsupported("tool calling")
+    tool_choice: str | dict[str, Any] | None = unsupported("tool calling")
+    functions: list[dict[str, Any]] | None = unsupported("function calling")
+    response_format: dict[str, Any] | None = unsupported("structured output other than text")
+    add_generation_prompt: bool | None = True  # vLLM extension
 
 
 # --- adapter admin (vLLM-compatible names plus ours) -------------------------------------------

@@ -42,11 +42,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> web.Ap
     ctx = ServerContext(
         engine=engine,
         settings=settings,
-        metrics=Metrics(engine.stats, engine.model_name),
+        metrics=Metrics(engine.stats, engine.model_name, engine.max_total_tokens),
         special_token_ids=frozenset(getattr(engine.tokenizer, "all_special_ids", ())),
         access=access,
         body_limit=body_limit(engine.max_input_tokens),
     )
+    ctx.metrics.watch_engine(engine)
     # Outermost first: count every response, render every error, then check the key.
     middlewares: list[Any] = [_count_requests, error_middleware]
     middlewares.append(auth_middleware(access))

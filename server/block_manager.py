@@ -48,6 +48,7 @@ class BlockManager:
         self._hash_to_block: dict[int, int] = {}
         self._seq_hashes: dict[int, list[int]] = {}  # seq_id -> hash of each committed full block
         self.num_prefix_hit_tokens = 0  # lifetime total, for stats and tests
+        self.num_prefix_query_tokens = 0  # tokens looked up at admission (vLLM's prefix_cache_queries)
 
     @property
     def num_free_blocks(self) -> int:
@@ -105,6 +106,7 @@ class BlockManager:
         seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_prefix_hit_tokens = seq.num_cached_tokens
         self.num_prefix_hit_tokens += seq.num_cached_tokens
+        self.num_prefix_query_tokens += seq.num_tokens
         self.may_append(seq, num_new_tokens)
 
     # -- growth of a running sequence --------------------------------------------------------

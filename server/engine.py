@@ -192,6 +192,12 @@ class LLMEngine:
         self.validate(request)
         ref = self.registry.retain(request.adapter) if request.adapter is not None else None
         seq = Sequence(request.request_id, request.prompt_token_ids, request.params, ref, time.monotonic())
+        leader = self._requests.get(request.shares_prompt_with or "")
+        if leader is not None and (leader.seq.prompt_token_ids, leader.seq.adapter) == (
+            seq.prompt_token_ids,
+            ref,
+        ):
+            seq.prompt_leader = leader.seq
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
         self._requests[request.request_id] = _RequestState(
             request, seq, OutputText(detokenizer, request.params.stop)
@@ -401,6 +407,7 @@ class LLMEngine:
             extra={
                 "num_preemptions": self.scheduler.num_preemptions,
                 "num_prefix_hit_tokens": self.block_manager.num_prefix_hit_tokens,
+                "num_prefix_query_tokens": self.block_manager.num_prefix_query_tokens,
                 "num_steps": self.num_steps,
                 "adapter_slot_loads": self.registry.num_slot_loads,
                 "adapter_slot_evictions": self.registry.num_slot_evictions,

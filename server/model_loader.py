@@ -1,13 +1,23 @@
-"""Find a Hugging Face checkpoint (local dir or hub id), read its config and load its safetensors.
+"""Find a Hugging Face checkpoint (local dir, hub id or bucket), read its config and load its safetensors.
 
-A local path never touches the network; anything else goes through
-`huggingface_hub.snapshot_download`, which honours `HF_TOKEN`, `HF_HUB_OFFLINE` and the hub cache.
+A local path never touches the network; `gs://bucket/prefix` and `s3://bucket/prefix` go through
+the adapters' object-store layer (resumable, size-checked downloads into `$HF_HOME/loraplex-models`);
+anything else goes through `huggingface_hub.snapshot_download`, which honours `HF_TOKEN`,
+`HF_HUB_OFFLINE` and the hub cache.
+
+For a bucket, `revision` is the GCS generation / S3 version id of the prefix's `config.json`: the
+snapshot is cached under the version it was fetched at, and a pinned revision that is no longer
+the live `config.json` is refused rather than mixed with newer files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import hashlib
 import json
+import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,10 +42,53 @@ def resolve_model_path(model_id: str, revision: str | None = None) -> Path:
     path = Path(model_id).expanduser()
     if path.is_dir():
         return path
+    if model_id.startswith(("gs://", "s3://")):
+        return download_bucket_model(model_id, revision, _model_cache_dir())
     from huggingface_hub import snapshot_download
 
     repo_id = model_id.removeprefix("hf://")
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
+
+
+def _model_cache_dir() -> Path:
+    hf_home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
+    return Path(os.environ.get("MODEL_CACHE_DIR") or Path(hf_home) / "loraplex-models")
+
+
+def download_bucket_model(uri: str, revision: str | None, cache_dir: Path) -> Path:
+    """Snapshot the model files of `gs://bucket/prefix` (or s3://) into `cache_dir`; resumes partial files."""
+    from loraplex.server.adapters.object_store import download, open_store
+
+    scheme, _, rest = uri.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+    store = open_store(scheme, bucket)
+    config = store.stat(f"{prefix}config.json")
+    if revision and config.version != revision:
+        raise FileNotFoundError(
+            f"{uri}: revision {revision} is not the live config.json (now {config.version}): the prefix changed"
+        )
+    target = _snapshot_dir(cache_dir, uri, config.version)
+    if config.version and (target / ".complete").exists():
+        return target  # an unversioned S3 prefix is listed again every time: nothing names its bytes
+    target.mkdir(parents=True, exist_ok=True)
+    wanted = [o for o in store.list(prefix) if _is_model_file(o.key[len(prefix) :])]
+    for obj in wanted:
+        dest = target / obj.key[len(prefix) :]
+        if not (dest.exists() and dest.stat().st_size == obj.size):
+            download(store, obj, dest)
+    safetensors_files(target)  # refuses a prefix without weights before marking it complete
+    (target / ".complete").write_text(f"{uri}@{config.version}\n")
+    return target
+
+
+def _snapshot_dir(cache_dir: Path, uri: str, version: str | None) -> Path:
+    readable = re.sub(r"[^\w.-]+", "_", uri.partition("://")[2]).strip("_")[-80:]
+    return cache_dir / f"{readable}-{hashlib.sha256(f'{uri}@{version}'.encode()).hexdigest()[:16]}"
+
+
+def _is_model_file(name: str) -> bool:
+    return "/" not in name and any(fnmatch.fnmatch(name, pattern) for pattern in _HUB_PATTERNS)
 
 
 def load_config(path: Path):

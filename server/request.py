@@ -24,6 +24,10 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None
+    # Another request (its id) with the same prompt and adapter, submitted just before this one
+    # (`n`/`best_of` choices): this one is admitted once that one's prompt is in the KV cache, so
+    # it reads the prompt's full blocks from the prefix cache instead of computing them again.
+    shares_prompt_with: str | None = None
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,8 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if seq.awaits_prompt_leader:
+                continue  # its prompt's blocks are being computed by a sibling (n > 1)
             if seq.adapter is not None and not self._may_take_slot(seq.adapter):
                 continue  # other adapters behind it may still run
             num_cached = self.block_manager.num_cached_prefix_tokens(seq)

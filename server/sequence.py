@@ -60,6 +60,7 @@ class Sequence:
         self.lora_slot: int | None = None  # set while the sequence holds an adapter slot
         self.num_preemptions = 0
         self.num_prefix_hit_tokens = 0  # tokens served from the prefix cache at last admission
+        self.prompt_leader: Sequence | None = None  # a sibling whose prompt K/V this one will reuse
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -97,6 +98,16 @@ class Sequence:
     @property
     def adapter_name(self) -> str | None:
         return self.adapter.name if self.adapter else None
+
+    @property
+    def is_prompt_computed(self) -> bool:
+        return self.num_cached_tokens >= self.num_prompt_tokens
+
+    @property
+    def awaits_prompt_leader(self) -> bool:
+        """Whether admitting it now would compute the prompt a sibling is computing (see `prompt_leader`)."""
+        leader = self.prompt_leader
+        return leader is not None and not leader.is_finished and not leader.is_prompt_computed
 
     @property
     def is_finished(self) -> bool:

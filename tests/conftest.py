@@ -8,8 +8,9 @@ import pytest
 
 from loraplex.server.demo_assets import TinyAssets, build_tiny_assets
 
-# `local_cluster`: real etcd + kube-apiserver + kube-controller-manager for `envtest` tests.
-pytest_plugins = ["loraplex.localcluster.pytest_plugin"]
+# `local_cluster`: real etcd + kube-apiserver + kube-controller-manager for `envtest` tests;
+# `gcs_server`, `s3_server` and their buckets: real storage servers on loopback.
+pytest_plugins = ["loraplex.localcluster.pytest_plugin", "loraplex.localcluster.object_stores"]
 
 
 @pytest.fixture(scope="session")

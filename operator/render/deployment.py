@@ -12,6 +12,7 @@ from loraplex.operator.bmd import BaseModelDeployment
 from loraplex.operator.common import SecretKeyRef
 from loraplex.operator.render.access import ACCESS_KEY, access_secret_name
 from loraplex.operator.render.configmap import ADAPTERS_KEY
+from loraplex.operator.render.credentials import CREDENTIALS_DIR, credentials_mount, credentials_volume
 from loraplex.operator.render.meta import (
     READINESS_GATE,
     TEMPLATE_HASH_ANNOTATION,
@@ -139,6 +140,7 @@ def build_server_container(bmd: BaseModelDeployment, options: RenderOptions) -> 
         "volumeMounts": [
             {"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True},
             {"name": "access", "mountPath": ACCESS_DIR, "readOnly": True},
+            credentials_mount(),
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -174,6 +176,7 @@ def build_env(bmd: BaseModelDeployment) -> list[dict[str, Any]]:
         "HOSTNAME": "0.0.0.0",
         "ADAPTERS_FILE": f"{ADAPTERS_DIR}/{ADAPTERS_KEY}",
         "ADAPTER_KEYS_FILE": f"{ACCESS_DIR}/{ACCESS_KEY}",
+        "CREDENTIALS_DIR": CREDENTIALS_DIR,
         "MAX_LORAS": engine.max_loras,
         "MAX_CPU_LORAS": engine.max_cpu_loras,
         "MAX_LORA_RANK": engine.max_lora_rank,
@@ -224,6 +227,7 @@ def _volumes(bmd: BaseModelDeployment) -> list[dict[str, Any]]:
         {"name": "adapters", "configMap": {"name": configmap_name(bmd)}},
         # Key digests only; written before the Deployment, so pods never start without it.
         {"name": "access", "secret": {"secretName": access_secret_name(bmd), "defaultMode": 0o440}},
+        credentials_volume(bmd),  # only the keys named by adapters' credentialsSecretRef
         {"name": "cache", "emptyDir": {"sizeLimit": cache_size}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from loraplex.server.adapters.credentials import read_credentials
 from loraplex.server.adapters.errors import SourceError
 from loraplex.server.adapters.lora_weights import LoraWeights
 from loraplex.server.adapters.owned_store import OwnedCopy, own_copy, sweep_staging
@@ -76,12 +77,14 @@ class SourceLoader:
 
     def resolve(self, spec: LoadAdapterSpec) -> Path:
         """A local directory with the adapter's files (downloaded into the disk cache if remote)."""
+        credentials = read_credentials(spec.name)
         options = FetchOptions(
             cache_dir=self.config.resolved_cache_dir,
-            token=spec.token or os.environ.get("HF_TOKEN") or None,
+            token=spec.token or credentials.get("token") or os.environ.get("HF_TOKEN") or None,
             sha256=spec.sha256,
             max_bytes=self.config.max_adapter_bytes,
             progress=_ProgressLog(spec.name),
+            credentials=credentials,
         )
         try:
             return fetch(parse_source(spec.source, spec.revision), options)

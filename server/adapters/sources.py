@@ -15,7 +15,7 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -60,12 +60,17 @@ def parse_source(uri: str, revision: str | None = None) -> AdapterSource:
     if not uri:
         raise SourceError("empty adapter source", "validation")
     _check_printable(uri)
+    if revision and uri.startswith(("file://", "/", "./", "../", "https://", "http://")):
+        # Nothing versions a directory or a URL: accepting a revision here would ignore it.
+        raise SourceError(
+            f"{uri!r}: revision {revision!r} can't be honoured here; pin with sha256", "validation"
+        )
     if uri.startswith("file://"):
         return AdapterSource("file", _absolute(urlparse(uri).path or uri[len("file://") :]))
     if uri.startswith("/") or uri.startswith("./") or uri.startswith("../"):
         return AdapterSource("file", _absolute(uri))
     if uri.startswith("https://") or uri.startswith("http://"):
-        return AdapterSource("https", uri, revision=revision)
+        return AdapterSource("https", uri)
     if uri.startswith(("gs://", "s3://")):
         scheme, rest = uri.split("://", 1)
         bucket, _, prefix = rest.partition("/")
@@ -106,20 +111,28 @@ class FetchOptions:
     sha256: str | None = None
     max_bytes: int = 2 << 30
     progress: Callable[[int, int | None], None] | None = None  # (bytes done, total)
+    credentials: Mapping[str, str] | None = None  # gs/s3 keys from source.credentialsSecretRef
 
 
 def fetch(source: AdapterSource, options: FetchOptions) -> Path:
     """Return a local directory holding `adapter_config.json` and the weights."""
-    directory = Path(source.location) if source.scheme == "file" else _fetch_cached(source, options)
+    cacheable = True
+    if source.scheme in ("gs", "s3"):
+        from loraplex.server.adapters.bucket_fetch import pin_revision
+
+        source, cacheable = pin_revision(source, options)
+    directory = (
+        Path(source.location) if source.scheme == "file" else _fetch_cached(source, options, cacheable)
+    )
     _check_layout(directory, source)
     if options.sha256 and source.scheme != "https":
         _verify_sha256(directory / WEIGHT_FILES[0], options.sha256)
     return directory
 
 
-def _fetch_cached(source: AdapterSource, options: FetchOptions) -> Path:
+def _fetch_cached(source: AdapterSource, options: FetchOptions, cacheable: bool = True) -> Path:
     final = Path(options.cache_dir) / source.cache_key()
-    if (final / ".complete").exists():
+    if cacheable and (final / ".complete").exists():
         return final
     staging = new_staging(final.parent)  # swept at start-up if this process dies mid-fetch
     try:
@@ -170,45 +183,17 @@ def _fetch_https(source: AdapterSource, staging: Path, options: FetchOptions) ->
     _hoist_single_dir(staging)
 
 
-def _fetch_gs(source: AdapterSource, staging: Path, options: FetchOptions) -> None:
-    try:
-        from google.cloud import storage
-    except ImportError as exc:
-        raise SourceError(
-            "gs:// sources need the `gcs` extra: pip install 'loraplex[gcs]'", "unsupported"
-        ) from exc
-    bucket = storage.Client().bucket(source.location)
-    for name in ADAPTER_FILES:
-        key = f"{source.subdir}/{name}" if source.subdir else name
-        blob = bucket.blob(key)
-        if blob.exists():
-            blob.download_to_filename(str(staging / name))
+def _fetch_bucket(source: AdapterSource, staging: Path, options: FetchOptions) -> None:
+    from loraplex.server.adapters.bucket_fetch import fetch_adapter
 
-
-def _fetch_s3(source: AdapterSource, staging: Path, options: FetchOptions) -> None:
-    try:
-        import boto3
-    except ImportError as exc:
-        raise SourceError(
-            "s3:// sources need the `s3` extra: pip install 'loraplex[s3]'", "unsupported"
-        ) from exc
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL"
-    )  # MinIO and friends
-    client = boto3.client("s3", endpoint_url=endpoint or None)
-    for name in ADAPTER_FILES:
-        key = f"{source.subdir}/{name}" if source.subdir else name
-        try:
-            client.download_file(source.location, key, str(staging / name))
-        except Exception as exc:  # botocore raises ClientError subclasses built at run time
-            raise SourceError(f"s3://{source.location}/{key}: {exc}", "adapter_download") from exc
+    fetch_adapter(source, staging, options)
 
 
 FETCHERS: dict[str, Callable[[AdapterSource, Path, FetchOptions], None]] = {
     "hf": _fetch_hf,
     "https": _fetch_https,
-    "gs": _fetch_gs,
-    "s3": _fetch_s3,
+    "gs": _fetch_bucket,
+    "s3": _fetch_bucket,
 }
 
 

@@ -2,7 +2,11 @@
 
 Handlers raise `ApiError` (or let engine and validation errors through); `error_middleware`
 turns them into TGI's `{"error", "error_type"}` or OpenAI's `{"error": {message, type, param,
-code}}` depending on the route family, with TGI's status codes in both.
+code}}` depending on the route family. OpenAI routes answer invalid input with 400 (what the
+OpenAI SDK raises `BadRequestError` for), the others with TGI's 422. On TGI's generation routes
+`error_type` is one of the four values TGI clients know (`validation`, `generation`,
+`overloaded`, `incomplete_generation`); the status (404 for an unknown adapter) and the message
+keep the specific reason.
 """
 
 from __future__ import annotations
@@ -30,13 +34,25 @@ log = logging.getLogger(__name__)
 
 # Paths answered in OpenAI's error dialect; everything else uses TGI's.
 OPENAI_PATH_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+# TGI's generation routes, whose clients parse `error_type` (text_generation, huggingface_hub).
+TGI_GENERATION_PATHS = frozenset({"/", "/generate", "/generate_stream", "/tokenize"})
+# status -> the TGI error_type a TGI client turns into its typed exception
+_TGI_TYPES = {
+    400: "validation",
+    404: "validation",
+    413: "validation",
+    422: "validation",
+    429: "overloaded",
+    500: "generation",
+    503: "overloaded",
+}
 
-# error_type -> OpenAI `type` (clients switch on the status code, humans read the type)
+# status -> OpenAI `type` (clients switch on the status code, humans read the type)
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
-    404: "not_found_error",
+    404: "invalid_request_error",
     405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
@@ -63,6 +79,7 @@ _LOAD_CLIENT_ERRORS = {
     "unsupported": 422,
     "too_large": 413,
     "adapter_not_found": 404,  # nothing at the adapter's source
+    "credentials": 403,  # the store refused (or found no) credentials for the source
     "adapter_download": 502,  # the source's server failed us
 }
 
@@ -102,26 +119,42 @@ def from_validation_error(exc: pydantic.ValidationError) -> ApiError:
     first = exc.errors(include_url=False)[0]
     where = ".".join(str(part) for part in first["loc"])
     message = f"{where}: {first['msg']}" if where else first["msg"]
-    return ApiError(422, message, "validation", param=where or None)
+    param = str(first["loc"][0]) if first["loc"] else None  # the body field, not union member tags
+    return ApiError(422, message, "validation", param=param)
 
 
 def is_openai_path(path: str) -> bool:
     return path.startswith(OPENAI_PATH_PREFIXES)
 
 
-def render(error: ApiError, openai_dialect: bool) -> web.Response:
-    if openai_dialect:
-        body: dict[str, object] = {
-            "error": {
-                "message": error.message,
-                "type": _OPENAI_TYPES.get(error.status, "server_error"),
-                "param": error.param,
-                "code": error.error_type,
-            }
+def openai_error_body(error: ApiError) -> dict[str, object]:
+    return {
+        "error": {
+            "message": error.message,
+            "type": _OPENAI_TYPES.get(error.status, "server_error"),
+            "param": error.param,
+            "code": error.error_type,
         }
+    }
+
+
+def tgi_error_type(error: ApiError) -> str:
+    if error.status in _TGI_TYPES:
+        return _TGI_TYPES[error.status]
+    return "generation" if error.status >= 500 else error.error_type  # 401/403 keep theirs
+
+
+def render(error: ApiError, path: str) -> web.Response:
+    """`error` in the dialect of the route family `path` belongs to."""
+    status = error.status
+    if is_openai_path(path):
+        status = 400 if status == 422 else status  # OpenAI's status for invalid input
+        body: dict[str, object] = openai_error_body(error)
+    elif path in TGI_GENERATION_PATHS:
+        body = {"error": error.message, "error_type": tgi_error_type(error)}
     else:
         body = {"error": error.message, "error_type": error.error_type}
-    return web.json_response(body, status=error.status, headers=error.headers)
+    return web.json_response(body, status=status, headers=error.headers)
 
 
 def _as_api_error(exc: Exception) -> ApiError | None:
@@ -152,7 +185,7 @@ async def error_middleware(
             log.exception("unhandled error on %s %s", request.method, request.path)
             error = ApiError(500, "internal server error", "internal")
         error.headers.pop("Content-Type", None)
-        return render(error, is_openai_path(request.path))
+        return render(error, request.path)
 
 
 async def read_json(request: web.Request) -> object:

@@ -1,73 +1,92 @@
 """OpenAI routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`.
 
 `model` is an adapter's served name or alias, or the base model's served name (no adapter);
-an unknown name is a 404, never the base model. One choice per request (`n=1`); the stop
-sequence is cut from the output (also when streaming); streams end with `data: [DONE]`.
+absent, `tgi` (what TGI's `text-generation` client sends) and `dummy` (what
+`huggingface_hub.InferenceClient` sends without a model) also mean the base model; any other
+unknown name is a 404, never the base model. `n` and `best_of` run as parallel sequences that
+share the prompt's KV blocks (`choices.py`); completions take a list of prompts (or token-id
+lists), choice `i` of prompt `p` having index `p * n + i`, as in vLLM. The stop sequence is cut
+from the output (also when streaming); streams end with `data: [DONE]`, except for TGI's own
+client (`model: "tgi"`), whose parser cannot read it.
 """
 
 from __future__ import annotations
 
 import json
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from loraplex.server.api_schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from loraplex.server.api_schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    unsupported_fields_set,
+)
 from loraplex.server.auth import Caller, caller_of
 from loraplex.server.engine_api import UnknownAdapterError
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
+from loraplex.server.routes.choices import best_choices, choice_requests, collect, merged, open_streams
 from loraplex.server.routes.context import ServerContext, get_context
 from loraplex.server.routes.errors import ApiError, read_json, render
 from loraplex.server.routes.generation import (
     SSE_HEADERS,
-    StopTextFilter,
     authorize_adapter,
     encode,
-    engine_stream,
     error_type_of,
-    raise_if_failed,
     resolve_adapter,
     room_left,
     write_sse,
 )
+from loraplex.server.routes.openai_output import (
+    CHAT,
+    COMPLETION,
+    ChoiceWriter,
+    Dialect,
+    Envelope,
+    chat_delta,
+    usage,
+)
 from loraplex.server.sampling_params import SamplingParams
 
-_FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP: "stop"}
-_UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool]], ...] = (
-    ("n", lambda b: b.n != 1),
-    ("best_of", lambda b: (getattr(b, "best_of", None) or 1) > 1),
-    ("suffix", lambda b: getattr(b, "suffix", None) is not None),
-    ("logit_bias", lambda b: bool(b.logit_bias)),
-    ("tools", lambda b: bool(getattr(b, "tools", None))),
-    ("response_format", lambda b: (getattr(b, "response_format", None) or {}).get("type", "text") != "text"),
-)
+BASE_MODEL_PLACEHOLDERS = frozenset({"tgi", "dummy"})  # names clients send for "the served model"
+Body = CompletionRequest | ChatCompletionRequest
 
 
 @dataclass(frozen=True)
-class _Dialect:
-    """What differs between completions and chat in one place: ids, object names, chunk shapes."""
+class _Plan:
+    """One OpenAI request in engine terms: `best_of` engine requests per prompt, `n` returned."""
 
-    id_prefix: str
-    object: str
-    chunk_object: str
-    chat: bool
+    body: Body
+    dialect: Dialect
+    model: str  # echoed in responses
+    prompts: list[tuple[int, ...]]
+    requests: list[GenerationRequest]  # prompt p's candidates: requests[p * best_of : (p + 1) * best_of]
+    n: int
+    best_of: int
+    show_logprobs: bool
 
-
-_COMPLETION = _Dialect("cmpl-", "text_completion", "text_completion", chat=False)
-_CHAT = _Dialect("chatcmpl-", "chat.completion", "chat.completion.chunk", chat=True)
-
-
-def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
-    for name, is_set in _UNSUPPORTED:
-        if is_set(body):
-            raise ApiError(422, f"`{name}` is not supported by this server", "validation", param=name)
+    def prompt_of(self, request_index: int) -> tuple[int, ...]:
+        return self.prompts[request_index // self.best_of]
 
 
-def _adapter_for(ctx: ServerContext, model: str) -> str | None:
+def _invalid(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, code, param=param)
+
+
+def _refuse_unsupported(body: Body) -> None:
+    for name in unsupported_fields_set(body):
+        raise _invalid(f"`{name}` is not supported by this server", name, "unsupported")
+    if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
+        raise _invalid("`echo` with `logprobs` (prompt token logprobs) is not supported by this server", "echo",
+                       "unsupported")  # fmt: skip
+
+
+def _adapter_for(ctx: ServerContext, model: str | None) -> str | None:
+    if model is None or model in BASE_MODEL_PLACEHOLDERS:
+        return None
     try:
         return resolve_adapter(ctx, model)
     except UnknownAdapterError as exc:
@@ -76,9 +95,7 @@ def _adapter_for(ctx: ServerContext, model: str) -> str | None:
         ) from exc
 
 
-def _sampling(
-    body: CompletionRequest | ChatCompletionRequest, max_new_tokens: int, top_n: int
-) -> SamplingParams:
+def _sampling(body: Body, max_new_tokens: int, top_n: int, need_logprobs: bool) -> SamplingParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     try:
         return SamplingParams(
@@ -93,219 +110,197 @@ def _sampling(
             seed=body.seed,
             stop=stop,
             stop_token_ids=tuple(body.stop_token_ids or ()),
-            ignore_eos=body.ignore_eos,
-            logprobs=top_n >= 0,
+            ignore_eos=bool(body.ignore_eos),
+            logprobs=top_n >= 0 or need_logprobs,
             top_n_tokens=max(0, top_n),
         )
     except ValueError as exc:
-        raise ApiError(422, str(exc), "validation") from exc
+        raise _invalid(str(exc), None) from exc
 
 
-def _completion_prompt(
-    ctx: ServerContext, prompt: str | list[int] | list[str] | list[list[int]]
-) -> tuple[int, ...]:
+def _completion_prompts(ctx: ServerContext, prompt: Any) -> list[tuple[int, ...]]:
     if isinstance(prompt, str):
-        return encode(ctx.engine.tokenizer, prompt)
-    if prompt and all(isinstance(x, int) for x in prompt):
-        return tuple(prompt)  # type: ignore[arg-type]
-    if len(prompt) != 1:
-        raise ApiError(422, "one prompt per request is supported", "validation", param="prompt")
-    return _completion_prompt(ctx, prompt[0])
+        return [encode(ctx.engine.tokenizer, prompt)]
+    if all(isinstance(x, int) for x in prompt):
+        return [tuple(prompt)]
+    return [p for item in prompt for p in _completion_prompts(ctx, item)]
 
 
 def _message_text(message: ChatMessage) -> str:
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
     if any(part.type != "text" for part in message.content):
-        raise ApiError(422, "only text content parts are supported", "validation", param="messages")
+        raise _invalid("only text content parts are supported", "messages")
     return "".join(part.text or "" for part in message.content)
 
 
 def _chat_prompt(ctx: ServerContext, body: ChatCompletionRequest) -> tuple[int, ...]:
     tokenizer = ctx.engine.tokenizer
     if not getattr(tokenizer, "chat_template", None):
-        raise ApiError(422, "this model's tokenizer has no chat template", "validation", param="messages")
+        raise _invalid("this model's tokenizer has no chat template", "messages")
     messages = [{"role": m.role, "content": _message_text(m)} for m in body.messages]
+    add_generation_prompt = body.add_generation_prompt is not False
     try:
         text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=body.add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except Exception as exc:  # a template's raise_exception (e.g. roles must alternate)
-        raise ApiError(422, f"chat template: {exc}", "validation", param="messages") from exc
+        raise _invalid(f"chat template: {exc}", "messages") from exc
     return encode(tokenizer, text, add_special_tokens=False)  # the template writes its own BOS
 
 
-def _request(ctx: ServerContext, body: CompletionRequest | ChatCompletionRequest) -> GenerationRequest:
+def _check_context(ctx: ServerContext, prompt: tuple[int, ...], max_new: int | None, param: str) -> None:
+    """OpenAI's context-length error (code and wording), which client wrappers key off."""
+    limit, max_input = ctx.engine.max_total_tokens, ctx.engine.max_input_tokens
+    requested = len(prompt) + (max_new or 0)
+    if len(prompt) > max_input or requested > limit:
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {limit} tokens (at most {max_input} in the prompt). "
+            f"However, you requested {requested} tokens ({len(prompt)} in the {param}, {max_new or 0} in the "
+            f"completion). Please reduce the length of the {param} or completion.",
+            "context_length_exceeded",
+            param=param,
+        )
+
+
+def _plan(ctx: ServerContext, body: Body, dialect: Dialect) -> _Plan:
     _refuse_unsupported(body)
     adapter = _adapter_for(ctx, body.model)
+    n = body.n or 1
+    best_of = getattr(body, "best_of", None) or n
+    if best_of < n:
+        raise _invalid(f"`best_of` ({best_of}) must be >= `n` ({n})", "best_of")
+    if best_of > n and body.stream:
+        raise _invalid("`best_of` > `n` is not supported when streaming", "best_of")
     if isinstance(body, ChatCompletionRequest):
-        prompt = _chat_prompt(ctx, body)
+        prompts, param = [_chat_prompt(ctx, body)], "messages"
         max_new = body.max_completion_tokens or body.max_tokens
         top_n = (body.top_logprobs or 0) if body.logprobs else -1
     else:
-        prompt = _completion_prompt(ctx, body.prompt)
-        max_new = body.max_tokens
-        top_n = -1 if body.logprobs is None else body.logprobs
-    params = _sampling(body, max_new or room_left(ctx.engine, len(prompt)), top_n)
-    return GenerationRequest(uuid.uuid4().hex, prompt, params, adapter)
+        prompts, param = _completion_prompts(ctx, body.prompt), "prompt"
+        max_new, top_n = body.max_tokens, (-1 if body.logprobs is None else body.logprobs)
+    requests = []
+    for prompt in prompts:
+        _check_context(ctx, prompt, max_new, param)
+        params = _sampling(body, max_new or room_left(ctx.engine, len(prompt)), top_n, best_of > n)
+        requests += choice_requests(prompt, params, adapter, best_of)
+    model = body.model if body.model and body.model not in BASE_MODEL_PLACEHOLDERS else ctx.engine.model_name
+    return _Plan(body, dialect, model, prompts, requests, n, best_of, top_n >= 0)
 
 
-class _Writer:
-    """Turns engine events into OpenAI choices (text, logprobs), for both dialects."""
-
-    def __init__(self, ctx: ServerContext, body: Any, request: GenerationRequest, dialect: _Dialect) -> None:
-        self._ctx, self._body, self._request, self._dialect = ctx, body, request, dialect
-        self._stops = StopTextFilter(request.params.stop)
-        self.id = dialect.id_prefix + request.request_id
-        self.created = int(time.time())
-        self._offset = 0
-        self.num_generated = 0
-
-    def text_of(self, event: TokenEvent) -> str:
-        if event.token_id is not None:
-            self.num_generated += 1
-        text = self._stops.push(event.text)
-        return text + self._stops.flush() if event.finish_reason is not None else text
-
-    def logprobs(self, events: list[TokenEvent]) -> dict[str, Any] | None:
-        if not self._request.params.logprobs:
-            return None
-        decode = self._ctx.engine.tokenizer.decode
-        tokens = [e for e in events if e.token_id is not None]
-        if self._dialect.chat:
-            return {"content": [_chat_logprob(decode, e) for e in tokens]}
-        texts = [decode([e.token_id]) for e in tokens]
-        offsets = []
-        for text in texts:
-            offsets.append(self._offset)
-            self._offset += len(text)
-        return {
-            "tokens": texts,
-            "token_logprobs": [e.logprob for e in tokens],
-            "top_logprobs": [{decode([a.token_id]): a.logprob for a in e.top_logprobs} for e in tokens],
-            "text_offset": offsets,
-        }
-
-    def choice(self, text: str, logprobs: dict[str, Any] | None, finish: FinishReason | None) -> dict:
-        finish_reason = _FINISH.get(finish) if finish is not None else None
-        if not self._dialect.chat:
-            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        return {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
-
-    def usage(self) -> dict[str, int]:
-        prompt = len(self._request.prompt_token_ids)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": self.num_generated,
-            "total_tokens": prompt + self.num_generated,
-        }
-
-    def envelope(self, choices: list[dict], chunk: bool) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": self._dialect.chunk_object if chunk else self._dialect.object,
-            "created": self.created,
-            "model": self._body.model,
-            "choices": choices,
-        }
+def _writer(ctx: ServerContext, plan: _Plan, index: int, request: GenerationRequest) -> ChoiceWriter:
+    return ChoiceWriter(index, plan.dialect, ctx.engine.tokenizer.decode, request.params.stop, plan.show_logprobs,
+                        len(request.prompt_token_ids))  # fmt: skip
 
 
-def _chat_logprob(decode: Callable[[list[int]], str], event: TokenEvent) -> dict[str, Any]:
-    token = decode([event.token_id])
-    return {
-        "token": token,
-        "logprob": event.logprob,
-        "bytes": list(token.encode()),
-        "top_logprobs": [
-            {"token": (t := decode([a.token_id])), "logprob": a.logprob, "bytes": list(t.encode())}
-            for a in event.top_logprobs
-        ],
-    }
+def _echo(ctx: ServerContext, plan: _Plan, prompt_index: int) -> str:
+    body = plan.body
+    if plan.dialect.chat or not getattr(body, "echo", False):
+        return ""
+    prompt = body.prompt  # type: ignore[union-attr]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        return prompt[prompt_index]
+    return ctx.engine.tokenizer.decode(list(plan.prompts[prompt_index]))
 
 
-async def _complete(ctx: ServerContext, body: Any, dialect: _Dialect) -> dict[str, Any]:
-    request = await ctx.blocking.run(_request, ctx, body)  # tokenising, chat template: off the loop
-    writer = _Writer(ctx, body, request, dialect)
-    events: list[TokenEvent] = []
-    text: list[str] = []
-    async with engine_stream(ctx, request, dialect.object) as stream:
-        async for event in stream.events():
-            raise_if_failed(event)
-            events.append(event)
-            text.append(writer.text_of(event))
-    final = events[-1].finish_reason
-    prefix = body.prompt if (not dialect.chat and body.echo and isinstance(body.prompt, str)) else ""
-    choice = writer.choice(prefix + "".join(text), writer.logprobs(events), final)
-    if dialect.chat:
-        choice["message"] = {"role": "assistant", "content": "".join(text)}
-    return {**writer.envelope([choice], chunk=False), "usage": writer.usage()}
+async def _complete(ctx: ServerContext, plan: _Plan) -> dict[str, Any]:
+    async with open_streams(ctx, plan.requests, plan.dialect.object) as streams:
+        outputs = await collect(streams)
+    choices, completion_tokens = [], 0
+    for p in range(len(plan.prompts)):
+        candidates = outputs[p * plan.best_of : (p + 1) * plan.best_of]
+        completion_tokens += sum(1 for events in candidates for e in events if e.token_id is not None)
+        for j, k in enumerate(best_choices(candidates, plan.n)):
+            writer = _writer(ctx, plan, p * plan.n + j, plan.requests[p * plan.best_of + k])
+            events = candidates[k]
+            text = "".join(writer.text_of(e) for e in events)
+            choice = writer.choice(
+                _echo(ctx, plan, p) + text, writer.logprobs(events), events[-1].finish_reason
+            )
+            if plan.dialect.chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            choices.append(choice)
+    envelope = Envelope(plan.requests[0].request_id, plan.model, plan.dialect)
+    return {**envelope(choices, chunk=False), "usage": usage(sum(map(len, plan.prompts)), completion_tokens)}
 
 
-async def _chunks(
-    writer: _Writer, body: Any, events: AsyncIterator[TokenEvent], chat: bool
-) -> AsyncIterator[dict]:
+def _stream_error(event: TokenEvent) -> dict[str, Any]:
+    return {"error": {"message": event.error or "generation failed", "type": "server_error", "param": None,
+                      "code": error_type_of(event)}}  # fmt: skip
+
+
+async def _chunks(ctx: ServerContext, plan: _Plan, streams: list) -> AsyncIterator[dict]:
     """The stream's JSON chunks, in order, before `[DONE]`."""
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    extra = {"usage": None} if include_usage else {}
-    if chat:
-        first = {
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-        yield {**writer.envelope([first], chunk=True), **extra}
-    elif body.echo and isinstance(body.prompt, str):
-        yield {**writer.envelope([writer.choice(body.prompt, None, None)], chunk=True), **extra}
-    async for event in events:
+    options = plan.body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = bool(options and options.continuous_usage_stats)
+    envelope = Envelope(plan.requests[0].request_id, plan.model, plan.dialect)
+    writers = [_writer(ctx, plan, i, r) for i, r in enumerate(plan.requests)]
+
+    def chunk(writer: ChoiceWriter, choice: dict) -> dict:
+        extra: dict[str, Any] = (
+            {"usage": writer.usage() if continuous else None} if include_usage or continuous else {}
+        )
+        return {**envelope([choice], chunk=True), **extra}
+
+    for p, writer in enumerate(writers):
+        if plan.dialect.chat:
+            first = {**writer.choice("", None, None), "delta": chat_delta("", first=True)}
+            yield chunk(writer, first)
+        elif echo := _echo(ctx, plan, p // plan.n):
+            yield chunk(writer, writer.choice(echo, None, None))
+    async for i, event in merged(streams):
+        writer = writers[i]
         if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
-            yield {"error": {"message": event.error or "generation failed", "type": "server_error", "param": None,
-                             "code": error_type_of(event)}}  # fmt: skip
+            yield _stream_error(event)
             return
         text = writer.text_of(event)
         logprobs = writer.logprobs([event])
         if not text and event.finish_reason is None and not logprobs:
             continue
         choice = writer.choice(text, logprobs, event.finish_reason)
-        if chat:
-            choice["delta"] = {"content": text} if text else {}
-        yield {**writer.envelope([choice], chunk=True), **extra}
+        if plan.dialect.chat:
+            choice["delta"] = chat_delta(text or None, first=False)
+        yield chunk(writer, choice)
     if include_usage:
-        yield {**writer.envelope([], chunk=True), "usage": writer.usage()}
+        total = usage(sum(map(len, plan.prompts)), sum(w.num_generated for w in writers))
+        yield {**envelope([], chunk=True), "usage": total}
 
 
-async def _stream(http: web.Request, ctx: ServerContext, body: Any, dialect: _Dialect) -> web.StreamResponse:
-    request = await ctx.blocking.run(_request, ctx, body)  # tokenising, chat template: off the loop
-    writer = _Writer(ctx, body, request, dialect)
-    async with engine_stream(ctx, request, dialect.chunk_object) as stream:
-        response = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": request.request_id})
+async def _stream(http: web.Request, ctx: ServerContext, plan: _Plan) -> web.StreamResponse:
+    async with open_streams(ctx, plan.requests, plan.dialect.chunk_object) as streams:
+        headers = {**SSE_HEADERS, "x-request-id": plan.requests[0].request_id}
+        response = web.StreamResponse(headers=headers)
         await response.prepare(http)
         try:
-            async for chunk in _chunks(writer, body, stream.events(), dialect.chat):
+            async for chunk in _chunks(ctx, plan, streams):
                 await write_sse(response, json.dumps(chunk).encode())
-            await write_sse(response, b"[DONE]")
+            if plan.body.model != "tgi":  # text-generation's chat parser fails on a non-JSON event
+                await write_sse(response, b"[DONE]")
         except ConnectionResetError:
-            return response  # the client left; closing the stream aborts the request
+            return response  # the client left; closing the streams aborts the requests
     await response.write_eof()
     return response
 
 
-async def completions(http: web.Request) -> web.StreamResponse:
+async def _serve(http: web.Request, body: Body, dialect: Dialect) -> web.StreamResponse:
     ctx = get_context(http)
-    body = CompletionRequest.model_validate(await read_json(http))
     authorize_adapter(http, ctx, _adapter_for(ctx, body.model))
+    plan = await ctx.blocking.run(_plan, ctx, body, dialect)  # tokenising, chat template: off the loop
     if body.stream:
-        return await _stream(http, ctx, body, _COMPLETION)
-    return web.json_response(await _complete(ctx, body, _COMPLETION))
+        return await _stream(http, ctx, plan)
+    return web.json_response(await _complete(ctx, plan))
+
+
+async def completions(http: web.Request) -> web.StreamResponse:
+    return await _serve(http, CompletionRequest.model_validate(await read_json(http)), COMPLETION)
 
 
 async def chat_completions(http: web.Request) -> web.StreamResponse:
-    ctx = get_context(http)
-    body = ChatCompletionRequest.model_validate(await read_json(http))
-    authorize_adapter(http, ctx, _adapter_for(ctx, body.model))
-    if body.stream:
-        return await _stream(http, ctx, body, _CHAT)
-    return web.json_response(await _complete(ctx, body, _CHAT))
+    return await _serve(http, ChatCompletionRequest.model_validate(await read_json(http)), CHAT)
 
 
 def _model_cards(ctx: ServerContext, caller: Caller) -> list[dict[str, Any]]:
@@ -350,7 +345,9 @@ async def get_model(http: web.Request) -> web.Response:
     for card in _model_cards(get_context(http), caller_of(http)):
         if card["id"] == name:
             return web.json_response(card)
-    return render(ApiError(404, f"The model `{name}` does not exist", "model_not_found", param="model"), True)
+    return render(
+        ApiError(404, f"The model `{name}` does not exist", "model_not_found", param="model"), http.path
+    )
 
 
 def add_routes(app: web.Application) -> None:

@@ -10,19 +10,22 @@ output, as in TGI.
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Callable
+import os
 from typing import Any
 
 from aiohttp import web
 
 from loraplex.server.api_schemas import (
+    MAX_BEST_OF,
     MAX_STOP_SEQUENCES,
     MAX_TOP_N_TOKENS,
     TGIGenerateRequest,
     TGIParameters,
+    TokenizeRequest,
+    unsupported_fields_set,
 )
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent, TokenLogprob
+from loraplex.server.routes.choices import choice_requests, collect, open_streams, ranked
 from loraplex.server.routes.context import ServerContext, get_context
 from loraplex.server.routes.errors import ApiError, read_json
 from loraplex.server.routes.generation import (
@@ -31,7 +34,6 @@ from loraplex.server.routes.generation import (
     encode,
     engine_stream,
     error_type_of,
-    raise_if_failed,
     resolve_adapter,
     room_left,
     write_sse,
@@ -39,19 +41,30 @@ from loraplex.server.routes.generation import (
 from loraplex.server.sampling_params import SamplingParams
 from loraplex.version import __version__
 
-# Parameters TGI accepts that this server cannot honour: refused (422), never silently ignored.
-_UNSUPPORTED: tuple[tuple[str, Callable[[TGIParameters], bool]], ...] = (
-    ("best_of > 1", lambda p: (p.best_of or 1) > 1),
-    ("grammar", lambda p: p.grammar is not None),
-    ("decoder_input_details", lambda p: p.decoder_input_details),
-    ("watermark", lambda p: p.watermark),
-    ("typical_p", lambda p: p.typical_p not in (None, 1.0)),
-)
+
+def _refuse(p: TGIParameters, stream: bool) -> None:
+    """Parameters TGI accepts that this server cannot honour: refused (422), never ignored."""
+    for name in unsupported_fields_set(p):
+        raise ApiError(422, f"`{name}` is not supported by this server", "validation", param=name)
+    if (p.best_of or 1) > 1 and stream:
+        raise ApiError(
+            422, "`best_of` != 1 is not supported when streaming tokens", "validation", param="best_of"
+        )
+    if (p.best_of or 1) > 1 and not _samples(p):
+        raise ApiError(422, "you must use sampling when `best_of` is > 1", "validation", param="best_of")
+    if (p.best_of or 1) > 1 and p.seed is not None:
+        raise ApiError(422, "`seed` must not be set when `best_of` is > 1", "validation", param="seed")
+
+
+def _samples(p: TGIParameters) -> bool:
+    # TGI samples when asked to, or when any warper is set (its NextTokenChooser rule).
+    return (
+        bool(p.do_sample) or p.temperature not in (None, 1.0) or bool(p.top_k) or p.top_p not in (None, 1.0)
+    )
 
 
 def _sampling(ctx: ServerContext, p: TGIParameters, num_prompt_tokens: int) -> SamplingParams:
-    # TGI samples when asked to, or when any warper is set (its NextTokenChooser rule).
-    sample = p.do_sample or p.temperature not in (None, 1.0) or bool(p.top_k) or p.top_p not in (None, 1.0)
+    sample = _samples(p)
     default_max = min(ctx.settings.default_max_new_tokens, room_left(ctx.engine, num_prompt_tokens))
     try:
         return SamplingParams(
@@ -62,7 +75,7 @@ def _sampling(ctx: ServerContext, p: TGIParameters, num_prompt_tokens: int) -> S
             repetition_penalty=p.repetition_penalty or 1.0,
             frequency_penalty=p.frequency_penalty or 0.0,
             seed=p.seed,
-            stop=tuple(p.stop),
+            stop=tuple(p.stop or ()),
             logprobs=True,  # TGI always reports each token's logprob
             top_n_tokens=p.top_n_tokens or 0,
         )
@@ -70,21 +83,15 @@ def _sampling(ctx: ServerContext, p: TGIParameters, num_prompt_tokens: int) -> S
         raise ApiError(422, str(exc), "validation") from exc
 
 
-def build_request(ctx: ServerContext, body: TGIGenerateRequest) -> GenerationRequest:
+def build_requests(ctx: ServerContext, body: TGIGenerateRequest, stream: bool) -> list[GenerationRequest]:
+    """The request's engine requests: one, or `best_of` sharing the prompt's KV blocks."""
     p = body.parameters
-    for name, is_set in _UNSUPPORTED:
-        if is_set(p):
-            raise ApiError(422, f"`{name}` is not supported by this server", "validation", param=name)
+    _refuse(p, stream)
     adapter = resolve_adapter(ctx, p.adapter_id)
     prompt_ids = encode(ctx.engine.tokenizer, body.inputs)
     if p.truncate is not None:
         prompt_ids = prompt_ids[-p.truncate :]
-    return GenerationRequest(
-        request_id=uuid.uuid4().hex,
-        prompt_token_ids=prompt_ids,
-        params=_sampling(ctx, p, len(prompt_ids)),
-        adapter=adapter,
-    )
+    return choice_requests(prompt_ids, _sampling(ctx, p, len(prompt_ids)), adapter, p.best_of or 1)
 
 
 class _Output:
@@ -138,52 +145,70 @@ def _top_tokens(ctx: ServerContext, alternatives: tuple[TokenLogprob, ...]) -> l
 
 
 def _seed(p: TGIParameters, request: GenerationRequest) -> int | None:
-    return None if request.params.is_greedy else p.seed
+    return None if request.params.is_greedy else request.params.seed
+
+
+class _Sequence:
+    """One generated sequence in TGI's terms: its text, tokens and top tokens."""
+
+    def __init__(self, ctx: ServerContext, events: list[TokenEvent]) -> None:
+        output = _Output(ctx)
+        self.tokens: list[dict[str, Any]] = []
+        self.top_tokens: list[list[dict[str, Any]]] = []
+        for event in events:
+            text = output.add(event)
+            if event.token_id is not None:
+                self.tokens.append(_token(ctx, event, text))
+                self.top_tokens.append(_top_tokens(ctx, event.top_logprobs))
+        self.text = output.text
+        self.finish_reason = str(events[-1].finish_reason)
+
+    def details(self, p: TGIParameters, request: GenerationRequest) -> dict[str, Any]:
+        return {
+            "finish_reason": self.finish_reason,
+            "generated_tokens": len(self.tokens),
+            "seed": _seed(p, request),
+            "prefill": [],
+            "tokens": self.tokens,
+            "top_tokens": self.top_tokens if p.top_n_tokens else None,
+        }
 
 
 async def generate_json(
     ctx: ServerContext, body: TGIGenerateRequest
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Run one request to the end; the TGI `GenerateResponse` and its headers."""
-    request = await ctx.blocking.run(build_request, ctx, body)  # tokenising: off the event loop
+    requests = await ctx.blocking.run(build_requests, ctx, body, False)  # tokenising: off the event loop
     p = body.parameters
-    tokens: list[dict[str, Any]] = []
-    top_tokens: list[list[dict[str, Any]]] = []
-    output = _Output(ctx)
-    async with engine_stream(ctx, request, "generate") as stream:
-        async for event in stream.events():
-            raise_if_failed(event)
-            text = output.add(event)
-            if event.token_id is not None:
-                tokens.append(_token(ctx, event, text))
-                top_tokens.append(_top_tokens(ctx, event.top_logprobs))
-        final = stream.final
-    assert final is not None and final.finish_reason is not None
-    generated = output.text
-    result: dict[str, Any] = {
-        "generated_text": (body.inputs + generated) if p.return_full_text else generated
-    }
+    async with open_streams(ctx, requests, "generate") as streams:
+        outputs = await collect(streams)
+    order = ranked(outputs)  # best first
+    best = _Sequence(ctx, outputs[order[0]])
+
+    def full(text: str) -> str:
+        return (body.inputs + text) if p.return_full_text else text
+
+    result: dict[str, Any] = {"generated_text": full(best.text)}
     if p.details:
+        others = [(_Sequence(ctx, outputs[i]), requests[i]) for i in order[1:]]
         result["details"] = {
-            "finish_reason": str(final.finish_reason),
-            "generated_tokens": len(tokens),
-            "seed": _seed(p, request),
-            "prefill": [],
-            "tokens": tokens,
-            "top_tokens": top_tokens if p.top_n_tokens else None,
-            "best_of_sequences": None,
+            **best.details(p, requests[order[0]]),
+            "best_of_sequences": [
+                {"generated_text": full(seq.text), **seq.details(p, r)} for seq, r in others
+            ]
+            or None,
         }
     headers = {
-        "x-request-id": request.request_id,
-        "x-prompt-tokens": str(len(request.prompt_token_ids)),
-        "x-generated-tokens": str(len(tokens)),
+        "x-request-id": requests[0].request_id,
+        "x-prompt-tokens": str(len(requests[0].prompt_token_ids)),
+        "x-generated-tokens": str(len(best.tokens)),
     }
     return result, headers
 
 
 async def stream_sse(http: web.Request, ctx: ServerContext, body: TGIGenerateRequest) -> web.StreamResponse:
     """TGI's `generate_stream`: admission errors are plain JSON errors, later ones SSE error events."""
-    request = await ctx.blocking.run(build_request, ctx, body)  # tokenising: off the event loop
+    [request] = await ctx.blocking.run(build_requests, ctx, body, True)  # tokenising: off the event loop
     p = body.parameters
     async with engine_stream(ctx, request, "generate_stream") as stream:
         response = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": request.request_id})
@@ -244,7 +269,7 @@ async def compat_generate(http: web.Request) -> web.StreamResponse:
     ctx = get_context(http)
     body = TGIGenerateRequest.model_validate(await read_json(http))
     authorize_adapter(http, ctx, resolve_adapter(ctx, body.parameters.adapter_id))
-    if body.stream:
+    if body.stream:  # an explicit null means no
         return await stream_sse(http, ctx, body)
     result, headers = await generate_json(ctx, body)
     return web.json_response([result], headers=headers)
@@ -253,20 +278,25 @@ async def compat_generate(http: web.Request) -> web.StreamResponse:
 async def info(http: web.Request) -> web.Response:
     ctx = get_context(http)
     engine = ctx.engine
+    engine_config = _engine_limits(engine)
     body: dict[str, Any] = {
         "model_id": ctx.settings.model_id or engine.model_name,
         "served_model_name": engine.model_name,
         "model_sha": None,
         "model_pipeline_tag": "text-generation",
-        "max_best_of": 1,
+        "max_best_of": MAX_BEST_OF,
+        "max_concurrent_requests": engine_config.get("max_concurrent_requests"),
+        "max_batch_total_tokens": engine_config.get("max_batch_tokens"),
+        "validation_workers": 1,  # requests are validated on the event loop, not by a worker pool
         "max_stop_sequences": MAX_STOP_SEQUENCES,
         "max_top_n_tokens": MAX_TOP_N_TOKENS,
         "max_input_tokens": engine.max_input_tokens,
+        "max_input_length": engine.max_input_tokens,  # TGI 1.x's name
         "max_total_tokens": engine.max_total_tokens,
         "max_client_batch_size": 1,
         "router": "loraplex",
         "version": __version__,
-        "sha": None,
+        "sha": os.environ.get("GIT_SHA"),  # the image's commit, as TGI's images set it
         "docker_label": None,
         "adapters": [a.name for a in engine.list_adapters() if a.state != "failed"],
         **ctx.settings.info,
@@ -274,8 +304,28 @@ async def info(http: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+def _engine_limits(engine: Any) -> dict[str, Any]:
+    config = getattr(engine, "_config", None)  # AsyncEngine's EngineConfig; absent on other engines
+    return {k: getattr(config, k, None) for k in ("max_concurrent_requests", "max_batch_tokens")}
+
+
+async def tokenize(http: web.Request) -> web.Response:
+    """TGI's `POST /tokenize`: `[{id, text, start, stop}]`, offsets into `inputs`."""
+    ctx = get_context(http)
+    body = TokenizeRequest.model_validate(await read_json(http))
+    tokenizer = ctx.engine.tokenizer
+    encoded = tokenizer(body.inputs, return_offsets_mapping=True)
+    return web.json_response(
+        [
+            {"id": token_id, "text": body.inputs[start:stop], "start": start, "stop": stop}
+            for token_id, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+        ]
+    )
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/", compat_generate)
     app.router.add_post("/generate", generate)
     app.router.add_post("/generate_stream", generate_stream)
     app.router.add_get("/info", info)
+    app.router.add_post("/tokenize", tokenize)

@@ -191,8 +191,28 @@ def test_cel_rules_are_also_enforced_by_the_models() -> None:
         {"autoscaling": {"minReplicas": 3, "maxReplicas": 2}},
         {"adapterNamespaces": {"from": "Selector"}},
         {"routing": {"inferencePool": {"enabled": True}}},
+        {"accelerator": {"type": "nvidia-l4", "count": 2}},
     ]
     for spec in invalid:
         with pytest.raises(ValidationError):
             BaseModelDeploymentSpec.model_validate({**base, **spec})
     assert len(bmd_crd.SPEC_VALIDATIONS) == len(invalid)  # one model check per CEL rule
+
+
+def test_one_accelerator_per_pod_until_the_engine_uses_more() -> None:
+    """What the CRD accepts, the system does: count > 1 would be billed and left idle."""
+    spec = BaseModelDeploymentSpec.model_validate(
+        {"model": {"id": "m"}, "accelerator": {"type": "nvidia-l4"}}
+    )
+    assert spec.accelerator is not None and spec.accelerator.count == 1
+    with pytest.raises(ValidationError, match="one device per pod"):
+        BaseModelDeploymentSpec.model_validate(
+            {"model": {"id": "m"}, "accelerator": {"type": "nvidia-l4", "count": 4}}
+        )
+    rules = crdgen.base_model_deployment_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "properties"
+    ]["spec"]["x-kubernetes-validations"]
+    assert {
+        "rule": "!has(self.accelerator) || self.accelerator.count <= 1",
+        "message": bmd_crd.ACCELERATOR_COUNT_MESSAGE,
+    } in rules

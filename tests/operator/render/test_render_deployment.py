@@ -58,7 +58,8 @@ def test_secrets_reach_the_pod_only_as_the_named_keys(bmd, make_bmd) -> None:
     assert env["API_KEY"] == {"secretKeyRef": {"name": "keys", "key": "server"}}
     assert "envFrom" not in _container(deployment)
     secrets = [v["secret"]["secretName"] for v in _pod(deployment)["volumes"] if "secret" in v]
-    assert secrets == ["gemma-access"]  # operator-owned key digests only, never the named Secrets
+    # operator-owned: key digests, and the adapters' store keys copied key by key; never the named Secrets
+    assert secrets == ["gemma-access", "gemma-credentials"]
 
 
 def test_volumes_mount_adapter_list_cache_and_shm(make_bmd) -> None:
@@ -94,7 +95,7 @@ def test_cpu_pod_has_no_gpu_and_no_accelerator_selector(bmd) -> None:
 
 def test_gke_autopilot_gpu_spot_and_compute_class(make_bmd) -> None:
     gpu = make_bmd(
-        accelerator={"type": "nvidia-l4", "count": 2},
+        accelerator={"type": "nvidia-l4", "count": 1},
         resources={"cpu": 8, "memory": "32Gi"},
         scheduling={
             "spot": True,
@@ -113,7 +114,7 @@ def test_gke_autopilot_gpu_spot_and_compute_class(make_bmd) -> None:
         "cloud.google.com/compute-class": "l4-spot",
     }
     resources = _container(deployment)["resources"]
-    assert resources["limits"]["nvidia.com/gpu"] == "2"
+    assert resources["limits"]["nvidia.com/gpu"] == "1"
     assert resources["requests"]["cpu"] == "8"
     assert resources["requests"]["memory"] == resources["limits"]["memory"] == "32Gi"
     keys = [toleration["key"] for toleration in pod["tolerations"]]

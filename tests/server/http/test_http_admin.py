@@ -69,7 +69,7 @@ def test_hot_load_alias_then_unload(live_server: LiveServer, reference: Referenc
     assert status == 200 and out == {"lora_name": "team/zed", "unloaded": True}
     for name in ("team/zed", "zed"):
         status, out = _generate(live_server, name)
-        assert status == 404 and out["error_type"] == "adapter_not_found"
+        assert status == 404 and out["error_type"] == "validation" and "not loaded" in out["error"]
     assert call("GET", f"{url}/v1/adapters/team/zed")[0] == 404
 
 
@@ -94,7 +94,7 @@ def test_load_errors_are_4xx_with_error_type(live_server: LiveServer, tiny_asset
     status, _, listed = call("GET", f"{live_server.url}/v1/adapters/dora")
     assert status == 200 and listed["state"] == "failed" and listed["error"]
     status, out = _generate(live_server, "dora")
-    assert status == 404 and out["error_type"] == "adapter_not_found"
+    assert status == 404 and out["error_type"] == "validation" and "dora" in out["error"]
     for name in ("ghost", "dora"):  # forget the failures: the shared server's list stays clean
         assert call("POST", f"{live_server.url}/v1/unload_lora_adapter", {"lora_name": name})[0] == 200
 
@@ -144,7 +144,8 @@ def test_adapter_still_loading_is_503_and_server_not_ready(server_thread: Server
         status, headers, out = call(
             "POST", f"{url}/generate", {"inputs": "hi", "parameters": {"adapter_id": "slow"}}
         )
-        assert (status, out["error_type"], headers["Retry-After"]) == (503, "adapter_loading", "1")
+        assert (status, out["error_type"], headers["Retry-After"]) == (503, "overloaded", "1")  # TGI's name
+        assert "still loading" in out["error"]
         status, _, out = call(
             "POST", f"{url}/v1/completions", {"model": "slow", "prompt": "hi", "max_tokens": 2}
         )

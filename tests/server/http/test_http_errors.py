@@ -8,6 +8,7 @@ import openai
 import pytest
 from http_server_support import LiveServer, ServerThread, call
 from huggingface_hub import InferenceClient
+from huggingface_hub.errors import ValidationError
 
 from loraplex.server.app import ServerSettings, create_app
 
@@ -38,13 +39,17 @@ def test_tgi_unknown_adapter_is_404_never_the_base_model(live_server: LiveServer
     status, headers, out = call("POST", live_server.url + route, body)
     assert status == 404
     assert headers["Content-Type"].startswith("application/json")  # not an event stream
-    _tgi_error(status, out, "adapter_not_found")
+    _tgi_error(status, out, "validation")  # a value TGI clients know; the status says "not found"
+    assert "no-such-adapter" in out["error"] and "not loaded" in out["error"]
 
 
-def test_hf_client_sees_unknown_adapter_as_an_error(live_server: LiveServer) -> None:
-    with pytest.raises(Exception, match="no-such-adapter") as excinfo:
-        InferenceClient(base_url=live_server.url).text_generation("hi", adapter_id="no-such-adapter")
+def test_hf_client_sees_unknown_adapter_as_a_validation_error(live_server: LiveServer) -> None:
+    client = InferenceClient(base_url=live_server.url)
+    with pytest.raises(ValidationError, match="no-such-adapter") as excinfo:
+        client.text_generation("hi", adapter_id="no-such-adapter")
     assert excinfo.value.__cause__.response.status_code == 404
+    with pytest.raises(ValidationError, match="no-such-adapter"):
+        list(client.text_generation("hi", adapter_id="no-such-adapter", stream=True))
 
 
 def test_openai_unknown_model_is_404(live_server: LiveServer) -> None:
@@ -79,32 +84,36 @@ def test_tgi_invalid_input_is_422(live_server: LiveServer, body: dict, fragment:
         assert fragment in out["error"]
 
 
-def test_malformed_json_is_422(live_server: LiveServer) -> None:
+def test_malformed_json_is_422_on_tgi_400_on_openai(live_server: LiveServer) -> None:
     status, _, out = call("POST", f"{live_server.url}/generate", b"{not json")
     assert status == 422
     _tgi_error(status, out, "validation")
     status, _, out = call("POST", f"{live_server.url}/v1/completions", b"[1, 2")
-    assert status == 422
-    _openai_error(out, "validation")
+    assert status == 400
+    assert _openai_error(out, "validation")["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize(
-    ("body", "param"),
+    ("body", "param", "code"),
     [
-        ({"model": "a4", "prompt": "hi", "n": 2}, "n"),
-        ({"model": "a4", "prompt": "hi", "temperature": 3}, "temperature"),
-        ({"model": "a4", "prompt": ["one", "two"]}, "prompt"),
-        ({"model": "a4", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
-        ({"model": "a4", "prompt": "hi", "logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"model": "a4", "prompt": "hi", "n": 0}, "n", "validation"),
+        ({"model": "a4", "prompt": "hi", "temperature": 3}, "temperature", "validation"),
+        ({"model": "a4", "prompt": []}, "prompt", "validation"),
+        ({"model": "a4", "prompt": "hi", "max_tokens": 0}, "max_tokens", "validation"),
+        ({"model": "a4", "prompt": "hi", "n": 2, "best_of": 1}, "best_of", "invalid_value"),
+        ({"model": "a4", "prompt": "hi", "logit_bias": {"5": 1.0}}, "logit_bias", "unsupported"),
+        ({"model": "a4", "prompt": "hi", "suffix": "x"}, "suffix", "unsupported"),
+        ({"model": "a4", "prompt": "hi", "echo": True, "logprobs": 1}, "echo", "unsupported"),
+        ({"model": "a4", "prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs", "unsupported"),
     ],
 )
-def test_openai_invalid_input_is_422(live_server: LiveServer, body: dict, param: str) -> None:
+def test_openai_invalid_input_is_400(live_server: LiveServer, body: dict, param: str, code: str) -> None:
     status, _, out = call("POST", f"{live_server.url}/v1/completions", body)
-    assert status == 422, out
-    assert _openai_error(out, "validation")["param"] == param
-    client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0)
-    with pytest.raises(openai.UnprocessableEntityError):
-        client.completions.create(**body)
+    assert status == 400, out
+    error = _openai_error(out, code)
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    if code == "unsupported":
+        assert f"`{param}`" in error["message"]
 
 
 def test_chat_rejects_tools_and_non_text_parts(live_server: LiveServer) -> None:
@@ -113,10 +122,14 @@ def test_chat_rejects_tools_and_non_text_parts(live_server: LiveServer) -> None:
     status, _, out = call(
         "POST", url, {"model": "a4", "messages": [{"role": "user", "content": "x"}], "tools": tools}
     )
-    assert status == 422 and _openai_error(out, "validation")["param"] == "tools"
+    assert status == 400 and _openai_error(out, "unsupported")["param"] == "tools"
+    for name, value in (("response_format", {"type": "json_object"}), ("tool_choice", "required")):
+        body = {"model": "a4", "messages": [{"role": "user", "content": "x"}], name: value}
+        status, _, out = call("POST", url, body)
+        assert status == 400 and _openai_error(out, "unsupported")["param"] == name, out
     image = [{"type": "image_url", "image_url": {"url": "http://x"}}]
     status, _, out = call("POST", url, {"model": "a4", "messages": [{"role": "user", "content": image}]})
-    assert status == 422 and _openai_error(out, "validation")["param"] == "messages"
+    assert status == 400 and _openai_error(out, "invalid_value")["param"] == "messages"
 
 
 def test_unknown_route_and_wrong_method(live_server: LiveServer) -> None:

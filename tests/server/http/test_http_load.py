@@ -106,7 +106,7 @@ def test_metrics_parse_and_carry_vllm_gauges(live_server: LiveServer) -> None:
     gauges = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
     for name in (*gauges, "vllm:gpu_cache_usage_perc"):
         (sample,) = families[name].samples
-        assert sample.labels == {"model_name": "tiny-llama"}
+        assert sample.labels == {"model_name": "tiny-llama", "engine": "0"}  # vLLM v1's label set
     (info,) = families["vllm:lora_requests_info"].samples
     assert info.labels["max_lora"] == str(live_server.engine.stats().max_loras)
     assert set(info.labels) == {"max_lora", "running_lora_adapters", "waiting_lora_adapters"}
