@@ -196,3 +196,35 @@ def test_sampled_rows_follow_the_distribution() -> None:
     out = Sampler()(logits, [row(i, temperature=1.0) for i in range(4000)])
     counts = torch.bincount(torch.tensor([t.token_id for t in out]), minlength=3).float() / 4000
     assert torch.allclose(counts, torch.tensor([0.6, 0.3, 0.1]), atol=0.03)
+
+
+def test_one_device_to_host_copy_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row's token, check, logprob and alternatives come back in one `.tolist()`; no
+    `.item()`, `int(t)` or `float(t)` (each would be a blocking device sync of its own)."""
+    copies: list[str] = []
+    for name in ("tolist", "item", "__int__", "__float__", "__bool__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            copies.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    torch.manual_seed(0)
+    rows = [
+        row(0),
+        row(1, temperature=0.8, top_k=5, top_p=0.9, min_p=0.05, seed=11),
+        row(
+            2,
+            prompt=(1, 2),
+            out=(3,),
+            repetition_penalty=1.2,
+            frequency_penalty=0.5,
+            logprobs=True,
+            top_n_tokens=3,
+        ),
+        row(3, temperature=1.0),
+    ]
+    out = Sampler()(torch.randn(4, 64), rows)
+    assert copies == ["tolist"]
+    assert len(out[2].top_logprobs) == 3
