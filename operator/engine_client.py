@@ -71,6 +71,7 @@ class AdapterReport(BaseModel):
     size_bytes: int | None = None
     revision: str | None = None
     sha256: str | None = None
+    resolved_revision: str | None = None  # the hub commit a revision resolved to
     load_generation: int = 0
     loaded_at: float | None = None  # unix seconds
     error: str | None = None

@@ -219,7 +219,7 @@ def _resolved(adapter: DesiredAdapter, pods: Sequence[PodObservation]) -> Resolv
         report = _report(pod, adapter.name)
         if report is not None and report.state == AdapterState.READY and matches(adapter, report):
             return ResolvedAdapter(
-                revision=report.revision,
+                revision=report.resolved_revision or report.revision,
                 sha256=report.sha256,
                 size_bytes=report.size_bytes,
                 rank=report.rank,

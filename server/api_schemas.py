@@ -126,6 +126,7 @@ class _OpenAISampling(_Body):
     prompt_logprobs: int | None = unsupported("prompt token logprobs (vLLM)")
     # vLLM extensions
     top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None

@@ -25,14 +25,13 @@ from loraplex.server.engine_api import Engine, EngineError, LoadAdapterSpec
 from loraplex.server.metrics import Metrics
 from loraplex.server.openapi import build_openapi
 from loraplex.server.routes import admin, health, openai, tgi
+from loraplex.server.routes.blocking import body_limit
 from loraplex.server.routes.context import CONTEXT, ServerContext, ServerSettings, get_context
 from loraplex.server.routes.errors import error_middleware
 
 __all__ = ["ServerSettings", "create_app"]
 
 log = logging.getLogger(__name__)
-
-MAX_BODY_BYTES = 32 * 1024 * 1024  # long prompts, but not unbounded
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> web.Application:
@@ -46,13 +45,15 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> web.Ap
         metrics=Metrics(engine.stats, engine.model_name, engine.max_total_tokens),
         special_token_ids=frozenset(getattr(engine.tokenizer, "all_special_ids", ())),
         access=access,
+        body_limit=body_limit(engine.max_input_tokens),
     )
     ctx.metrics.watch_engine(engine)
     # Outermost first: count every response, render every error, then check the key.
     middlewares: list[Any] = [_count_requests, error_middleware]
     middlewares.append(auth_middleware(access))
-    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=middlewares, client_max_size=ctx.body_limit)
     app[CONTEXT] = ctx
+    app.on_cleanup.append(_close_blocking_pool)
     for routes in (tgi, openai, admin, health):
         routes.add_routes(app)
     openapi_document = build_openapi()
@@ -66,6 +67,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> web.Ap
         app.cleanup_ctx.append(watcher.cleanup_ctx)
     app.cleanup_ctx.append(_startup_adapters)
     return app
+
+
+async def _close_blocking_pool(app: web.Application) -> None:
+    app[CONTEXT].blocking.close()
 
 
 @web.middleware

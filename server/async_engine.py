@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from loraplex.server.engine import EngineConfig, LLMEngine
 from loraplex.server.engine_api import (
     AdapterInfo,
     EngineError,
+    EngineHealth,
     EngineStats,
     InvalidRequestError,
     LoadAdapterSpec,
@@ -38,6 +40,8 @@ from loraplex.server.text_fanout import FanOut
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+UNHEALTHY_AFTER_FAILED_STEPS = 8  # /health fails once this many steps in a row ran no request
+SHUTDOWN_ERROR = "the server shut down before the request finished"
 __all__ = ["AdapterLoader", "AsyncEngine", "load_local_adapter"]
 
 
@@ -69,6 +73,8 @@ class AsyncEngine:
         self._stats = engine.stats()
         self._stopping = False
         self._accepting = True
+        self._failed_steps = 0  # steps in a row in which no request could run
+        self._died: str | None = None
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
         self._thread.start()
 
@@ -112,6 +118,14 @@ class AsyncEngine:
     # -- the engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the loop itself broke: say so on /health, end every stream
+            log.exception("engine thread died")
+            self._died = f"the engine thread died: {exc!r}"
+            self._fail_all_streams(self._died)
+
+    def _loop(self) -> None:
         engine = self._engine
         while True:
             with self._wakeup:
@@ -128,14 +142,42 @@ class AsyncEngine:
                     log.exception("engine command failed")
             engine.apply_slot_updates()
             if engine.has_unfinished():
-                try:
-                    events = engine.step()
-                except Exception as exc:  # a bad step must not hang every client
-                    log.exception("engine step failed")
-                    events = engine.abort_all(FinishReason.ERROR, f"engine step failed: {exc}")
-                self._dispatch(events)
+                self._dispatch(self._step())
             self.adapters.trim()
             self._stats = self._with_adapter_counters(engine.stats())
+
+    def _step(self) -> list[TokenEvent]:
+        """One engine step. The engine isolates failures it can attribute to a request; anything
+        else (a bug in the step's bookkeeping) ends the requests in flight rather than hang them."""
+        engine = self._engine
+        try:
+            events = engine.step()
+        except Exception as exc:
+            log.exception("engine step failed")
+            self._failed_steps += 1
+            return engine.abort_all(FinishReason.ERROR, f"engine step failed: {exc}")
+        self._failed_steps = engine.num_failed_steps_in_a_row
+        return events
+
+    def health(self) -> EngineHealth:
+        """Unhealthy when the engine thread is gone or the last `UNHEALTHY_AFTER_FAILED_STEPS`
+        steps all failed; a liveness probe on /health then restarts the pod."""
+        if self._died is not None:
+            return EngineHealth(False, self._died)
+        if not self._thread.is_alive() and not self._stopping:
+            return EngineHealth(False, "the engine thread is not running")
+        if self._failed_steps >= UNHEALTHY_AFTER_FAILED_STEPS:
+            return EngineHealth(False, f"the last {self._failed_steps} engine steps all failed")
+        return EngineHealth(True)
+
+    def _fail_all_streams(self, error: str) -> None:
+        with self._lock:
+            streams = list(self._streams.items())
+            self._streams.clear()
+        for request_id, stream in streams:
+            event = TokenEvent(request_id, None, "", finish_reason=FinishReason.ERROR, error=error)
+            with contextlib.suppress(RuntimeError):
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
 
     def _with_adapter_counters(self, stats: EngineStats) -> EngineStats:
         return replace(stats, extra=stats.extra | self.adapters.counters())
@@ -284,8 +326,15 @@ class AsyncEngine:
         self.adapters.close()
 
     def _cancel_all(self) -> None:
-        self._dispatch(self._engine.abort_all(FinishReason.CANCELLED))
+        """Engine thread, at the drain deadline: every request still running gets a final event
+        (`error_type: "shutdown"`) its route writes as an error, instead of a cut connection."""
+        events = self._engine.abort_all(FinishReason.CANCELLED, SHUTDOWN_ERROR)
         with self._lock:
-            waiting = list(self._streams)  # not in the engine yet: their adapter was being read back
-        for request_id in waiting:
-            self._abort_now(request_id)
+            in_engine = {event.request_id for event in events}
+            # Not in the engine yet (their adapter was being read back from disk).
+            waiting = [request_id for request_id in self._streams if request_id not in in_engine]
+        events += [
+            TokenEvent(r, None, "", finish_reason=FinishReason.CANCELLED, error=SHUTDOWN_ERROR)
+            for r in waiting
+        ]
+        self._dispatch([replace(event, error_type="shutdown") for event in events])

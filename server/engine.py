@@ -6,6 +6,7 @@ here is called from that thread only.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ from loraplex.server.engine_api import (
 from loraplex.server.forward_batch import ForwardBatch, SequenceChunk
 from loraplex.server.model_runner import ModelRunner, RunnerConfig
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
-from loraplex.server.sampler import SampledToken, Sampler, SamplingRow
+from loraplex.server.sampler import RowFailure, SampledToken, Sampler, SamplingRow
 from loraplex.server.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from loraplex.server.sequence import Sequence
 from loraplex.server.text_fanout import TextJob
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,7 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(runner.hf_config, tokenizer, str(runner.model_path))
         self._requests: dict[str, _RequestState] = {}
         self.num_steps = 0
+        self.num_failed_steps_in_a_row = 0  # steps in which no request could run (for /health)
         # Called with each step's plan before it runs (benchmarks, tests, tracing); never mutate it.
         self.step_observers: list[Callable[[ScheduledStep], None]] = []
         # True (AsyncEngine): events of requests without stop strings come with text "" and a
@@ -234,10 +238,43 @@ class LLMEngine:
         self.apply_slot_updates()
         for observe in self.step_observers:
             observe(step)
-        logits = self.runner.execute(self._forward_batch(step))
-        self.scheduler.update_after_step(step)
+        logits, failures = self._execute(step)
+        ran = ScheduledStep([c for c in step.chunks if c[0].seq_id not in failures]) if failures else step
+        self.scheduler.update_after_step(ran)
         self.num_steps += 1
-        return self._postprocess(step, logits)
+        self.num_failed_steps_in_a_row = 0 if ran.chunks else self.num_failed_steps_in_a_row + 1
+        failed = [self._fail(seq, error) for seq, _ in step.chunks if (error := failures.get(seq.seq_id))]
+        return failed + self._postprocess(ran, logits)
+
+    def _execute(self, step: ScheduledStep) -> tuple[torch.Tensor, dict[int, str]]:
+        """Logits of the step's chunks, and the errors of the chunks that could not run.
+
+        When the batch fails as a whole, nobody can tell whose input caused it: each chunk is
+        run again alone (the failed pass wrote the same K/V positions they rewrite), so only
+        the requests that fail on their own end with an error.
+        """
+        try:
+            return self.runner.execute(self._forward_batch(step)), {}
+        except Exception as exc:
+            if len(step.chunks) == 1:
+                log.exception("model step failed")
+                return self._no_logits(), {step.chunks[0][0].seq_id: f"model step failed: {exc}"}
+            log.warning(
+                "model step failed, running its %d requests one by one", len(step.chunks), exc_info=True
+            )
+        rows, failures = [], {}
+        for chunk in step.chunks:
+            try:
+                rows.append(self.runner.execute(self._forward_batch(ScheduledStep([chunk]))))
+            except Exception as exc:
+                failures[chunk[0].seq_id] = f"model step failed: {exc}"
+        return (torch.cat(rows) if rows else self._no_logits()), failures
+
+    def _no_logits(self) -> torch.Tensor:
+        return torch.empty(0, self.runner.vocab_size)
+
+    def _fail(self, seq: Sequence, error: str) -> TokenEvent:
+        return self._finish(self._requests[seq.request_id], FinishReason.ERROR, error=error)
 
     def apply_slot_updates(self) -> None:
         """Copy adapters the scheduler brought in into their slots; clear freed ones."""
@@ -272,11 +309,35 @@ class LLMEngine:
         sampling_rows = [
             SamplingRow(seq.seq_id, seq.params, seq.prompt_token_ids, seq.generated_token_ids) for seq in seqs
         ]
-        sampled = self.sampler(logits[rows], sampling_rows)
-        return [
-            self._accept(self._requests[seq.request_id], token)
-            for seq, token in zip(seqs, sampled, strict=True)
-        ]
+        sampled = self._sample(logits[rows], sampling_rows)
+        return [self._accept_or_fail(seq, token) for seq, token in zip(seqs, sampled, strict=True)]
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken | RowFailure]:
+        """The batch's tokens; if the sampler fails as a whole, each row again alone (see `_execute`)."""
+        try:
+            return self.sampler(logits, rows)
+        except Exception:
+            log.warning("sampling failed, sampling %d rows one by one", len(rows), exc_info=True)
+        results: list[SampledToken | RowFailure] = []
+        for i, row in enumerate(rows):
+            try:
+                results += self.sampler(logits[i : i + 1], [row])
+            except Exception as exc:
+                results.append(RowFailure(f"sampling failed: {exc}"))
+        return results
+
+    def _accept_or_fail(self, seq: Sequence, token: SampledToken | RowFailure) -> TokenEvent:
+        """One request's new token; a failure here (sampling, decoding) ends that request only."""
+        state = self._requests[seq.request_id]
+        if isinstance(token, RowFailure):
+            return self._finish(state, FinishReason.ERROR, error=token.error)
+        try:
+            return self._accept(state, token)
+        except Exception as exc:
+            log.exception("request failed after sampling", extra={"request_id": seq.request_id})
+            if seq.request_id not in self._requests:
+                raise  # it finished already: the failure is in the bookkeeping, not in the request
+            return self._finish(state, FinishReason.ERROR, error=f"decoding failed: {exc}")
 
     def _accept(self, state: _RequestState, token: SampledToken) -> TokenEvent:
         seq, params = state.seq, state.seq.params
@@ -315,7 +376,8 @@ class LLMEngine:
         if seq.adapter is not None:
             self.registry.release(seq.adapter)
         del self._requests[seq.request_id]
-        if reason is not FinishReason.CANCELLED and not self._defers_text(state):
+        # A cancelled request wants no more text, a failed one's may be broken.
+        if reason not in (FinishReason.CANCELLED, FinishReason.ERROR) and not self._defers_text(state):
             text += state.output.finish()
         return self._event(state, token=token, text=text, finish_reason=reason, error=error)
 
@@ -339,7 +401,7 @@ class LLMEngine:
             num_generated_tokens=state.seq.num_generated_tokens,
         )
         if self._defers_text(state):
-            finish = finish_reason is not None and finish_reason is not FinishReason.CANCELLED
+            finish = finish_reason not in (None, FinishReason.CANCELLED, FinishReason.ERROR)
             self._text_jobs.append(TextJob(event, state.output, state.pending_token, finish))
             state.pending_token = None
         return event

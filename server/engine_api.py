@@ -63,8 +63,9 @@ class AdapterInfo:
     alpha: float | None = None
     target_modules: tuple[str, ...] = ()
     size_bytes: int | None = None
-    revision: str | None = None
-    sha256: str | None = None
+    revision: str | None = None  # as requested (what the operator compares with the spec)
+    sha256: str | None = None  # the pinned digest (verified), else the weights file's own, computed
+    resolved_revision: str | None = None  # the hub commit the revision resolved to
     load_generation: int = 0
     loaded_at: float | None = None  # unix seconds
     error: str | None = None
@@ -88,6 +89,14 @@ class LoadAdapterSpec:
     aliases: tuple[str, ...] = ()
     pinned: bool = False
     token: str | None = field(default=None, repr=False, compare=False)  # hub/bearer token for this fetch only
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """What `/health` reports: `ok` is False, with the reason, when the engine cannot serve."""
+
+    ok: bool
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,5 +147,7 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> EngineStats: ...
+
+    def health(self) -> EngineHealth: ...  # cheap: /health calls it on the event loop
 
     async def shutdown(self, timeout_s: float) -> None: ...

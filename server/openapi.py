@@ -94,7 +94,12 @@ def _success(route: Route) -> dict[str, Any]:
         }
     if route.event is not None:
         content["text/event-stream"] = {
-            "schema": {"type": "string", "description": "`data: <JSON>` lines, one event each"},
+            # One SSE event as Schemathesis and other SSE-aware validators see it: {data, event, id}.
+            "schema": {
+                "type": "object",
+                "properties": {"data": {"type": "string"}},
+                "description": "`data: <JSON>` lines, one event each",
+            },
             "x-sse-data": _ref(route.event),  # the JSON of each event's `data:` line
         }
     return {"description": "OK", "content": content}

@@ -52,5 +52,6 @@ class TokenEvent:
     top_logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
     error: str | None = None
+    error_type: str | None = None  # with `error`: "generation" (default), "shutdown", ...
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0

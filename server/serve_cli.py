@@ -5,7 +5,8 @@
 
 SIGTERM or SIGINT: /ready turns 503 and requests are still served for `--shutdown-delay` seconds
 (routing catches up), then stop accepting connections, let in-flight requests finish for up to
-`--shutdown-timeout` seconds (then cancel them, which aborts them in the engine), stop the engine.
+`--shutdown-timeout` seconds, then end the rest with a final `shutdown` error event and stop
+the engine. The whole drain takes at most delay + timeout + 2 x FINAL_WRITE_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from loraplex.server.routes.context import ServerSettings
 from loraplex.server.routes.health import DRAIN
 
 log = logging.getLogger("loraplex.serve")
+FINAL_WRITE_TIMEOUT_S = 2.0
+SWITCH_INTERVAL_S = 0.001  # per wait of aiohttp's, once the engine has ended every request
 __all__ = ["add_arguments", "parse_lora_adapters", "read_adapters_file", "run", "serve"]
 
 
@@ -90,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
+    # The event loop shares the GIL with the engine thread and the tokenizer pool: hand it over
+    # sooner (default 5 ms), so probes and streams wait less behind the engine's host work.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     if args.hf_token:
         os.environ["HF_TOKEN"] = args.hf_token  # huggingface_hub reads it for every download
     try:
@@ -218,7 +224,9 @@ async def serve(
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a client that hangs up cancels its handler, which aborts the request
-        shutdown_timeout=shutdown_timeout,
+        # aiohttp waits this twice per connection (for the handler, then after cancelling it); by then
+        # the engine has ended every request, so handlers only write their final event.
+        shutdown_timeout=FINAL_WRITE_TIMEOUT_S,
         access_log_class=JsonAccessLogger,
         access_log=logging.getLogger("loraplex.access"),
     )
@@ -232,12 +240,24 @@ async def serve(
     await stop.wait()
     # Routing lags a pod's termination by seconds (endpoints, kube-proxy, load balancer health
     # checks): keep serving with /ready at 503 so requests sent meanwhile are not refused.
+    await drain(app, runner, engine, shutdown_delay, shutdown_timeout)
+
+
+async def drain(
+    app: web.Application, runner: web.AppRunner, engine: Engine, delay_s: float, timeout_s: float
+) -> None:
+    """The drain budget (docs/errors.md): `delay_s` of 503 on /ready while still serving, then up
+    to `timeout_s` for requests in flight, then at most 2 x FINAL_WRITE_TIMEOUT_S for handlers to
+    write the final events; the operator keeps delay + timeout <= grace period - 5 s."""
     app[DRAIN].draining = True
-    log.info("draining", extra={"delay_s": shutdown_delay})
-    await asyncio.sleep(shutdown_delay)
-    log.info("shutting down", extra={"timeout_s": shutdown_timeout})
-    await runner.cleanup()  # stops listening, waits for handlers up to shutdown_timeout, then cancels
-    await engine.shutdown(timeout_s=shutdown_timeout)
+    log.info("draining", extra={"delay_s": delay_s})
+    await asyncio.sleep(delay_s)
+    log.info("shutting down", extra={"timeout_s": timeout_s})
+    for site in list(runner.sites):
+        await site.stop()  # no new connections; open ones get 503 shutting_down from the engine
+    # Waits for requests in flight up to timeout_s, then ends the rest with a `shutdown` error event.
+    await engine.shutdown(timeout_s=timeout_s)
+    await runner.cleanup()
     log.info("stopped")
 
 

@@ -40,6 +40,18 @@ COMPUTE_CLASS_LABEL = "cloud.google.com/compute-class"
 SHUTDOWN_DELAY_SECONDS = 5
 SHUTDOWN_TIMEOUT_SECONDS = 90
 TERMINATION_GRACE_SECONDS = 120
+DRAIN_MARGIN_SECONDS = 5  # handlers writing their final events (2 x 2 s) and the engine stopping
+
+
+def check_drain_budget(delay_s: float, timeout_s: float, grace_s: float) -> None:
+    """The drain budget (docs/errors.md): SHUTDOWN_DELAY + SHUTDOWN_TIMEOUT <= grace - 5 s, so the
+    server ends every stream with a `shutdown` error event before the kubelet's SIGKILL."""
+    if delay_s < 0 or timeout_s < 0 or delay_s + timeout_s > grace_s - DRAIN_MARGIN_SECONDS:
+        raise ValueError(
+            f"drain budget: SHUTDOWN_DELAY ({delay_s:g} s) + SHUTDOWN_TIMEOUT ({timeout_s:g} s) must be "
+            f"<= terminationGracePeriodSeconds ({grace_s:g} s) - {DRAIN_MARGIN_SECONDS} s"
+        )
+
 
 # Requests when the spec leaves them out, by whether the pod has GPUs (Autopilot needs them explicit).
 DEFAULT_RESOURCES = {
@@ -86,6 +98,7 @@ def build_pod_template(bmd: BaseModelDeployment, options: RenderOptions) -> dict
 
 def build_pod_spec(bmd: BaseModelDeployment, options: RenderOptions) -> dict[str, Any]:
     spec = bmd.spec
+    check_drain_budget(SHUTDOWN_DELAY_SECONDS, SHUTDOWN_TIMEOUT_SECONDS, TERMINATION_GRACE_SECONDS)
     pod: dict[str, Any] = {
         "containers": [build_server_container(bmd, options)],
         "volumes": _volumes(bmd),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -44,13 +46,18 @@ def download_https(
             raise SourceError(f"{url}: {total} bytes is over the {max_bytes}-byte limit", "too_large")
         done = have if resumed else 0
         with dest.open("ab" if resumed else "wb") as out:
-            for block in iter(lambda: response.read(CHUNK), b""):
-                done += len(block)
-                if done > max_bytes:
-                    raise SourceError(f"{url}: more than the {max_bytes}-byte limit", "too_large")
-                out.write(block)
-                if progress:
-                    progress(done, total)
+            try:
+                for block in iter(lambda: response.read(CHUNK), b""):
+                    done += len(block)
+                    if done > max_bytes:
+                        raise SourceError(f"{url}: more than the {max_bytes}-byte limit", "too_large")
+                    out.write(block)
+                    if progress:
+                        progress(done, total)
+            except (http.client.HTTPException, OSError) as exc:  # cut off, or timed out mid-body
+                raise SourceError(f"{url}: download interrupted after {done} bytes ({exc!r})") from exc
+    if total is not None and done < total:
+        raise SourceError(f"{url}: download interrupted after {done} of {total} bytes")
     return dest
 
 
@@ -61,7 +68,7 @@ def extract_tarball(archive: Path, dest: Path, max_bytes: int) -> None:
             members = tar.getmembers()
             _check_members(members, max_bytes)
             tar.extractall(dest, members=members, filter="data")
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:  # also a gzip stream cut short
         raise SourceError(f"{archive.name}: not a readable tar archive ({exc})", "validation") from exc
 
 

@@ -20,6 +20,7 @@ import torch
 from loraplex.server.adapters.credentials import read_credentials
 from loraplex.server.adapters.errors import SourceError
 from loraplex.server.adapters.lora_weights import LoraWeights
+from loraplex.server.adapters.owned_store import OwnedCopy, own_copy, sweep_staging
 from loraplex.server.adapters.peft_format import WEIGHTS_FILE, AdapterValidationError, load_peft_adapter
 from loraplex.server.adapters.sources import FetchOptions, fetch, parse_source
 from loraplex.server.engine_api import AdapterLoadError, LoadAdapterSpec
@@ -46,11 +47,24 @@ class SourceLoader:
 
     def __init__(self, config: LoaderConfig) -> None:
         self.config = config
+        for path in sweep_staging(config.resolved_cache_dir):  # what a crashed run left behind
+            log.warning("removed an abandoned download", extra={"path": str(path)})
 
     def __call__(self, spec: LoadAdapterSpec, model_config: Any, max_rank: int) -> LoraWeights:
+        """Fetch, copy into the server's own store, validate and parse from that copy.
+
+        `metadata` gets `owned_dir` (what read-backs re-read, with `sha256` checked), `sha256`
+        (of the weights file, computed here) and `revision` (the hub commit, when known)."""
         started = time.monotonic()
         directory = self.resolve(spec)
-        weights = self.read(directory, spec, model_config, max_rank)
+        self._check_size(directory, spec.name)  # before copying it
+        owned = self.own(directory, spec)
+        weights = self.read(owned.directory, spec, model_config, max_rank)
+        weights.metadata |= {
+            "owned_dir": str(owned.directory),
+            "sha256": owned.sha256,
+            "revision": owned.revision,
+        }
         log.info(
             "adapter read",
             extra={
@@ -78,6 +92,12 @@ class SourceLoader:
             raise AdapterLoadError(f"adapter {spec.name!r}: {exc}", exc.error_type) from exc
         except OSError as exc:
             raise AdapterLoadError(f"adapter {spec.name!r}: {exc}", "adapter_download") from exc
+
+    def own(self, directory: Path, spec: LoadAdapterSpec) -> OwnedCopy:
+        try:
+            return own_copy(directory, self.config.resolved_cache_dir)
+        except SourceError as exc:
+            raise AdapterLoadError(f"adapter {spec.name!r}: {exc}", exc.error_type) from exc
 
     def read(self, directory: Path, spec: LoadAdapterSpec, model_config: Any, max_rank: int) -> LoraWeights:
         """Validate and parse a local PEFT directory."""

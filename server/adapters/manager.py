@@ -61,6 +61,8 @@ class AdapterManager:
         self._specs: dict[str, LoadAdapterSpec] = {}  # what each ready adapter was loaded from
         self._locks: dict[str, asyncio.Lock] = {}
         self._read_backs: dict[AdapterRef, _ReadBack] = {}  # engine thread only
+        self._read_back_specs: dict[AdapterRef, LoadAdapterSpec] = {}  # each version's own copy
+        self._tasks: set[asyncio.Future] = set()  # loads in progress (kept alive until done)
         self._workers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="loraplex-adapter")
         self.num_loads = 0
         self.num_load_failures = 0
@@ -110,7 +112,16 @@ class AdapterManager:
     # -- load / reload -----------------------------------------------------------------------
 
     async def load(self, spec: LoadAdapterSpec) -> AdapterInfo:
-        """Load `spec`; the same source+revision+sha256 again is a no-op, another one a reload."""
+        """Load `spec`; the same source+revision+sha256 again is a no-op, another one a reload.
+
+        The load runs as its own task: a caller that goes away (client hang-up, handler
+        cancelled) does not stop it, so the adapter always ends `ready` or `failed`."""
+        task = asyncio.ensure_future(self._load(spec))
+        self._tasks.add(task)
+        task.add_done_callback(_forget_task(self._tasks))
+        return await asyncio.shield(task)
+
+    async def _load(self, spec: LoadAdapterSpec) -> AdapterInfo:
         async with self._lock(spec.name):
             current = self._infos.get(spec.name)
             if (
@@ -127,6 +138,11 @@ class AdapterManager:
             except EngineError as exc:
                 self._record_failure(spec, current, exc)
                 raise
+            except BaseException as exc:  # cancelled by shutdown, or a bug: never leave it `loading`
+                self._record_failure(
+                    spec, current, AdapterLoadError(f"adapter {spec.name!r}: load interrupted ({exc!r})")
+                )
+                raise
             return self._ready(entry, spec, weights)
 
     def load_sync(self, spec: LoadAdapterSpec) -> AdapterInfo:
@@ -137,6 +153,11 @@ class AdapterManager:
             entry = self._call(lambda: self._install(spec, weights)).result()
         except EngineError as exc:
             self._record_failure(spec, current, exc)
+            raise
+        except BaseException as exc:
+            self._record_failure(
+                spec, current, AdapterLoadError(f"adapter {spec.name!r}: load interrupted ({exc!r})")
+            )
             raise
         return self._ready(entry, spec, weights)
 
@@ -176,6 +197,11 @@ class AdapterManager:
     def _ready(self, entry: AdapterEntry, spec: LoadAdapterSpec, weights: LoraWeights) -> AdapterInfo:
         self.num_loads += 1
         self._specs[spec.name] = spec
+        owned = weights.metadata.get("owned_dir")
+        if owned:  # read-backs re-read the server's own copy, digest checked, never the user's files
+            self._read_back_specs[entry.ref] = LoadAdapterSpec(
+                spec.name, str(owned), sha256=str(weights.metadata["sha256"])
+            )
         info = _info_of(entry, spec, weights)  # entry.weights may already be dropped again
         self._infos[spec.name] = info
         log.info("adapter loaded", extra={"adapter": spec.name, "generation": entry.ref.generation})
@@ -217,6 +243,7 @@ class AdapterManager:
     def _remove(self, name: str) -> AdapterEntry:
         entry = self._engine.remove_adapter(name)
         self.host.discard(entry.name)
+        self._read_back_specs.pop(entry.ref, None)
         return entry
 
     # -- requests: bring weights back from disk ------------------------------------------------
@@ -242,7 +269,7 @@ class AdapterManager:
         pending.waiters.append((adapter, add, fail))
 
     def _spec_of(self, entry: AdapterEntry) -> LoadAdapterSpec:
-        spec = self._specs.get(entry.name)
+        spec = self._read_back_specs.get(entry.ref) or self._specs.get(entry.name)
         return spec or LoadAdapterSpec(entry.name, entry.source, entry.revision, entry.sha256)
 
     def _read_back_done(self, entry: AdapterEntry, future: concurrent.futures.Future) -> None:
@@ -294,10 +321,25 @@ def _info_of(entry: AdapterEntry, spec: LoadAdapterSpec, weights: LoraWeights) -
         target_modules=weights.target_modules,
         size_bytes=weights.num_bytes,
         revision=spec.revision,
-        sha256=spec.sha256,
+        # A pinned digest was verified (for https it is the archive's); else the one computed here.
+        sha256=spec.sha256 or _str_or_none(weights.metadata.get("sha256")),
+        resolved_revision=_str_or_none(weights.metadata.get("revision")) or spec.revision,
         load_generation=entry.ref.generation,
         loaded_at=entry.loaded_at,
         aliases=entry.aliases,
         pinned=entry.pinned,
         tier="cpu",
     )
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _forget_task(tasks: set[asyncio.Future]) -> Callable[[asyncio.Future], None]:
+    def done(task: asyncio.Future) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a load nobody waits for any more is recorded, not logged twice
+
+    return done

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from loraplex.server.adapters.lora_weights import LoraWeights
@@ -62,9 +61,12 @@ def _read_config(path: Path) -> dict:
     if not config_path.is_file():
         raise AdapterValidationError(f"{path}: no {CONFIG_FILE}, not a PEFT adapter directory")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
+        config = json.loads(config_path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, too deep, too many digits
         raise AdapterValidationError(f"{config_path}: invalid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterValidationError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    _check_config_types(config)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise AdapterValidationError(f"only LoRA adapters are supported, this one is peft_type={peft_type!r}")
@@ -74,6 +76,47 @@ def _read_config(path: Path) -> dict:
     if config.get("bias", "none") != "none":
         raise AdapterValidationError(f"trained biases (bias={config['bias']!r}) are not supported")
     return config
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_config_types(config: dict) -> None:
+    """The fields the loader reads have the types PEFT writes; anything else is a typed refusal."""
+    targets = config.get("target_modules")
+    if targets is not None and not (
+        isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise AdapterValidationError(f"target_modules must be a string or a list of strings, got {targets!r}")
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise AdapterValidationError(f"lora_alpha must be a finite number, got {config['lora_alpha']!r}")
+    for name, check in (("rank_pattern", _is_positive_int), ("alpha_pattern", _is_number)):
+        patterns = config.get(name)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict) or not all(check(v) for v in patterns.values()):
+            raise AdapterValidationError(f"{name} must map module patterns to numbers, got {patterns!r}")
+        for pattern in patterns:
+            _compile(pattern, name)
+    if isinstance(targets, str):
+        _compile(targets, "target_modules")
+    for name in ("peft_type", "base_model_name_or_path", "bias"):
+        if config.get(name) is not None and not isinstance(config[name], str):
+            raise AdapterValidationError(f"{name} must be a string, got {config[name]!r}")
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _compile(pattern: str, field: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise AdapterValidationError(
+            f"{field}: {pattern!r} is not a valid regular expression ({exc})"
+        ) from exc
 
 
 def _target_modules(config: dict, known: dict[str, tuple[int, int]], num_layers: int, arch: str) -> set[str]:
@@ -104,11 +147,17 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not weights_path.is_file():
         raise AdapterValidationError(f"{path}: no {WEIGHTS_FILE} (only safetensors adapters are loaded)")
     try:
-        return load_file(str(weights_path))
-    except (SafetensorError, OSError) as exc:
+        tensors = load_file(str(weights_path))
+    except Exception as exc:  # SafetensorError, OSError, and whatever a hostile header provokes
         raise AdapterValidationError(
             f"{weights_path}: unreadable safetensors ({exc})", "corrupt_file"
         ) from exc
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterValidationError(
+                f"{weights_path}: tensor {name!r} is {tensor.dtype}, not a float", "corrupt_file"
+            )
+    return tensors
 
 
 def _pair_tensors(tensors: dict[str, torch.Tensor], targets: set[str], num_layers: int) -> dict:
@@ -157,7 +206,14 @@ def _fold(config: dict, key: tuple[int, str], pair: dict, shape: tuple[int, int]
             "shape_mismatch",
         )
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return a.float().contiguous(), (b.float() * scaling).contiguous()
+    a, b = a.float().contiguous(), (b.float() * scaling).contiguous()
+    for side, tensor in (("lora_A", a), ("lora_B x scaling", b)):
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterValidationError(
+                f"{module_key}: {side} holds NaN or inf values (a diverged or corrupted training run)",
+                "corrupt_file",
+            )
+    return a, b
 
 
 def load_peft_adapter(path: str | Path, name: str, model_config, max_rank: int) -> LoraWeights:
@@ -169,7 +225,7 @@ def load_peft_adapter(path: str | Path, name: str, model_config, max_rank: int) 
         shapes = lora_module_shapes(model_config)
     except ValueError as exc:
         raise AdapterValidationError(str(exc)) from exc
-    if not isinstance(config.get("r"), int) or config["r"] < 1:
+    if not _is_positive_int(config.get("r")):
         raise AdapterValidationError(
             f"adapter_config.json: r must be a positive integer, got {config.get('r')!r}"
         )

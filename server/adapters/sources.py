@@ -15,7 +15,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from urllib.parse import urlparse
 
 from loraplex.server.adapters.archive import download_https, extract_tarball
 from loraplex.server.adapters.errors import SourceError
+from loraplex.server.adapters.owned_store import REVISION_FILE, new_staging, release_staging
 
 WEIGHT_FILES = ("adapter_model.safetensors",)
 ADAPTER_FILES = ("adapter_config.json", *WEIGHT_FILES)
@@ -59,6 +59,7 @@ def parse_source(uri: str, revision: str | None = None) -> AdapterSource:
     uri = uri.strip()
     if not uri:
         raise SourceError("empty adapter source", "validation")
+    _check_printable(uri)
     if revision and uri.startswith(("file://", "/", "./", "../", "https://", "http://")):
         # Nothing versions a directory or a URL: accepting a revision here would ignore it.
         raise SourceError(
@@ -87,7 +88,20 @@ def parse_source(uri: str, revision: str | None = None) -> AdapterSource:
 
 
 def _absolute(path: str) -> str:
-    return str(Path(path).expanduser().resolve())
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, an unknown ~user
+        raise SourceError(f"{path!r}: not a usable path ({exc})", "validation") from exc
+
+
+def _check_printable(uri: str) -> None:
+    """A NUL byte or a lone surrogate can't name a file or URL: refuse before any OS call."""
+    if "\x00" in uri:
+        raise SourceError("the adapter source contains a NUL byte", "validation")
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SourceError(f"the adapter source is not valid text ({exc.reason})", "validation") from exc
 
 
 @dataclass(frozen=True)
@@ -120,15 +134,14 @@ def _fetch_cached(source: AdapterSource, options: FetchOptions, cacheable: bool 
     final = Path(options.cache_dir) / source.cache_key()
     if cacheable and (final / ".complete").exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=final.parent))
+    staging = new_staging(final.parent)  # swept at start-up if this process dies mid-fetch
     try:
         FETCHERS[source.scheme](source, staging, options)
         (staging / ".complete").write_text(source.uri)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        release_staging(staging)  # also on cancellation, a timeout or any failure
     return final
 
 
@@ -151,6 +164,9 @@ def _fetch_hf(source: AdapterSource, staging: Path, options: FetchOptions) -> No
         found = Path(snapshot) / prefix / name
         if found.exists():
             shutil.copyfile(found, staging / name)
+    (staging / REVISION_FILE).write_text(
+        Path(snapshot).name
+    )  # snapshots/<commit>: what the revision resolved to
 
 
 def _fetch_https(source: AdapterSource, staging: Path, options: FetchOptions) -> None:

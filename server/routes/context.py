@@ -12,6 +12,7 @@ from aiohttp import web
 from loraplex.server.auth import AccessControl
 from loraplex.server.engine_api import Engine, LoadAdapterSpec
 from loraplex.server.metrics import Metrics
+from loraplex.server.routes.blocking import MAX_BODY_BYTES, BlockingPool
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class ServerContext:
     access: AccessControl = field(default_factory=lambda: AccessControl(None))
     startup: StartupState = field(default_factory=StartupState)
     started_at: float = field(default_factory=time.time)
+    blocking: BlockingPool = field(default_factory=BlockingPool)  # tokenising, templates, large JSON
+    body_limit: int = MAX_BODY_BYTES  # bytes; create_app ties it to max_input_tokens
 
 
 CONTEXT = web.AppKey("loraplex_context", ServerContext)

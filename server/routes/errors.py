@@ -28,6 +28,7 @@ from loraplex.server.engine_api import (
     ShuttingDownError,
     UnknownAdapterError,
 )
+from loraplex.server.routes.blocking import INLINE_JSON_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +189,27 @@ async def error_middleware(
 
 
 async def read_json(request: web.Request) -> object:
-    """The request body as JSON, or a 422 that says why not."""
+    """The request body as JSON, or a 422 that says why not; 413 before reading a body that is
+    too large (see `blocking.body_limit`); large bodies are parsed off the event loop."""
+    from loraplex.server.routes.context import CONTEXT  # context -> auth -> errors: import late
+
+    ctx = request.app[CONTEXT]
+    if (request.content_length or 0) > ctx.body_limit:
+        raise _too_large(request.content_length, ctx.body_limit)
     try:
-        return await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:  # a chunked body that ran past the limit
+        raise _too_large(None, ctx.body_limit) from exc
+    try:
+        if len(raw) > INLINE_JSON_BYTES:
+            return await ctx.blocking.run(json.loads, raw)
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, too deep, a 5000-digit integer
         raise ApiError(422, f"request body is not valid JSON: {exc}", "validation") from exc
+
+
+def _too_large(size: int | None, limit: int) -> ApiError:
+    what = f"{size} bytes" if size is not None else "the request body"
+    return ApiError(
+        413, f"{what} is over the {limit}-byte body limit (set by MAX_INPUT_TOKENS)", "payload_too_large"
+    )

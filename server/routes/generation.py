@@ -57,6 +57,11 @@ def _servable(name: str, state: str, error: str | None) -> str:
 
 
 def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
+    """Token ids of `text`. Blocking (milliseconds to seconds): routes call it in the worker pool."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate from a JSON \ud800 escape
+        raise ApiError(422, f"the text is not valid Unicode ({exc.reason})", "validation") from exc
     return tuple(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
@@ -160,11 +165,17 @@ async def engine_stream(
         await stream.close()
 
 
+def error_type_of(event: TokenEvent) -> str:
+    """The `error_type` of a failed request's final event (docs/errors.md)."""
+    return event.error_type or ("generation" if event.finish_reason is FinishReason.ERROR else "cancelled")
+
+
 def raise_if_failed(event: TokenEvent) -> None:
     if event.finish_reason is FinishReason.ERROR:
-        raise ApiError(500, event.error or "generation failed", "generation")
+        raise ApiError(500, event.error or "generation failed", error_type_of(event))
     if event.finish_reason is FinishReason.CANCELLED:
-        raise ApiError(503, event.error or "the request was cancelled", "cancelled")
+        headers = {"Retry-After": "1"} if event.error_type == "shutdown" else {}
+        raise ApiError(503, event.error or "the request was cancelled", error_type_of(event), headers=headers)
 
 
 class StopTextFilter:

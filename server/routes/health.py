@@ -21,7 +21,11 @@ DRAIN = web.AppKey("loraplex_drain", DrainState)
 
 
 async def health(http: web.Request) -> web.Response:
-    """Alive once the app serves: the model was loaded before the app was built."""
+    """Liveness: 200 while the engine can serve; 503 with the reason when its thread is gone or
+    its recent steps all failed (the rendered liveness probe restarts the pod then)."""
+    state = get_context(http).engine.health()
+    if not state.ok:
+        return web.json_response({"status": "unhealthy", "reason": state.reason}, status=503)
     return web.json_response({"status": "ok"})
 
 

@@ -35,6 +35,7 @@ from loraplex.server.routes.generation import (
     SSE_HEADERS,
     authorize_adapter,
     encode,
+    error_type_of,
     resolve_adapter,
     room_left,
     write_sse,
@@ -102,6 +103,7 @@ def _sampling(body: Body, max_new_tokens: int, top_n: int, need_logprobs: bool) 
             temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's default
             top_k=max(0, body.top_k or 0),  # vLLM's -1 = off
             top_p=body.top_p or 1.0,
+            min_p=body.min_p or 0.0,
             repetition_penalty=body.repetition_penalty or 1.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             presence_penalty=body.presence_penalty or 0.0,
@@ -227,7 +229,7 @@ async def _complete(ctx: ServerContext, plan: _Plan) -> dict[str, Any]:
 
 def _stream_error(event: TokenEvent) -> dict[str, Any]:
     return {"error": {"message": event.error or "generation failed", "type": "server_error", "param": None,
-                      "code": "generation"}}  # fmt: skip
+                      "code": error_type_of(event)}}  # fmt: skip
 
 
 async def _chunks(ctx: ServerContext, plan: _Plan, streams: list) -> AsyncIterator[dict]:
@@ -287,7 +289,7 @@ async def _stream(http: web.Request, ctx: ServerContext, plan: _Plan) -> web.Str
 async def _serve(http: web.Request, body: Body, dialect: Dialect) -> web.StreamResponse:
     ctx = get_context(http)
     authorize_adapter(http, ctx, _adapter_for(ctx, body.model))
-    plan = _plan(ctx, body, dialect)
+    plan = await ctx.blocking.run(_plan, ctx, body, dialect)  # tokenising, chat template: off the loop
     if body.stream:
         return await _stream(http, ctx, plan)
     return web.json_response(await _complete(ctx, plan))

@@ -33,6 +33,7 @@ from loraplex.server.routes.generation import (
     authorize_adapter,
     encode,
     engine_stream,
+    error_type_of,
     resolve_adapter,
     room_left,
     write_sse,
@@ -177,7 +178,7 @@ async def generate_json(
     ctx: ServerContext, body: TGIGenerateRequest
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Run one request to the end; the TGI `GenerateResponse` and its headers."""
-    requests = build_requests(ctx, body, stream=False)
+    requests = await ctx.blocking.run(build_requests, ctx, body, False)  # tokenising: off the event loop
     p = body.parameters
     async with open_streams(ctx, requests, "generate") as streams:
         outputs = await collect(streams)
@@ -207,7 +208,7 @@ async def generate_json(
 
 async def stream_sse(http: web.Request, ctx: ServerContext, body: TGIGenerateRequest) -> web.StreamResponse:
     """TGI's `generate_stream`: admission errors are plain JSON errors, later ones SSE error events."""
-    [request] = build_requests(ctx, body, stream=True)
+    [request] = await ctx.blocking.run(build_requests, ctx, body, True)  # tokenising: off the event loop
     p = body.parameters
     async with engine_stream(ctx, request, "generate_stream") as stream:
         response = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": request.request_id})
@@ -217,7 +218,10 @@ async def stream_sse(http: web.Request, ctx: ServerContext, body: TGIGenerateReq
         try:
             async for event in stream.events():
                 if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
-                    error = {"error": event.error or str(event.finish_reason), "error_type": "generation"}
+                    error = {
+                        "error": event.error or str(event.finish_reason),
+                        "error_type": error_type_of(event),
+                    }
                     await write_sse(response, json.dumps(error).encode())
                     break
                 index += 1

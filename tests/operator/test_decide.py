@@ -229,7 +229,11 @@ def test_access_keys_condition_and_secret() -> None:
     found = decide(observe(STARTING, adapters=adapters, secrets={("llm", "keys", "k"): "key-1"}))
     assert conditions(lora_status(found))["AccessKeys"] == ("True", "KeysFound")
     names = [(child["kind"], child["metadata"]["name"]) for child in found.children]
-    assert names == [("Secret", "gemma-access"), ("Secret", "gemma-credentials"), ("ConfigMap", "gemma-adapters")]
+    assert names == [
+        ("Secret", "gemma-access"),
+        ("Secret", "gemma-credentials"),
+        ("ConfigMap", "gemma-adapters"),
+    ]
     assert found.children[0] != missing.children[0]  # the digest of key-1 is in the file now
 
 

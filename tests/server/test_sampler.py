@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from loraplex.server.sampler import Sampler, SamplingRow, _filter
+from loraplex.server.sampler import RowFailure, SampledToken, Sampler, SamplingRow, _filter, _filter_batch
 from loraplex.server.sampling_params import SamplingParams
 
 
@@ -105,3 +105,126 @@ def test_logprobs_and_top_alternatives() -> None:
 def test_row_count_must_match() -> None:
     with pytest.raises(ValueError):
         Sampler()(LOGITS.repeat(2, 1), [row()])
+
+
+# -- per-row failures and extreme values (issue 15) ------------------------------------------------
+
+
+BATCH = torch.tensor([[1.0, 3.0, 2.0, -1.0, 0.5], [0.0, 0.1, 5.0, 0.2, 0.3], [4.0, 0.0, 0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_logits_fail_only_their_row(bad: float) -> None:
+    logits = BATCH.clone()
+    logits[1, 3] = bad
+    rows = [row(0), row(1, temperature=0.7, seed=3), row(2, repetition_penalty=1.3, logprobs=True)]
+    out = Sampler()(logits, rows)
+    assert isinstance(out[1], RowFailure) and "non-finite" in out[1].error
+    quiet = Sampler()(BATCH[[0, 2]], [rows[0], rows[2]])
+    assert [out[0], out[2]] == quiet
+
+
+def test_a_row_without_any_finite_logit_fails() -> None:
+    logits = BATCH.clone()
+    logits[0] = float("-inf")
+    out = Sampler()(logits, [row(0), row(1), row(2)])
+    assert isinstance(out[0], RowFailure)
+    assert [t.token_id for t in out[1:]] == [2, 0]
+
+
+def test_minus_inf_logits_are_masked_tokens_not_failures() -> None:
+    logits = BATCH.clone()
+    logits[0, 1] = float("-inf")
+    out = Sampler()(logits, [row(0, logprobs=True, top_n_tokens=5), row(1), row(2)])
+    assert out[0].token_id == 2
+    assert all(math.isfinite(t.logprob) for t in out[0].top_logprobs)  # -inf reported as -9999
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 1e-45},
+        {"temperature": 1e-5},
+        {"temperature": 1e30},
+        {"temperature": 0.01, "top_p": 1e-30},
+        {"temperature": 0.5, "top_k": 1 << 31, "min_p": 1.0},
+        {"temperature": 1.0, "repetition_penalty": 1e-300},
+        {"temperature": 1.0, "repetition_penalty": 1e4, "frequency_penalty": -1e4, "presence_penalty": 1e4},
+        {"temperature": 1.0, "seed": (1 << 64) - 1},
+        {"temperature": 1.0, "seed": -(1 << 63)},
+    ],
+)
+def test_params_at_their_limits_sample_a_valid_token(params: dict) -> None:
+    logits = torch.tensor([[3e38, -3e38, 1.0, 0.0, 2.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    out = Sampler()(logits, [row(0, prompt=(0, 1), out=(2,), **params), row(1)])
+    assert all(isinstance(t, SampledToken) for t in out)
+    assert 0 <= out[0].token_id < 5 and out[1].token_id == 4
+
+
+def test_temperature_below_the_floor_is_greedy() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(8, 100)
+    greedy = [t.token_id for t in Sampler()(logits, [row(i) for i in range(8)])]
+    tiny = [t.token_id for t in Sampler()(logits, [row(i, temperature=1e-6) for i in range(8)])]
+    assert tiny == greedy
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_top() -> None:
+    scores = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = torch.isfinite(_filter(scores, SamplingParams(temperature=1.0, min_p=0.5)))
+    assert kept.tolist() == [True, True, False, False]
+
+
+def test_batched_filters_equal_row_by_row() -> None:
+    torch.manual_seed(1)
+    scores = torch.randn(4, 64)
+    params = [
+        SamplingParams(temperature=1.0, top_k=5),
+        SamplingParams(temperature=1.0, top_p=0.3),
+        SamplingParams(temperature=1.0, top_k=10, top_p=0.5, min_p=0.1),
+        SamplingParams(temperature=1.0),
+    ]
+    batched = _filter_batch(scores, params)
+    for i, p in enumerate(params):
+        assert torch.equal(batched[i], _filter(scores[i], p))
+    assert torch.isfinite(batched[0]).sum() == 5 and torch.isfinite(batched[3]).all()
+
+
+def test_sampled_rows_follow_the_distribution() -> None:
+    """The exponential race samples the softmax: frequencies match probabilities."""
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).repeat(4000, 1)
+    out = Sampler()(logits, [row(i, temperature=1.0) for i in range(4000)])
+    counts = torch.bincount(torch.tensor([t.token_id for t in out]), minlength=3).float() / 4000
+    assert torch.allclose(counts, torch.tensor([0.6, 0.3, 0.1]), atol=0.03)
+
+
+def test_one_device_to_host_copy_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row's token, check, logprob and alternatives come back in one `.tolist()`; no
+    `.item()`, `int(t)` or `float(t)` (each would be a blocking device sync of its own)."""
+    copies: list[str] = []
+    for name in ("tolist", "item", "__int__", "__float__", "__bool__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            copies.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    torch.manual_seed(0)
+    rows = [
+        row(0),
+        row(1, temperature=0.8, top_k=5, top_p=0.9, min_p=0.05, seed=11),
+        row(
+            2,
+            prompt=(1, 2),
+            out=(3,),
+            repetition_penalty=1.2,
+            frequency_penalty=0.5,
+            logprobs=True,
+            top_n_tokens=3,
+        ),
+        row(3, temperature=1.0),
+    ]
+    out = Sampler()(torch.randn(4, 64), rows)
+    assert copies == ["tolist"]
+    assert len(out[2].top_logprobs) == 3

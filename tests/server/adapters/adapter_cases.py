@@ -37,6 +37,28 @@ def _wrong_shapes(good: Path, out: Path) -> Path:
     return out
 
 
+def _poisoned(value: float, side: str) -> Callable[[Path, Path], Path]:
+    def build(good: Path, out: Path) -> Path:
+        shutil.copytree(good, out)
+        tensors = load_file(str(out / WEIGHTS))
+        name = next(k for k in sorted(tensors) if f"lora_{side}" in k)
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[3] = value
+        save_file(tensors, str(out / WEIGHTS))
+        return out
+
+    return build
+
+
+def _raw_config(text: str) -> Callable[[Path, Path], Path]:
+    def build(good: Path, out: Path) -> Path:
+        shutil.copytree(good, out)
+        (out / CONFIG).write_text(text)
+        return out
+
+    return build
+
+
 # name -> (builder(good adapter dir, out dir), error_type, a fragment of the message)
 BAD_ADAPTERS: dict[str, tuple[Callable[[Path, Path], Path], str, str]] = {
     "wrong-rank": (
@@ -52,6 +74,28 @@ BAD_ADAPTERS: dict[str, tuple[Callable[[Path, Path], Path], str, str]] = {
     "truncated": (_truncated, "corrupt_file", "unreadable safetensors"),
     "wrong-shapes": (_wrong_shapes, "shape_mismatch", "do not fit the base"),
     "dora": (lambda g, o: _copy_with_config(g, o, use_dora=True), "unsupported", "DoRA"),
+    # issue 15: weights that would poison every batch, and configs that used to be a 500
+    "nan-in-b": (_poisoned(float("nan"), "B"), "corrupt_file", "NaN or inf"),
+    "inf-in-a": (_poisoned(float("inf"), "A"), "corrupt_file", "NaN or inf"),
+    "alpha-overflows": (lambda g, o: _copy_with_config(g, o, lora_alpha=1e308), "corrupt_file", "NaN or inf"),
+    "config-is-a-list": (_raw_config("[]"), "validation", "expected a JSON object"),
+    "config-not-json": (_raw_config("{peft_type: LORA"), "validation", "invalid JSON"),
+    "target-modules-int": (
+        lambda g, o: _copy_with_config(g, o, target_modules=5),
+        "validation",
+        "target_modules",
+    ),
+    "alpha-is-text": (lambda g, o: _copy_with_config(g, o, lora_alpha="abc"), "validation", "lora_alpha"),
+    "bad-regex": (
+        lambda g, o: _copy_with_config(g, o, target_modules="(q_proj"),
+        "validation",
+        "regular expression",
+    ),
+    "rank-pattern-text": (
+        lambda g, o: _copy_with_config(g, o, rank_pattern={"q_proj": "x"}),
+        "validation",
+        "rank_pattern",
+    ),
 }
 
 

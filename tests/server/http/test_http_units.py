@@ -96,6 +96,7 @@ class _NoEngine:
 
     model_name = "m"
     tokenizer = None
+    max_input_tokens = 16
     max_total_tokens = 64
 
     def stats(self) -> None:
