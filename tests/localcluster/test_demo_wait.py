@@ -1,5 +1,5 @@
 """The demo's wait, decided from what the cluster reports (no cluster: kubectl's JSON given);
-the same logic against a real cluster, ten rounds: tests/e2e_local/test_demo_wait.py."""
+the same logic against a real cluster, ten rounds: tests/e2e_local/test_demo_wait_envtest.py."""
 
 from __future__ import annotations
 
