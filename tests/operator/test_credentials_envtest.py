@@ -45,15 +45,15 @@ def _adapter(name: str, uri: str, secret: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def setup(local_cluster, crds, s3_server, tmp_path_factory, tiny_assets) -> Iterator[dict[str, Any]]:
+def setup(local_cluster, crds, s3_server, tmp_path_factory, trained_assets) -> Iterator[dict[str, Any]]:
     namespace = f"creds-{uuid.uuid4().hex[:6]}"
     local_cluster.kubectl("create", "namespace", namespace)
-    workload = build_workload(tiny_assets.root.parent)
+    workload = build_workload(trained_assets.root.parent)
     bucket = f"creds-{uuid.uuid4().hex[:6]}"
     s3 = s3_server.client()
     s3.create_bucket(Bucket=bucket)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
-        s3.put_object(Bucket=bucket, Key=f"a4/{name}", Body=(workload.adapters["a4"] / name).read_bytes())
+        s3.put_object(Bucket=bucket, Key=f"poem/{name}", Body=(workload.adapters["poem"] / name).read_bytes())
     # The pod's own chain holds wrong keys: only the copied ones can work.
     env = {
         "OMP_NUM_THREADS": "1",
@@ -113,7 +113,7 @@ def test_named_keys_load_the_adapter_and_nothing_else_reaches_the_pod(setup) -> 
         "ssh-privatekey": UNRELATED,
     }
     _apply(setup["cluster"], setup["ns"], _secret("s3-reader", keys))
-    _apply(setup["cluster"], setup["ns"], _adapter("sql", f"s3://{setup['bucket']}/a4", "s3-reader"))
+    _apply(setup["cluster"], setup["ns"], _adapter("sql", f"s3://{setup['bucket']}/poem", "s3-reader"))
     assert wait_until(lambda: _status(setup, "sql").get("phase") == "Ready", timeout=240), _status(
         setup, "sql"
     )
@@ -133,7 +133,7 @@ def test_named_keys_load_the_adapter_and_nothing_else_reaches_the_pod(setup) -> 
 def test_wrong_keys_fail_with_the_reason_in_the_status(setup) -> None:
     keys = {"AWS_ACCESS_KEY_ID": setup["s3"].access_key, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
     _apply(setup["cluster"], setup["ns"], _secret("s3-wrong", keys))
-    _apply(setup["cluster"], setup["ns"], _adapter("chat", f"s3://{setup['bucket']}/a4", "s3-wrong"))
+    _apply(setup["cluster"], setup["ns"], _adapter("chat", f"s3://{setup['bucket']}/poem", "s3-wrong"))
 
     def failed_with_reason() -> bool:
         status = _status(setup, "chat")
