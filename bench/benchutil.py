@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -38,3 +39,18 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+def load_average() -> list[float]:
+    """The machine's 1/5/15-minute load averages, recorded with CPU results (a 2-core machine
+    shared with other jobs disturbs absolute figures; per-round ratios much less)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def load_note(loads: list[float] | None) -> str:
+    if not loads:
+        return "Load average not recorded."
+    return (
+        f"Load average when written: {loads[0]} / {loads[1]} / {loads[2]} (1/5/15 min); other jobs on "
+        "the CPU disturb absolute figures, ratios are per round."
+    )

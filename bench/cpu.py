@@ -32,7 +32,7 @@ from pathlib import Path
 import baselines  # bench/ is sys.path[0] when run as a script
 import random_checkpoint
 import torch
-from benchutil import git_commit, markdown_table
+from benchutil import git_commit, load_average, load_note, markdown_table
 from host_overhead import _cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +123,7 @@ def measure(rounds: int, threads: int) -> tuple[dict[str, list[float]], dict]:
             print(f"round {r} {name}: {tok_s[name][-1]:.1f} tok/s", flush=True)
     env = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(), "cpu": _cpu_model(),
-        "torch": torch.__version__, "threads": threads, "rounds": rounds,
+        "torch": torch.__version__, "threads": threads, "rounds": rounds, "load_average": load_average(),
     }  # fmt: skip
     return tok_s, env
 
@@ -154,8 +154,7 @@ def write(tok_s: dict[str, list[float]], env: dict, out: Path) -> None:
     text = "\n".join([
         "# CPU throughput: loraplex vs transformers and PEFT (SmolLM-135M shapes)", "",
         f"{env['date']}, commit {env['commit']}, {env['cpu']}, torch {env['torch']}, {env['threads']} thread(s), "
-        f"{env['rounds']} interleaved rounds. The machine was shared with other jobs (8 engineers on 2 cores): "
-        "absolute figures are disturbed, ratios are per round.", "",
+        f"{env['rounds']} interleaved rounds. {load_note(env.get('load_average'))}", "",
         f"Command: `python bench/cpu.py`. Batch {BATCH}, {ADAPTERS} distinct rank-{RANK} adapters on all 7 "
         f"projections, {PROMPT}-token prompts, {NEW} new tokens, float32, random weights; tok/s over the whole "
         "job (prefill included).", "",

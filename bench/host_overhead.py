@@ -37,7 +37,7 @@ from pathlib import Path
 
 import random_checkpoint  # bench/ is sys.path[0] when run as a script
 import torch
-from benchutil import git_commit, markdown_table
+from benchutil import git_commit, load_average, load_note, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path("/tmp/loraplex-bench/host-overhead")
@@ -88,7 +88,7 @@ def build_engine(
     from loraplex.server.engine_api import LoadAdapterSpec
     from loraplex.server.sequence import AdapterRef
 
-    total = max_context + 64
+    total = max_context + 128  # room for max_new_tokens (steps + 40): the engine validates the sum
     fields = {
         "model_path": str(model_dir), "dtype": "float32", "device": "cpu", "max_loras": NUM_ADAPTERS,
         "max_lora_rank": RANK, "max_num_seqs": max_batch, "max_batch_tokens": 4096,
@@ -285,6 +285,7 @@ def write_results(rows: list[dict], out: Path, label: str, env: dict | None = No
         "cpu": _cpu_model(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "load_average": load_average(),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
@@ -302,8 +303,7 @@ def write_results(rows: list[dict], out: Path, label: str, env: dict | None = No
             f"# Host work per decode step ({label})",
             "",
             f"{env['date']}, commit {env['commit']}, {env['cpu']}, torch {env['torch']}, "
-            f"{env['threads']} intra-op thread(s). The machine was shared with other jobs: figures "
-            "are medians and may be disturbed.",
+            f"{env['threads']} intra-op thread(s). {load_note(env.get('load_average'))} Figures are medians.",
             "",
             "Command: `python bench/host_overhead.py` (see its docstring for what each part is). "
             "Milliseconds per decode step, median; 32 distinct rank-16 adapters.",
