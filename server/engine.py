@@ -110,14 +110,25 @@ class EngineConfig:
 
 @dataclass
 class _RequestState:
+    """A request's bookkeeping, made once when it arrives so a step only appends to it."""
+
     request: GenerationRequest
     seq: Sequence
     output: OutputText
+    generated: list[int]  # its generated token ids (the sampling row's live view)
+    sampling_row: SamplingRow  # the same object every step: the sampler reuses its plan while the batch stays
+    length_limit: int  # tokens (prompt + generated) at which it ends with LENGTH
+    has_stop_strings: bool
     pending_token: int | None = None  # deferred text: the token the fan-out thread appends
 
-    @property
-    def has_stop_strings(self) -> bool:
-        return any(self.request.params.stop)
+    @classmethod
+    def make(
+        cls, request: GenerationRequest, seq: Sequence, output: OutputText, max_total: int
+    ) -> _RequestState:
+        generated: list[int] = []
+        row = SamplingRow(seq.seq_id, request.params, request.prompt_token_ids, generated)
+        limit = min(len(request.prompt_token_ids) + request.params.max_new_tokens, max_total)
+        return cls(request, seq, output, generated, row, limit, any(request.params.stop))
 
 
 def eos_token_ids(hf_config: Any, tokenizer: Any, model_path: str) -> frozenset[int]:
@@ -214,8 +225,9 @@ class LLMEngine:
         ):
             seq.prompt_leader = leader.seq
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
-        self._requests[request.request_id] = _RequestState(
-            request, seq, OutputText(detokenizer, request.params.stop)
+        output = OutputText(detokenizer, request.params.stop)
+        self._requests[request.request_id] = _RequestState.make(
+            request, seq, output, self.config.max_total_tokens
         )
         self.scheduler.add(seq)
 
@@ -239,7 +251,12 @@ class LLMEngine:
         for observe in self.step_observers:
             observe(step)
         logits, failures = self._execute(step)
-        ran = ScheduledStep([c for c in step.chunks if c[0].seq_id not in failures]) if failures else step
+        if not failures:
+            self.scheduler.update_after_step(step)
+            self.num_steps += 1
+            self.num_failed_steps_in_a_row = 0
+            return self._postprocess(step, logits)
+        ran = ScheduledStep([c for c in step.chunks if c[0].seq_id not in failures])
         self.scheduler.update_after_step(ran)
         self.num_steps += 1
         self.num_failed_steps_in_a_row = 0 if ran.chunks else self.num_failed_steps_in_a_row + 1
@@ -286,31 +303,34 @@ class LLMEngine:
 
     def _forward_batch(self, step: ScheduledStep) -> ForwardBatch:
         chunks = []
-        for seq, num_new in step.chunks:
+        for seq, num_new in step.chunks:  # positional arguments: this runs per sequence per step
             start = seq.num_cached_tokens
             chunks.append(
                 SequenceChunk(
-                    seq_id=seq.seq_id,
-                    token_ids=tuple(seq.token_ids[start : start + num_new]),
-                    num_cached_tokens=start,
-                    block_table=tuple(seq.block_table),
-                    lora_slot=seq.lora_slot,
-                    needs_logits=start + num_new == seq.num_tokens,
-                    continues=start != seq.num_prefix_hit_tokens,  # not its first step since admission
+                    seq.seq_id,
+                    tuple(seq.token_ids[start : start + num_new]),
+                    start,
+                    tuple(seq.block_table),
+                    seq.lora_slot,
+                    start + num_new == len(seq.token_ids),  # needs_logits
+                    start != seq.num_prefix_hit_tokens,  # continues: not its first step since admission
                 )
             )
         return ForwardBatch(tuple(chunks))
 
     def _postprocess(self, step: ScheduledStep, logits: torch.Tensor) -> list[TokenEvent]:
-        rows = [i for i, (seq, _) in enumerate(step.chunks) if seq.num_cached_tokens == seq.num_tokens]
-        if not rows:
+        """One event per sequence that got a token: O(the step's sequences), whatever their lengths."""
+        chunks = step.chunks
+        seqs = [seq for seq, _ in chunks if seq.num_cached_tokens == len(seq.token_ids)]
+        if not seqs:
             return []
-        seqs = [step.chunks[i][0] for i in rows]
-        sampling_rows = [
-            SamplingRow(seq.seq_id, seq.params, seq.prompt_token_ids, seq.generated_token_ids) for seq in seqs
-        ]
-        sampled = self._sample(logits[rows], sampling_rows)
-        return [self._accept_or_fail(seq, token) for seq, token in zip(seqs, sampled, strict=True)]
+        if len(seqs) < len(chunks):  # some chunks were prefill that has not reached its prompt's end
+            logits = logits[
+                [i for i, (seq, _) in enumerate(chunks) if seq.num_cached_tokens == len(seq.token_ids)]
+            ]
+        states = [self._requests[seq.request_id] for seq in seqs]
+        sampled = self._sample(logits, [state.sampling_row for state in states])
+        return [self._accept_or_fail(state, token) for state, token in zip(states, sampled, strict=True)]
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken | RowFailure]:
         """The batch's tokens; if the sampler fails as a whole, each row again alone (see `_execute`)."""
@@ -326,9 +346,9 @@ class LLMEngine:
                 results.append(RowFailure(f"sampling failed: {exc}"))
         return results
 
-    def _accept_or_fail(self, seq: Sequence, token: SampledToken | RowFailure) -> TokenEvent:
+    def _accept_or_fail(self, state: _RequestState, token: SampledToken | RowFailure) -> TokenEvent:
         """One request's new token; a failure here (sampling, decoding) ends that request only."""
-        state = self._requests[seq.request_id]
+        seq = state.seq
         if isinstance(token, RowFailure):
             return self._finish(state, FinishReason.ERROR, error=token.error)
         try:
@@ -340,23 +360,21 @@ class LLMEngine:
             return self._finish(state, FinishReason.ERROR, error=f"decoding failed: {exc}")
 
     def _accept(self, state: _RequestState, token: SampledToken) -> TokenEvent:
-        seq, params = state.seq, state.seq.params
-        seq.append_token(token.token_id)
+        seq, params, token_id = state.seq, state.request.params, token.token_id
+        seq.append_token(token_id)
+        state.generated.append(token_id)
         reason = None
-        if token.token_id in params.stop_token_ids:
+        if token_id in params.stop_token_ids:
             reason = FinishReason.STOP
-        elif token.token_id in self.eos_token_ids and not params.ignore_eos:
+        elif token_id in self.eos_token_ids and not params.ignore_eos:
             reason = FinishReason.EOS
         if self._defers_text(state):
-            text, state.pending_token = "", token.token_id if reason is None else None
+            text, state.pending_token = "", token_id if reason is None else None
         else:
-            text = state.output.append(token.token_id) if reason is None else ""
-        if state.output.stopped:
-            reason = FinishReason.STOP
-        elif reason is None and (
-            seq.num_generated_tokens >= params.max_new_tokens
-            or seq.num_tokens >= self.config.max_total_tokens
-        ):
+            text = state.output.append(token_id) if reason is None else ""
+            if state.output.stopped:
+                reason = FinishReason.STOP
+        if reason is None and len(seq.token_ids) >= state.length_limit:
             reason = FinishReason.LENGTH
         if reason is not None:
             return self._finish(state, reason, token=token, text=text)
@@ -389,6 +407,7 @@ class LLMEngine:
         finish_reason: FinishReason | None = None,
         error: str | None = None,
     ) -> TokenEvent:
+        seq = state.seq
         event = TokenEvent(
             request_id=state.request.request_id,
             token_id=token.token_id if token else None,
@@ -397,8 +416,8 @@ class LLMEngine:
             top_logprobs=token.top_logprobs if token else (),
             finish_reason=finish_reason,
             error=error,
-            num_prompt_tokens=state.seq.num_prompt_tokens,
-            num_generated_tokens=state.seq.num_generated_tokens,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_generated_tokens=len(seq.token_ids) - seq.num_prompt_tokens,
         )
         if self._defers_text(state):
             finish = finish_reason not in (None, FinishReason.CANCELLED, FinishReason.ERROR)

@@ -6,7 +6,10 @@ and min-p for the rows that sample, and one draw for all of them by the exponent
 (`argmax(p / q)`, `q ~ Exp(1)`, as vLLM does), where a request with a seed fills its own `q`
 row from its own `torch.Generator`, so its draws do not depend on what else is batched with
 it. Everything the engine needs comes back in one device-to-host copy. A batch of greedy rows
-without penalties or logprobs costs one `max` and that copy.
+without penalties or logprobs costs one `max`, the finiteness check and that copy. What depends
+only on the rows' settings (index lists, parameter columns, generators) is built once per batch
+membership, and penalties keep each sequence's token counts in a persistent row updated with its
+new tokens only (`PenaltyCounts`).
 
 Defensive per row: a row whose logits hold NaN or +inf (or nothing finite) is reported as a
 `RowFailure` for that request only; `torch.max` propagates NaN, so the greedy `max` doubles as
@@ -16,8 +19,10 @@ temperature), like vLLM's default.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -37,8 +42,9 @@ class SamplingRow:
     output_token_ids: Sequence[int]
 
 
-@dataclass(frozen=True)
-class SampledToken:
+class SampledToken(NamedTuple):
+    """A row's token (a tuple: the engine makes one per request per step, cheaply)."""
+
     token_id: int
     logprob: float | None = None
     top_logprobs: tuple[TokenLogprob, ...] = ()
@@ -52,52 +58,57 @@ class RowFailure:
 
 
 class Sampler:
+    """Samples batches of rows; what depends only on the rows' settings is kept between calls.
+
+    A call with the very same rows as the last one (the engine passes each request's one
+    `SamplingRow` every step) reuses the last call's plan: which rows are penalized, sampled or
+    want logprobs, and their parameter columns on the device. Only a batch whose membership
+    changed builds a new plan, so a step of greedy rows costs the same whatever the batch size.
+    """
+
     def __init__(self) -> None:
         self._generators: dict[int, torch.Generator] = {}
+        self._penalties = PenaltyCounts()
+        self._plan: _Plan | None = None
 
     def free(self, seq_id: int) -> None:
-        """Forget a finished sequence's generator."""
+        """Forget a finished sequence's generator and token counts."""
         self._generators.pop(seq_id, None)
+        self._penalties.free(seq_id)
+        self._plan = None
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken | RowFailure]:
         """`logits`: float `[len(rows), vocab]`, one row per request that needs a token."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} for {len(rows)} requests")
+        plan = self._plan_for(rows, logits.shape[-1], logits.device)
         logits = logits.float()
         best, chosen = logits.max(dim=-1)
         ok = torch.isfinite(best)
         scores = logits
-        penalized = [i for i, r in enumerate(rows) if r.params.has_penalties]
-        if penalized:
-            scores = _apply_penalties(logits, [rows[i] for i in penalized], penalized)
+        if plan.penalized:
+            scores = self._penalties.apply(logits, plan)
             chosen = scores.argmax(dim=-1)
-        sampled = [i for i, r in enumerate(rows) if not r.params.is_greedy]
-        if sampled:
+        if plan.sampled:
             chosen = chosen.clone()
-            chosen[_index(sampled, logits.device)] = self._draw(scores, [rows[i] for i in sampled], sampled)
-        columns = [chosen.double(), ok.double()]
-        top_n = max((r.params.top_n_tokens for r in rows), default=0)
-        wants_logprobs = any(_wants_logprobs(r) for r in rows)
-        if wants_logprobs:
-            columns += _logprob_columns(logits, chosen, min(top_n, logits.shape[-1]))
+            chosen[plan.sampled_index] = _draw(scores, plan)
+        if not plan.wants_logprobs:
+            return [SampledToken(t) if t >= 0 else _NON_FINITE for t in torch.where(ok, chosen, -1).tolist()]
+        columns = [chosen.double(), ok.double(), *_logprob_columns(logits, chosen, plan.top_n)]
         host = _pack(columns)
-        return [_report(values, row, wants_logprobs) for values, row in zip(host.tolist(), rows, strict=True)]
+        return [_report(values, row) for values, row in zip(host.tolist(), rows, strict=True)]
 
-    def _draw(self, scores: torch.Tensor, rows: list[SamplingRow], index: list[int]) -> torch.Tensor:
-        """Temperature, filters and one draw for the sampled rows `index` of `scores`."""
-        device = scores.device
-        subset = scores[_index(index, device)]
-        temperature = _column([r.params.temperature for r in rows], device)
-        subset = (subset / temperature[:, None]).clamp(max=torch.finfo(subset.dtype).max)
-        subset = torch.nan_to_num(subset, nan=0.0)  # failed rows: any token, reported as failures
-        subset = _filter_batch(subset, [r.params for r in rows])
-        probs = torch.softmax(subset, dim=-1)
-        race = torch.empty_like(probs).exponential_()
-        for j, row in enumerate(rows):
-            generator = self._generator(row, device)
-            if generator is not None:
-                race[j].exponential_(generator=generator)
-        return (probs / race).argmax(dim=-1)
+    def _plan_for(self, rows: Sequence[SamplingRow], vocab: int, device: torch.device) -> _Plan:
+        plan = self._plan
+        if (
+            plan is None
+            or plan.vocab != vocab
+            or plan.device != device
+            or len(plan.rows) != len(rows)
+            or not all(map(operator.is_, plan.rows, rows))
+        ):
+            plan = self._plan = _Plan.build(list(rows), vocab, device, self._generator)
+        return plan
 
     def _generator(self, row: SamplingRow, device: torch.device) -> torch.Generator | None:
         if row.params.seed is None:
@@ -110,6 +121,169 @@ class Sampler:
         return generator
 
 
+_NON_FINITE = RowFailure("the model produced non-finite logits (NaN or inf) for this request")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a batch of rows asks for, as index lists and parameter columns on the device."""
+
+    rows: list[SamplingRow]
+    vocab: int
+    device: torch.device
+    penalized: list[int]
+    penalized_index: torch.Tensor | None
+    penalty_columns: tuple[torch.Tensor, ...]  # repetition, frequency, presence: [P, 1] each
+    sampled: list[int]
+    sampled_index: torch.Tensor | None
+    temperature: torch.Tensor | None  # [S, 1]
+    filters: Filters | None
+    generators: tuple[tuple[int, torch.Generator], ...]  # (position among the sampled rows, generator)
+    top_n: int
+    wants_logprobs: bool
+
+    @classmethod
+    def build(
+        cls,
+        rows: list[SamplingRow],
+        vocab: int,
+        device: torch.device,
+        generator_of: Callable[[SamplingRow, torch.device], torch.Generator | None],
+    ) -> _Plan:
+        params = [r.params for r in rows]
+        penalized = [i for i, p in enumerate(params) if p.has_penalties]
+        sampled = [i for i, p in enumerate(params) if not p.is_greedy]
+        picked = [params[i] for i in penalized]
+        penalty_columns = tuple(
+            _column([getattr(p, name) for p in picked], device)[:, None]
+            for name in ("repetition_penalty", "frequency_penalty", "presence_penalty")
+        )
+        drawn = [params[i] for i in sampled]
+        generators = tuple(
+            (j, g) for j, i in enumerate(sampled) if (g := generator_of(rows[i], device)) is not None
+        )
+        return cls(
+            rows=rows,
+            vocab=vocab,
+            device=device,
+            penalized=penalized,
+            penalized_index=_index(penalized, device) if penalized else None,
+            penalty_columns=penalty_columns if penalized else (),
+            sampled=sampled,
+            sampled_index=_index(sampled, device) if sampled else None,
+            temperature=_column([p.temperature for p in drawn], device)[:, None] if sampled else None,
+            filters=Filters.of(drawn, vocab, device) if sampled else None,
+            generators=generators,
+            top_n=min(max((p.top_n_tokens for p in params), default=0), vocab),
+            wants_logprobs=any(_wants_logprobs(p) for p in params),
+        )
+
+
+def _draw(scores: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Temperature, filters and one draw for the plan's sampled rows of `scores`."""
+    subset = scores[plan.sampled_index]
+    subset = (subset / plan.temperature).clamp(max=torch.finfo(subset.dtype).max)
+    subset = torch.nan_to_num(subset, nan=0.0)  # failed rows: any token, reported as failures
+    subset = plan.filters.apply(subset)  # type: ignore[union-attr]
+    probs = torch.softmax(subset, dim=-1)
+    race = torch.empty_like(probs).exponential_()
+    for j, generator in plan.generators:
+        race[j].exponential_(generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+class PenaltyCounts:
+    """Per sequence, a persistent row of which tokens it has seen and how often it generated each.
+
+    A sequence's row is filled once from its tokens so far, then each call adds only the tokens
+    its `SamplingRow` gained since the last one (one `index_put_` for the whole batch), so
+    penalties cost O(new tokens) per step, not O(all tokens).
+    """
+
+    def __init__(self) -> None:
+        self._seen: torch.Tensor | None = None  # bool [capacity, vocab]: in the prompt or the output
+        self._counts: torch.Tensor | None = None  # float32 [capacity, vocab]: times generated
+        self._entries: dict[int, _Counted] = {}
+        self._free: list[int] = []
+
+    def free(self, seq_id: int) -> None:
+        entry = self._entries.pop(seq_id, None)
+        if entry is not None:
+            self._free.append(entry.slot)
+
+    def apply(self, logits: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """A copy of `logits` with the penalties of the plan's penalized rows applied."""
+        slots = self._update([plan.rows[i] for i in plan.penalized], logits.shape[-1], logits.device)
+        seen, counts = self._seen[slots], self._counts[slots]  # type: ignore[index]
+        rep, frequency, presence = plan.penalty_columns
+        picked = logits[plan.penalized_index]
+        penalized = torch.where(picked < 0, picked * rep, picked / rep)
+        picked = torch.where(seen, penalized, picked)
+        picked = picked - frequency * counts - presence * (counts > 0).float()
+        scores = logits.clone()
+        scores[plan.penalized_index] = picked
+        return scores
+
+    def _update(self, rows: list[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
+        """Bring the rows' counts up to date; the slot of each row, as an index tensor."""
+        self._fit(vocab, device)
+        slots, claimed, seen_at, counted_at = [], [], ([], []), ([], [])
+        for row in rows:
+            entry = self._entries.get(row.seq_id)
+            out = row.output_token_ids
+            if entry is None or entry.row is not row or entry.num_counted > len(out):
+                entry = self._claim(row)
+                claimed.append(entry.slot)
+                seen_at[0].extend([entry.slot] * len(row.prompt_token_ids))
+                seen_at[1].extend(row.prompt_token_ids)
+            new = out[entry.num_counted :]
+            counted_at[0].extend([entry.slot] * len(new))
+            counted_at[1].extend(new)
+            entry.num_counted = len(out)
+            slots.append(entry.slot)
+        seen, counts = self._seen, self._counts
+        if claimed:
+            index = _index(claimed, device)
+            seen[index], counts[index] = False, 0.0  # type: ignore[index]
+        for at in (seen_at, counted_at):
+            if at[0]:
+                seen[_index(at[0], device), _index(at[1], device)] = True  # type: ignore[index]
+        if counted_at[0]:
+            at = (_index(counted_at[0], device), _index(counted_at[1], device))
+            counts.index_put_(at, torch.ones(len(counted_at[0]), device=device), accumulate=True)  # type: ignore[union-attr]
+        return _index(slots, device)
+
+    def _fit(self, vocab: int, device: torch.device) -> None:
+        seen = self._seen
+        if seen is None or seen.shape[1] != vocab or seen.device != device:
+            self._entries.clear()
+            self._free = []
+            self._seen = torch.zeros(0, vocab, dtype=torch.bool, device=device)
+            self._counts = torch.zeros(0, vocab, device=device)
+
+    def _claim(self, row: SamplingRow) -> _Counted:
+        self.free(row.seq_id)
+        if not self._free:
+            self._grow()
+        entry = self._entries[row.seq_id] = _Counted(self._free.pop(), row)
+        return entry
+
+    def _grow(self) -> None:
+        seen, counts = self._seen, self._counts
+        old = seen.shape[0]  # type: ignore[union-attr]
+        extra = max(16, old)
+        self._seen = torch.cat([seen, seen.new_zeros(extra, seen.shape[1])])  # type: ignore[union-attr]
+        self._counts = torch.cat([counts, counts.new_zeros(extra, counts.shape[1])])  # type: ignore[union-attr]
+        self._free.extend(range(old + extra - 1, old - 1, -1))
+
+
+@dataclass
+class _Counted:
+    slot: int
+    row: SamplingRow
+    num_counted: int = 0  # output tokens of `row` already in the counts
+
+
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
@@ -118,64 +292,54 @@ def _column(values: list[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def _wants_logprobs(row: SamplingRow) -> bool:
-    return row.params.logprobs or row.params.top_n_tokens > 0
+def _wants_logprobs(params: SamplingParams) -> bool:
+    return params.logprobs or params.top_n_tokens > 0
 
 
-def _padded(token_lists: list[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
-    width = max(1, max(len(t) for t in token_lists))
-    return torch.tensor(
-        [[*t, *([pad] * (width - len(t)))] for t in token_lists], dtype=torch.long, device=device
-    )
+@dataclass(frozen=True)
+class Filters:
+    """Top-k, top-p and min-p of a batch of sampled rows, as columns on the device (None: off for all)."""
 
+    top_k: torch.Tensor | None  # int64 [S, 1], the vocabulary for rows without top-k
+    top_p: torch.Tensor | None  # [S, 1], 2.0 for rows without top-p
+    min_p: torch.Tensor | None  # [S, 1]
 
-def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow], index: list[int]) -> torch.Tensor:
-    """A copy of `logits` with the penalties of `rows` (at `index`) applied."""
-    device, vocab = logits.device, logits.shape[-1]
-    rows_index = _index(index, device)
-    picked = logits[rows_index]
-    seen_ids = _padded([[*r.prompt_token_ids, *r.output_token_ids] for r in rows], vocab, device)
-    seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=device).scatter_(1, seen_ids, True)
-    rep = _column([r.params.repetition_penalty for r in rows], device)[:, None]
-    penalized = torch.where(picked < 0, picked * rep, picked / rep)
-    picked = torch.where(seen[:, :vocab], penalized, picked)
-    out_ids = _padded([r.output_token_ids for r in rows], vocab, device)
-    counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(
-        1, out_ids, torch.ones_like(out_ids, dtype=torch.float32)
-    )
-    counts = counts[:, :vocab]
-    frequency = _column([r.params.frequency_penalty for r in rows], device)[:, None]
-    presence = _column([r.params.presence_penalty for r in rows], device)[:, None]
-    picked = picked - frequency * counts - presence * (counts > 0).float()
-    scores = logits.clone()
-    scores[rows_index] = picked
-    return scores
+    @classmethod
+    def of(cls, params: list[SamplingParams], vocab: int, device: torch.device) -> Filters:
+        use_k = any(0 < p.top_k < vocab for p in params)
+        use_p = any(p.top_p < 1.0 for p in params)
+        use_min_p = any(p.min_p > 0.0 for p in params)
+        return cls(
+            top_k=_index([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device)[:, None]
+            if use_k
+            else None,
+            top_p=_column([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device)[:, None]
+            if use_p
+            else None,
+            min_p=_column([p.min_p for p in params], device)[:, None] if use_min_p else None,
+        )
+
+    def apply(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top-k, then top-p (on what top-k kept), and min-p (on the full distribution), per row."""
+        if self.top_k is None and self.top_p is None and self.min_p is None:
+            return scores
+        ordered, order = torch.sort(scores, dim=-1, descending=True)
+        drop = torch.zeros_like(ordered, dtype=torch.bool)
+        if self.top_k is not None:
+            drop |= ordered < ordered.gather(1, self.top_k - 1)  # ties with the k-th stay, as in transformers
+        if self.top_p is not None:
+            probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1)
+            # Drop a token once the ones before it already reach top_p; the first always stays.
+            drop |= (probs.cumsum(dim=-1) - probs) >= self.top_p
+        if self.min_p is not None:
+            full = torch.softmax(ordered, dim=-1)
+            drop |= full < self.min_p * full[:, :1]
+        return scores.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
 
 
 def _filter_batch(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Top-k, then top-p (on what top-k kept), and min-p (on the full distribution), per row."""
-    vocab = scores.shape[-1]
-    use_k = any(0 < p.top_k < vocab for p in params)
-    use_p = any(p.top_p < 1.0 for p in params)
-    use_min_p = any(p.min_p > 0.0 for p in params)
-    if not (use_k or use_p or use_min_p):
-        return scores
-    device = scores.device
-    ordered, order = torch.sort(scores, dim=-1, descending=True)
-    drop = torch.zeros_like(ordered, dtype=torch.bool)
-    if use_k:
-        k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
-        drop |= ordered < ordered.gather(1, (k - 1)[:, None])  # ties with the k-th stay, as in transformers
-    if use_p:
-        probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1)
-        top_p = _column([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device)[:, None]
-        # Drop a token once the ones before it already reach top_p; the first always stays.
-        drop |= (probs.cumsum(dim=-1) - probs) >= top_p
-    if use_min_p:
-        full = torch.softmax(ordered, dim=-1)
-        min_p = _column([p.min_p for p in params], device)[:, None]
-        drop |= full < min_p * full[:, :1]
-    return scores.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    """`Filters` for rows `scores` `[len(params), vocab]` (tests, tools)."""
+    return Filters.of(params, scores.shape[-1], scores.device).apply(scores)
 
 
 def _filter(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -196,12 +360,12 @@ def _pack(columns: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([c if c.dim() == 2 else c[:, None] for c in columns], dim=1)
 
 
-def _report(values: list[float], row: SamplingRow, has_logprobs: bool) -> SampledToken | RowFailure:
-    """One row of the host copy: `[token, ok, (logprob, top ids..., top values...)]`."""
+def _report(values: list[float], row: SamplingRow) -> SampledToken | RowFailure:
+    """One row of the host copy: `[token, ok, logprob, top ids..., top values...]`."""
     if not values[1]:
-        return RowFailure("the model produced non-finite logits (NaN or inf) for this request")
+        return _NON_FINITE
     token_id = int(values[0])
-    if not has_logprobs or not _wants_logprobs(row):
+    if not _wants_logprobs(row.params):
         return SampledToken(token_id)
     n = (len(values) - 3) // 2
     wanted = min(row.params.top_n_tokens, n)

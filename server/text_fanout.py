@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from loraplex.server.detokenizer import OutputText
 from loraplex.server.request import TokenEvent
@@ -23,9 +23,11 @@ from loraplex.server.request import TokenEvent
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TextJob:
-    """What is left to do for `event`'s text: append `token_id` (None: nothing), then maybe finish."""
+class TextJob(NamedTuple):
+    """What is left to do for `event`'s text: append `token_id` (None: nothing), then maybe finish.
+
+    A tuple: the engine makes one per request per step.
+    """
 
     event: TokenEvent
     output: OutputText
