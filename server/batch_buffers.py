@@ -18,6 +18,7 @@ bucket sizes and replays graphs captured over these views).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,6 +62,10 @@ class BlockTableRows:
     def begin_step(self) -> None:
         self._step += 1
 
+    @property
+    def step(self) -> int:
+        return self._step
+
     def row_for(self, chunk: SequenceChunk, block_size: int, num_kv_blocks: int) -> int:
         """The sequence's row, updated to cover its table; ValueError when the table is wrong."""
         cached = chunk.num_cached_tokens
@@ -70,13 +75,17 @@ class BlockTableRows:
             row = self._claim(chunk.seq_id)
         needed = -(-context_len // block_size)
         if row.num_blocks < needed:
-            self._write(row, chunk, needed, block_size, num_kv_blocks)
+            self.write(row, chunk, needed, block_size, num_kv_blocks)
         row.context_len, row.last_step = context_len, self._step
         return row.index
 
-    def _write(
+    def row_of(self, seq_id: int) -> _Row:
+        return self._rows[seq_id]
+
+    def write(
         self, row: _Row, chunk: SequenceChunk, needed: int, block_size: int, num_kv_blocks: int
     ) -> None:
+        """Mirror the chunk's block table into the row up to `needed` entries; ValueError when it is wrong."""
         table = chunk.block_table
         if len(table) < needed:
             raise ValueError(
@@ -159,6 +168,9 @@ class StepInputs:
     meta: ForwardMetadata
     order: tuple[int, ...]
     num_tokens: int
+    # Every real token is its chunk's last, in batch order (decode-only): the logits rows are the
+    # first len(chunks) rows as they are, no gather needed.
+    logits_in_order: bool = False
 
 
 class BatchBuffers:
@@ -210,8 +222,15 @@ class BatchBuffers:
 
         When the step has the layout of the previous one (the same sequences in the same rows, the
         same adapters, as in steady decoding), only token ids, positions, cache slots and context
-        lengths are written again; everything else stays where it is.
+        lengths are written again; everything else stays where it is. A decode step of the same
+        sequences as the last decode step takes `_steady_decode`, which does that without building
+        the per-step arrays at all.
         """
+        layout = self._layout
+        if layout is not None and layout.decode is not None and not force_lora:
+            steady = self._steady_decode(chunks, layout, layout.decode, host_ranks, pad_to)
+            if steady is not None:
+                return steady
         order = _run_order(chunks)
         host = self._host_arrays([chunks[i] for i in order], pad_to)
         if host.num_tokens > self.max_tokens or host.num_seqs > self.max_seqs:
@@ -219,11 +238,12 @@ class BatchBuffers:
                 f"{host.num_tokens} tokens / {host.num_seqs} sequences exceed the buffers "
                 f"({self.max_tokens} / {self.max_seqs})"
             )
-        layout = self._layout
         if layout is not None and not force_lora and layout.matches(host, host_ranks):
             self._restage(host, layout)
         else:
             layout = self._stage(host, order, host_ranks, force_lora)
+        decode_only = host.num_decodes == host.num_seqs
+        layout.decode = _DecodeState.of(chunks, host, self.tables, pad_to) if decode_only else None
         tables_changed = self.tables.flush()
         self.i64.send()
         self.i32.send()
@@ -235,7 +255,94 @@ class BatchBuffers:
                 self.tables.device, 0, rows, out=self.step_tables[: host.num_seqs]
             )
         self._layout = layout
-        return StepInputs(layout.views["ids"], self._meta(host, layout), order, host.num_tokens)
+        meta = self._meta(host, layout)
+        if layout.decode is not None:
+            layout.decode.meta = meta
+        in_order = layout.decode is not None and host.num_real == host.num_seqs
+        return StepInputs(layout.views["ids"], meta, order, host.num_tokens, in_order)
+
+    def _steady_decode(
+        self,
+        chunks: Sequence[SequenceChunk],
+        layout: _Layout,
+        state: _DecodeState,
+        host_ranks: np.ndarray,
+        pad_to: int,
+    ) -> StepInputs | None:
+        """The next decode step of the last decode step's sequences, in the same order; None: anything else.
+
+        Per sequence one look at its chunk; the staged token ids, positions, cache slots and context
+        lengths are rewritten in place, a row gaining a block gets its new entry, and the step's
+        metadata reuses the layout's device views.
+        """
+        if len(chunks) != len(state.seq_ids) or pad_to != state.pad_to:
+            return None
+        ids, positions, growing = [], [], []
+        bs = self.block_size
+        for c, seq_id, slot, row in zip(chunks, state.seq_ids, state.slots, state.rows, strict=True):
+            cached = c.num_cached_tokens
+            if c.seq_id != seq_id or c.lora_slot != slot or len(c.token_ids) != 1 or not c.continues:
+                return None
+            if row.context_len != cached:
+                return None
+            ids.append(c.token_ids[0])
+            positions.append(cached)
+            if cached >= row.num_blocks * bs:
+                growing.append((row, c))
+        if not np.array_equal(layout.ranks, host_ranks):
+            return None
+        tables = self.tables
+        tables.begin_step()
+        for row, c in growing:
+            tables.write(row, c, c.num_cached_tokens // bs + 1, bs, self.num_kv_blocks)
+        step = tables.step
+        for row in state.rows:
+            row.context_len += 1
+            row.last_step = step
+        return self._restage_decode(layout, state, ids, positions)
+
+    def _restage_decode(
+        self, layout: _Layout, state: _DecodeState, ids: list[int], positions: list[int]
+    ) -> StepInputs:
+        spans, h64, h32, n, bs = layout.spans, self.i64.host, self.i32.host, len(ids), self.block_size
+        s, _ = spans["ids"]
+        h64[s : s + n] = ids
+        s, _ = spans["positions"]
+        pos = h64[s : s + n]
+        pos[:] = positions
+        s, _ = spans["slot_mapping"]
+        h64[s : s + n] = self.tables.host[state.row_index, pos // bs] * bs + pos % bs
+        s, e = spans["context_lens"]
+        ctx = h32[s:e]  # padding rows keep their context of 1
+        ctx[:n] = pos + 1
+        self.i64.used, self.i32.used = layout.used64, layout.used32
+        tables_changed = self.tables.flush()
+        self.i64.send()
+        self.i32.send()
+        num_seqs = layout.host.num_seqs
+        if tables_changed or layout.tables is None:
+            rows = layout.views["rows"]
+            layout.tables = torch.index_select(self.tables.device, 0, rows, out=self.step_tables[:num_seqs])
+        max_ctx = max(positions) + 1
+        width = -(-max_ctx // bs) if layout.host.narrow else self.tables.width
+        block_tables = state.block_tables.get(width)  # views of `step_tables`, rewritten in place
+        if block_tables is None:
+            block_tables = state.block_tables[width] = layout.tables[:, :width]
+        views = layout.views
+        group = AttentionGroup(
+            block_tables=block_tables,
+            context_lens=views["context_lens"],
+            query_starts=views["decode_starts"],
+            num_seqs=num_seqs,
+            max_query_len=1,
+            max_context_len=max(max_ctx, 1),
+            token_start=0,
+            num_tokens=num_seqs,
+            host_context_lens=ctx,
+            host_query_starts=state.query_starts,
+        )
+        meta = dataclasses.replace(state.meta, attention_groups=(group,))
+        return StepInputs(views["ids"], meta, state.order, num_seqs, num_seqs == n)
 
     def _host_arrays(self, chunks: Sequence[SequenceChunk], pad_to: int) -> _HostStep:
         self.tables.begin_step()
@@ -327,6 +434,7 @@ class _Layout:
     used32: int
     views: dict | None = None
     tables: torch.Tensor | None = None
+    decode: _DecodeState | None = None  # set when the layout is decode-only
 
     def matches(self, host: _HostStep, ranks: np.ndarray) -> bool:
         old = self.host
@@ -336,6 +444,35 @@ class _Layout:
             and np.array_equal(old.rows, host.rows)
             and np.array_equal(old.seq_slots, host.seq_slots)
             and np.array_equal(self.ranks, ranks)
+        )
+
+
+@dataclass
+class _DecodeState:
+    """A decode-only layout's sequences (run order = batch order) and what its steps reuse."""
+
+    seq_ids: tuple[int, ...]
+    slots: tuple[int | None, ...]
+    rows: tuple[_Row, ...]
+    row_index: np.ndarray
+    pad_to: int
+    order: tuple[int, ...]
+    query_starts: np.ndarray
+    meta: ForwardMetadata | None = None  # the last step's, all but its attention group
+    block_tables: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # by width
+
+    @classmethod
+    def of(
+        cls, chunks: Sequence[SequenceChunk], host: _HostStep, tables: BlockTableRows, pad_to: int
+    ) -> _DecodeState:
+        return cls(
+            seq_ids=tuple(c.seq_id for c in chunks),
+            slots=tuple(c.lora_slot for c in chunks),
+            rows=tuple(tables.row_of(c.seq_id) for c in chunks),
+            row_index=host.rows[: host.num_real].copy(),
+            pad_to=pad_to,
+            order=tuple(range(len(chunks))),
+            query_starts=host.query_starts[: host.num_decodes + 1].copy(),
         )
 
 

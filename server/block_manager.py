@@ -112,8 +112,8 @@ class BlockManager:
     # -- growth of a running sequence --------------------------------------------------------
 
     def _num_missing_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
-        needed = self.num_blocks_for(seq.num_cached_tokens + num_new_tokens)
-        return max(0, needed - len(seq.block_table))
+        """Blocks the table lacks for the next `num_new_tokens` positions (<= 0: none); per sequence per step."""
+        return -(-(seq.num_cached_tokens + num_new_tokens) // self.block_size) - len(seq.block_table)
 
     def can_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
         return self._num_missing_blocks(seq, num_new_tokens) <= len(self._free)
@@ -121,6 +121,8 @@ class BlockManager:
     def may_append(self, seq: Sequence, num_new_tokens: int = 1) -> None:
         """Grow the block table to cover the next `num_new_tokens` positions."""
         missing = self._num_missing_blocks(seq, num_new_tokens)
+        if missing <= 0:
+            return
         if missing > len(self._free):
             raise RuntimeError(f"out of KV blocks for {seq} (check can_append first)")
         for _ in range(missing):

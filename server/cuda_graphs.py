@@ -83,7 +83,7 @@ class DecodeGraphs:
         else:
             graph.graph.replay()
             logits = graph.logits
-        return logits[inputs.meta.logits_indices]
+        return logits[: len(chunks)] if inputs.logits_in_order else logits[inputs.meta.logits_indices]
 
     def capture_all(self, slot_ranks: torch.Tensor, host_ranks: np.ndarray) -> None:
         """Capture every bucket with and without LoRA (CUDA); largest first, so smaller ones reuse its pool."""

@@ -172,7 +172,7 @@ class ModelRunner:
         inputs = self.buffers.build(batch.chunks, self.slot_ranks, self._host_ranks)
         meta = inputs.meta
         hidden = self.model(inputs.input_ids, meta.positions, self.kv_cache.layers, meta)
-        return self.model.compute_logits(hidden[meta.logits_indices])
+        return self.model.compute_logits(hidden if inputs.logits_in_order else hidden[meta.logits_indices])
 
     def load_lora(self, slot: int, weights: LoraWeights) -> None:
         """Copy an adapter into a slot (zero-padding ranks); ValueError, slot untouched, if it does not fit."""

@@ -136,3 +136,38 @@ def test_rejects_what_does_not_fit() -> None:
         buffers.build([SequenceChunk(0, (1,) * 5, 0, (0, 1), None)], RANKS, ranks)
     with pytest.raises(ValueError, match=r"outside 0\.\.199"):
         buffers.build([SequenceChunk(0, (1,), 0, (200,), None)], RANKS, ranks)
+
+
+@pytest.mark.parametrize("pad_to", [0, 8], ids=["eager", "bucket"])
+def test_steady_decode_steps_equal_fresh_ones_and_skip_the_per_step_arrays(pad_to: int) -> None:
+    """Decode steps of the same sequences take the steady path (no per-step arrays built), across
+    block boundaries; a changed adapter rank or a sequence leaving falls back to the full build."""
+    ranks = RANKS.numpy().astype(np.int64).copy()
+    buffers = _buffers()
+    full_builds = []
+    host_arrays = buffers._host_arrays
+    buffers._host_arrays = lambda *a: full_builds.append(1) or host_arrays(*a)  # type: ignore[method-assign]
+    free = list(range(199, -1, -1))
+    live = [_Seq(i, 3 + i, [None, 0, 1, 2][i % 4], []) for i in range(5)]
+    for step in range(24):
+        if step == 12:
+            ranks[1] = 4  # slot 1 gets an adapter: the LoRA grouping changes
+        if step == 18:
+            live.pop(2)
+        chunks = []
+        for seq in live:
+            chunk = seq.chunk(budget=16)
+            while len(seq.blocks) * BS < chunk.context_len:
+                seq.blocks.append(free.pop())
+            chunks.append(seq.chunk(budget=16))
+        slot_ranks = torch.from_numpy(ranks.astype(np.int32))
+        inputs = buffers.build(chunks, slot_ranks, ranks, pad_to=pad_to if step else 0)
+        fresh = _buffers().build(chunks, slot_ranks, ranks, pad_to=pad_to if step else 0)
+        assert _snapshot(inputs) == _snapshot(fresh)
+        got, want = inputs.meta.attention_groups[0], fresh.meta.attention_groups[0]
+        assert got.host_context_lens.tolist() == want.host_context_lens.tolist()
+        assert inputs.logits_in_order == (step > 0 and not pad_to)
+        for seq, chunk in zip(live, chunks, strict=True):
+            seq.cached, seq.ran, seq.total = chunk.context_len, True, chunk.context_len + 1
+    # the prefill, the first decode step, the rank change, the departure
+    assert len(full_builds) == 4
