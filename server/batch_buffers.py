@@ -19,6 +19,7 @@ bucket sizes and replays graphs captured over these views).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -257,7 +258,11 @@ class BatchBuffers:
         self._layout = layout
         meta = self._meta(host, layout)
         if layout.decode is not None:
-            layout.decode.meta = meta
+            layout.decode.meta_fields = {
+                f.name: getattr(meta, f.name)
+                for f in dataclasses.fields(meta)
+                if f.name != "attention_groups"
+            }
         in_order = layout.decode is not None and host.num_real == host.num_seqs
         return StepInputs(layout.views["ids"], meta, order, host.num_tokens, in_order)
 
@@ -271,51 +276,62 @@ class BatchBuffers:
     ) -> StepInputs | None:
         """The next decode step of the last decode step's sequences, in the same order; None: anything else.
 
-        Per sequence one look at its chunk; the staged token ids, positions, cache slots and context
-        lengths are rewritten in place, a row gaining a block gets its new entry, and the step's
-        metadata reuses the layout's device views.
+        The chunks are read column by column (they are tuples); the staged token ids, positions,
+        cache slots and context lengths are rewritten in place, a row gaining a block gets its new
+        entry, and the step's metadata reuses the layout's device views.
         """
         if len(chunks) != len(state.seq_ids) or pad_to != state.pad_to:
             return None
-        ids, positions, growing = [], [], []
-        bs = self.block_size
-        for c, seq_id, slot, row in zip(chunks, state.seq_ids, state.slots, state.rows, strict=True):
-            cached = c.num_cached_tokens
-            if c.seq_id != seq_id or c.lora_slot != slot or len(c.token_ids) != 1 or not c.continues:
-                return None
-            if row.context_len != cached:
-                return None
-            ids.append(c.token_ids[0])
-            positions.append(cached)
-            if cached >= row.num_blocks * bs:
-                growing.append((row, c))
-        if not np.array_equal(layout.ranks, host_ranks):
+        seq_ids, token_ids, cached, _, slots, _, continues = zip(*chunks, strict=True)
+        ids = list(itertools.chain.from_iterable(token_ids))
+        if (
+            seq_ids != state.seq_ids
+            or cached != state.next_cached
+            or slots != state.slots
+            or len(ids) != len(chunks)
+            or not all(continues)
+            or host_ranks.tobytes() != layout.ranks_bytes
+        ):
             return None
-        tables = self.tables
-        tables.begin_step()
-        for row, c in growing:
-            tables.write(row, c, c.num_cached_tokens // bs + 1, bs, self.num_kv_blocks)
-        step = tables.step
-        for row in state.rows:
-            row.context_len += 1
-            row.last_step = step
-        return self._restage_decode(layout, state, ids, positions)
+        return self._restage_decode(chunks, layout, state, ids, cached)
 
     def _restage_decode(
-        self, layout: _Layout, state: _DecodeState, ids: list[int], positions: list[int]
+        self,
+        chunks: Sequence[SequenceChunk],
+        layout: _Layout,
+        state: _DecodeState,
+        ids: list[int],
+        cached: tuple[int, ...],
     ) -> StepInputs:
         spans, h64, h32, n, bs = layout.spans, self.i64.host, self.i32.host, len(ids), self.block_size
+        tables = self.tables
+        tables.begin_step()
         s, _ = spans["ids"]
         h64[s : s + n] = ids
         s, _ = spans["positions"]
         pos = h64[s : s + n]
-        pos[:] = positions
+        pos[:] = cached
+        blocks, offsets = np.divmod(pos, bs)
+        if not offsets.all():  # some rows start a block (each once per block_size steps)
+            for j in np.flatnonzero(offsets == 0).tolist():
+                row, needed = state.rows[j], cached[j] // bs + 1
+                if row.num_blocks < needed:
+                    tables.write(row, chunks[j], needed, bs, self.num_kv_blocks)
         s, _ = spans["slot_mapping"]
-        h64[s : s + n] = self.tables.host[state.row_index, pos // bs] * bs + pos % bs
+        slot_mapping = h64[s : s + n]
+        np.multiply(tables.host[state.row_index, blocks], bs, out=slot_mapping)
+        slot_mapping += offsets
         s, e = spans["context_lens"]
         ctx = h32[s:e]  # padding rows keep their context of 1
-        ctx[:n] = pos + 1
+        np.add(pos, 1, out=ctx[:n], casting="unsafe")
+        state.next_cached = tuple(ctx[:n].tolist())
+        step = tables.step
+        for row, context_len in zip(state.rows, state.next_cached, strict=True):
+            row.context_len, row.last_step = context_len, step
         self.i64.used, self.i32.used = layout.used64, layout.used32
+        return self._send_decode(layout, state, ctx, max(state.next_cached))
+
+    def _send_decode(self, layout: _Layout, state: _DecodeState, ctx: np.ndarray, max_ctx: int) -> StepInputs:
         tables_changed = self.tables.flush()
         self.i64.send()
         self.i32.send()
@@ -323,8 +339,7 @@ class BatchBuffers:
         if tables_changed or layout.tables is None:
             rows = layout.views["rows"]
             layout.tables = torch.index_select(self.tables.device, 0, rows, out=self.step_tables[:num_seqs])
-        max_ctx = max(positions) + 1
-        width = -(-max_ctx // bs) if layout.host.narrow else self.tables.width
+        width = -(-max_ctx // self.block_size) if layout.host.narrow else self.tables.width
         block_tables = state.block_tables.get(width)  # views of `step_tables`, rewritten in place
         if block_tables is None:
             block_tables = state.block_tables[width] = layout.tables[:, :width]
@@ -341,8 +356,8 @@ class BatchBuffers:
             host_context_lens=ctx,
             host_query_starts=state.query_starts,
         )
-        meta = dataclasses.replace(state.meta, attention_groups=(group,))
-        return StepInputs(views["ids"], meta, state.order, num_seqs, num_seqs == n)
+        meta = ForwardMetadata(**state.meta_fields, attention_groups=(group,))
+        return StepInputs(views["ids"], meta, state.order, num_seqs, num_seqs == len(state.seq_ids))
 
     def _host_arrays(self, chunks: Sequence[SequenceChunk], pad_to: int) -> _HostStep:
         self.tables.begin_step()
@@ -435,6 +450,10 @@ class _Layout:
     views: dict | None = None
     tables: torch.Tensor | None = None
     decode: _DecodeState | None = None  # set when the layout is decode-only
+    ranks_bytes: bytes = b""  # `ranks` as bytes: a steady step compares them with one call
+
+    def __post_init__(self) -> None:
+        self.ranks_bytes = self.ranks.tobytes()
 
     def matches(self, host: _HostStep, ranks: np.ndarray) -> bool:
         old = self.host
@@ -453,12 +472,13 @@ class _DecodeState:
 
     seq_ids: tuple[int, ...]
     slots: tuple[int | None, ...]
+    next_cached: tuple[int, ...]  # each sequence's cached tokens at its next decode step
     rows: tuple[_Row, ...]
     row_index: np.ndarray
     pad_to: int
     order: tuple[int, ...]
     query_starts: np.ndarray
-    meta: ForwardMetadata | None = None  # the last step's, all but its attention group
+    meta_fields: dict | None = None  # the first step's metadata fields, all but its attention groups
     block_tables: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # by width
 
     @classmethod
@@ -468,6 +488,7 @@ class _DecodeState:
         return cls(
             seq_ids=tuple(c.seq_id for c in chunks),
             slots=tuple(c.lora_slot for c in chunks),
+            next_cached=tuple(c.num_cached_tokens + 1 for c in chunks),
             rows=tuple(tables.row_of(c.seq_id) for c in chunks),
             row_index=host.rows[: host.num_real].copy(),
             pad_to=pad_to,

@@ -368,7 +368,8 @@ class LLMEngine:
             reason = FinishReason.STOP
         elif token_id in self.eos_token_ids and not params.ignore_eos:
             reason = FinishReason.EOS
-        if self._defers_text(state):
+        defers = self.defer_text and not state.has_stop_strings
+        if defers:
             text, state.pending_token = "", token_id if reason is None else None
         else:
             text = state.output.append(token_id) if reason is None else ""
@@ -378,7 +379,20 @@ class LLMEngine:
             reason = FinishReason.LENGTH
         if reason is not None:
             return self._finish(state, reason, token=token, text=text)
-        return self._event(state, token=token, text=text)
+        # The event of a request that goes on (`_event` inlined: this runs per sequence per step).
+        event = TokenEvent(
+            request_id=state.request.request_id,
+            token_id=token_id,
+            text=text,
+            logprob=token.logprob,
+            top_logprobs=token.top_logprobs,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_generated_tokens=len(seq.token_ids) - seq.num_prompt_tokens,
+        )
+        if defers:
+            self._text_jobs.append(TextJob(event, state.output, token_id, False))
+            state.pending_token = None
+        return event
 
     def _finish(
         self,

@@ -228,3 +228,41 @@ def test_one_device_to_host_copy_per_call(monkeypatch: pytest.MonkeyPatch) -> No
     out = Sampler()(torch.randn(4, 64), rows)
     assert copies == ["tolist"]
     assert len(out[2].top_logprobs) == 3
+
+
+def _penalized_argmax(logits: torch.Tensor, row: SamplingRow) -> int:
+    """The greedy token after penalties, token by token in plain Python (the reference)."""
+    p, scores = row.params, logits.tolist()
+    for token in {*row.prompt_token_ids, *row.output_token_ids}:
+        s = scores[token]
+        scores[token] = s * p.repetition_penalty if s < 0 else s / p.repetition_penalty
+    for token in set(row.output_token_ids):
+        count = list(row.output_token_ids).count(token)
+        scores[token] -= p.frequency_penalty * count + p.presence_penalty
+    return max(range(len(scores)), key=scores.__getitem__)
+
+
+def test_penalty_counts_kept_between_calls_equal_counts_from_all_tokens() -> None:
+    """The engine passes each request's one row every step, its output a live list it appends
+    to: the counts the sampler keeps (new tokens only) must equal counts made from every token."""
+    torch.manual_seed(5)
+    vocab, kept = 40, Sampler()
+    settings = [
+        {"repetition_penalty": 1.5},
+        {"frequency_penalty": 0.7, "presence_penalty": 0.3},
+        {},
+        {"repetition_penalty": 0.8, "frequency_penalty": -0.4},
+    ]
+    outputs: list[list[int]] = [[] for _ in settings]
+    rows = [SamplingRow(i, SamplingParams(**p), (i, i + 1, 7), outputs[i]) for i, p in enumerate(settings)]  # type: ignore[arg-type]
+    for step in range(30):
+        logits = torch.randn(len(rows), vocab) * 0.3
+        if step == 15:  # a request leaves, a new one joins
+            kept.free(rows[1].seq_id)
+            outputs[1] = [3, 3, 9]
+            rows[1] = SamplingRow(10, SamplingParams(frequency_penalty=2.0), (1,), outputs[1])
+        got = [t.token_id for t in kept(logits, rows)]
+        assert got == [_penalized_argmax(logits[i], r) for i, r in enumerate(rows)]
+        for out, token in zip(outputs, got, strict=True):
+            out.append(token)
+    assert len(set(outputs[0])) > 3  # the penalties steer away from repeats: it really moves
