@@ -306,24 +306,23 @@ class BatchBuffers:
         spans, h64, h32, n, bs = layout.spans, self.i64.host, self.i32.host, len(ids), self.block_size
         tables = self.tables
         tables.begin_step()
+        # The staged values are the last step's: every sequence moved on by one position, so its
+        # position, cache slot and context length grow by one, except where a new block starts.
         s, _ = spans["ids"]
         h64[s : s + n] = ids
         s, _ = spans["positions"]
-        pos = h64[s : s + n]
-        pos[:] = cached
-        blocks, offsets = np.divmod(pos, bs)
-        if not offsets.all():  # some rows start a block (each once per block_size steps)
-            for j in np.flatnonzero(offsets == 0).tolist():
-                row, needed = state.rows[j], cached[j] // bs + 1
-                if row.num_blocks < needed:
-                    tables.write(row, chunks[j], needed, bs, self.num_kv_blocks)
+        h64[s : s + n] += 1
         s, _ = spans["slot_mapping"]
         slot_mapping = h64[s : s + n]
-        np.multiply(tables.host[state.row_index, blocks], bs, out=slot_mapping)
-        slot_mapping += offsets
+        slot_mapping += 1
         s, e = spans["context_lens"]
         ctx = h32[s:e]  # padding rows keep their context of 1
-        np.add(pos, 1, out=ctx[:n], casting="unsafe")
+        ctx[:n] += 1
+        for j in [j for j, c in enumerate(cached) if c % bs == 0]:  # each row once per block_size steps
+            row, block = state.rows[j], cached[j] // bs
+            if row.num_blocks <= block:
+                tables.write(row, chunks[j], block + 1, bs, self.num_kv_blocks)
+            slot_mapping[j] = int(tables.host[row.index, block]) * bs
         state.next_cached = tuple(ctx[:n].tolist())
         step = tables.step
         for row, context_len in zip(state.rows, state.next_cached, strict=True):
