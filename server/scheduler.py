@@ -99,19 +99,20 @@ class Scheduler:
 
     def _schedule_running(self, step: ScheduledStep, budget: int) -> int:
         queue, kept = deque(self.running), deque()
+        can_append, may_append = self.block_manager.can_append, self.block_manager.may_append  # per sequence
         while queue:
             seq = queue.popleft()
             num_new = min(seq.num_uncomputed_tokens, budget)
             if num_new == 0:
                 kept.append(seq)  # out of budget this step; stays running
                 continue
-            while not self.block_manager.can_append(seq, num_new):
+            while not can_append(seq, num_new):
                 victim = queue.pop() if queue else seq  # the youngest gives way
                 self._preempt(victim, step)
                 if victim is seq:
                     break
             else:
-                self.block_manager.may_append(seq, num_new)
+                may_append(seq, num_new)
                 step.chunks.append((seq, num_new))
                 kept.append(seq)
                 budget -= num_new
