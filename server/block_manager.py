@@ -66,7 +66,7 @@ class BlockManager:
     def _lookup_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks covering a prefix of `seq`. The last token is never served from the
         cache: the model must run on at least one token to produce the next logits."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not seq.reads_prefix_cache:
             return []
         hits: list[int] = []
         parent = prefix_root_hash(seq.adapter)
