@@ -187,3 +187,43 @@ def test_collector_hands_out_once_after_every_position_and_recompute_overwrites(
     assert entries is not None and entries[0] is None
     assert [e.logprob for e in entries[1:]] == [-2.0, -2.0, -2.0, -0.5]
     assert collector.take() is None and collector.scoring(0, ids, start=5, num_new=1) is None
+
+
+def test_preempted_mid_prefill_recomputes_the_same_scores(tiny_assets, prompts) -> None:
+    """A tight KV cache preempts sequences before their prompt is scored; the recompute overwrites."""
+    reference = Reference(tiny_assets, "llama")
+    engine = make_engine(tiny_assets, "llama", max_batch_tokens=6, num_kv_blocks=20)
+    preempted_while_scoring: list[bool] = []
+    preempt = engine.scheduler._preempt
+
+    def watch(seq, step):
+        preempted_while_scoring.append(not seq.reads_prefix_cache)
+        preempt(seq, step)
+
+    engine.scheduler._preempt = watch  # type: ignore[method-assign]
+    batch = [(f"r{i}", prompts[i % 2], (None, "a4", "b8")[i % 3]) for i in range(5)]
+    for rid, prompt, adapter in batch:
+        engine.add_request(
+            GenerationRequest(
+                rid, prompt, SamplingParams(max_new_tokens=8, ignore_eos=True, prompt_logprobs=1), adapter
+            )
+        )
+    events = run(engine)
+    assert any(preempted_while_scoring)
+    for rid, prompt, adapter in batch:
+        assert_matches(prompt_entries(events[rid]), reference.logprobs(adapter, prompt), prompt, 1)
+
+
+def test_scoring_leaves_the_generated_tokens_unchanged(tiny_assets, prompts) -> None:
+    engine = make_engine(tiny_assets, "gemma2", max_batch_tokens=8, enable_prefix_caching=False)
+    for rid, k in (("plain", None), ("scored", 2)):
+        params = SamplingParams(
+            max_new_tokens=6, ignore_eos=True, logprobs=True, top_n_tokens=2, prompt_logprobs=k
+        )
+        engine.add_request(GenerationRequest(rid, prompts[1], params, "c16"))
+    events = run(engine)
+    plain, scored = (
+        [(e.token_id, e.logprob, e.top_logprobs) for e in events[r]] for r in ("plain", "scored")
+    )
+    assert [t for t, _, _ in plain] == [t for t, _, _ in scored]
+    assert [lp for _, lp, _ in plain] == pytest.approx([lp for _, lp, _ in scored], abs=1e-5)
