@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from loraplex.server.adapters.peft_format import load_peft_adapter
 from loraplex.server.adapters.registry import AdapterEntry
 from loraplex.server.engine import EngineConfig, LLMEngine
+from loraplex.server.forward_batch import SequenceChunk
+from loraplex.server.model_runner import _chunk_starts
 from loraplex.server.prompt_logprobs import PromptLogprobs
 from loraplex.server.request import GenerationRequest, PromptTokenLogprob, TokenEvent
 from loraplex.server.sampling_params import SamplingParams
@@ -227,3 +229,13 @@ def test_scoring_leaves_the_generated_tokens_unchanged(tiny_assets, prompts) -> 
     )
     assert [t for t, _, _ in plain] == [t for t, _, _ in scored]
     assert [lp for _, lp, _ in plain] == pytest.approx([lp for _, lp, _ in scored], abs=1e-5)
+
+
+def test_chunk_starts_follow_the_run_order() -> None:
+    """One-token chunks (decodes, or a prefill's last token) run first: a chunk's rows start where it runs."""
+    chunks = (
+        SequenceChunk(0, (1, 2, 3), 0, (0,), None),
+        SequenceChunk(1, (4,), 5, (1,), None),
+        SequenceChunk(2, (5, 6), 0, (2,), None),
+    )
+    assert _chunk_starts(chunks, (1, 0, 2)) == [1, 0, 4]

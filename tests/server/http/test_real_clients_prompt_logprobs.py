@@ -174,6 +174,15 @@ def test_openai_streams_echo_logprobs_but_refuse_prompt_logprobs(
     assert_echoed_prompt(first.logprobs, reference, "a4", ids, 1)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == PROMPTS[2] + reference.text("a4", PROMPTS[2], MAX_NEW)
+    scoring = list(
+        oai.completions.create(
+            model="a4", prompt=PROMPTS[2], max_tokens=0, echo=True, logprobs=1, stream=True
+        )
+    )
+    [only] = [c.choices[0] for c in scoring if c.choices]  # the prompt alone, then the end
+    assert only.text == PROMPTS[2] and only.finish_reason == "length"
+    assert len(only.logprobs.tokens) == len(ids)
+    assert_echoed_prompt(only.logprobs, reference, "a4", ids, 1)
     for create in (oai.completions.create, oai.chat.completions.create):
         body = {"prompt": PROMPTS[2]} if create == oai.completions.create else {"messages": CHAT}
         with pytest.raises(openai.BadRequestError) as refused:
