@@ -251,7 +251,7 @@ def _echoed(plan: _Plan, prompt_index: int, entries: PromptEntries | None) -> Ec
     return EchoedPrompt(plan.prompts[prompt_index], entries, plan.echo_top)
 
 
-def _prompt_logprobs(ctx: ServerContext, plan: _Plan, entries: PromptEntries | None) -> list | None:
+def _prompt_logprobs(ctx: ServerContext, plan: _Plan, entries: PromptEntries | None) -> list:
     if entries is None:
         raise ApiError(500, "the engine returned no prompt logprobs", "generation")
     return vllm_prompt_logprobs(entries, ctx.engine.tokenizer.decode, plan.prompt_top or 0)

@@ -158,10 +158,10 @@ def test_prefix_cache_is_bypassed_while_scoring(tiny_assets, prompts) -> None:
     engine.add_request(request("warm", prompt, "a4", None))
     run(engine)
     blocks = engine.block_manager
-    hits = blocks.num_prefix_hit_tokens
+    hits, queries = blocks.num_prefix_hit_tokens, blocks.num_prefix_query_tokens
     engine.add_request(request("scored", prompt, "a4", 2))
     entries = prompt_entries(run(engine)["scored"])
-    assert blocks.num_prefix_hit_tokens == hits
+    assert (blocks.num_prefix_hit_tokens, blocks.num_prefix_query_tokens) == (hits, queries)  # no lookup
     assert_matches(entries, reference.logprobs("a4", prompt), prompt, 2)
     engine.add_request(request("again", prompt, "a4", None))
     run(engine)
