@@ -122,3 +122,12 @@ def best_choices(candidates: Sequence[Sequence[TokenEvent]], n: int) -> list[int
 def prompt_entries_of(events: Sequence[TokenEvent]) -> tuple[PromptTokenLogprob | None, ...] | None:
     """The prompt log-probabilities a request's events carry (on one of them), if it asked."""
     return next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None)
+
+
+def prompt_token_ids(prompt: Sequence[int], entries: Sequence[PromptTokenLogprob | None] | None) -> list[int]:
+    """Every token id a prompt's logprobs name: its own tokens and their alternatives."""
+    ids = list(prompt)
+    for entry in entries or ():
+        if entry is not None:
+            ids += [a.token_id for a in entry.top]
+    return ids

@@ -41,11 +41,13 @@ from loraplex.server.routes.choices import (
     merged,
     open_streams,
     prompt_entries_of,
+    prompt_token_ids,
 )
 from loraplex.server.routes.context import ServerContext, get_context
 from loraplex.server.routes.errors import ApiError, read_json, render
 from loraplex.server.routes.generation import (
     SSE_HEADERS,
+    TokenTexts,
     authorize_adapter,
     encode,
     error_type_of,
@@ -226,8 +228,8 @@ def _plan(ctx: ServerContext, body: Body, dialect: Dialect) -> _Plan:
     return plan
 
 
-def _writer(ctx: ServerContext, plan: _Plan, index: int, request: GenerationRequest) -> ChoiceWriter:
-    return ChoiceWriter(index, plan.dialect, ctx.engine.tokenizer.decode, request.params.stop, plan.show_logprobs,
+def _writer(plan: _Plan, index: int, request: GenerationRequest, texts: TokenTexts) -> ChoiceWriter:
+    return ChoiceWriter(index, plan.dialect, texts, request.params.stop, plan.show_logprobs,
                         len(request.prompt_token_ids))  # fmt: skip
 
 
@@ -251,15 +253,15 @@ def _echoed(plan: _Plan, prompt_index: int, entries: PromptEntries | None) -> Ec
     return EchoedPrompt(plan.prompts[prompt_index], entries, plan.echo_top)
 
 
-def _prompt_logprobs(ctx: ServerContext, plan: _Plan, entries: PromptEntries | None) -> list:
+def _prompt_logprobs(plan: _Plan, entries: PromptEntries | None, texts: TokenTexts) -> list:
     if entries is None:
         raise ApiError(500, "the engine returned no prompt logprobs", "generation")
-    return vllm_prompt_logprobs(entries, ctx.engine.tokenizer.decode, plan.prompt_top or 0)
+    return vllm_prompt_logprobs(entries, texts, plan.prompt_top or 0)
 
 
 def _choice(
     ctx: ServerContext, plan: _Plan, writer: ChoiceWriter, prompt_index: int, events: list[TokenEvent],
-    entries: PromptEntries | None,
+    entries: PromptEntries | None, texts: TokenTexts,
 ) -> dict[str, Any]:  # fmt: skip
     shown = [] if plan.prompt_only else events
     text = "".join(writer.text_of(e) for e in shown)
@@ -268,28 +270,34 @@ def _choice(
     if plan.dialect.chat:
         choice["message"] = {"role": "assistant", "content": text}
     elif plan.prompt_top is not None:
-        choice["prompt_logprobs"] = _prompt_logprobs(ctx, plan, entries)
+        choice["prompt_logprobs"] = _prompt_logprobs(plan, entries, texts)
     return choice
 
 
 async def _complete(ctx: ServerContext, plan: _Plan) -> dict[str, Any]:
     async with open_streams(ctx, plan.requests, plan.dialect.object) as streams:
         outputs = await collect(streams)
-    choices, completion_tokens, prompt_entries = [], 0, []
+    choices, completion_tokens, texts = [], 0, TokenTexts(ctx.engine.tokenizer)
+    prompt_entries = [
+        prompt_entries_of(outputs[p * plan.best_of]) for p in range(len(plan.prompts))
+    ]  # 1st scored
+    for prompt, entries in zip(plan.prompts, prompt_entries, strict=True):
+        texts.add(prompt_token_ids(prompt, entries) if entries else ())
     for p in range(len(plan.prompts)):
         candidates = outputs[p * plan.best_of : (p + 1) * plan.best_of]
-        prompt_entries.append(prompt_entries_of(candidates[0]))  # the prompt's first choice scored it
         completion_tokens += sum(1 for events in candidates for e in events if e.token_id is not None)
         for j, k in enumerate(best_choices(candidates, plan.n)):
-            writer = _writer(ctx, plan, p * plan.n + j, plan.requests[p * plan.best_of + k])
-            choices.append(_choice(ctx, plan, writer, p, candidates[k], prompt_entries[p]))
+            writer = _writer(plan, p * plan.n + j, plan.requests[p * plan.best_of + k], texts)
+            choices.append(_choice(ctx, plan, writer, p, candidates[k], prompt_entries[p], texts))
     envelope = Envelope(plan.requests[0].request_id, plan.model, plan.dialect)
     response = {
         **envelope(choices, chunk=False),
         "usage": usage(sum(map(len, plan.prompts)), completion_tokens),
     }
     if plan.dialect.chat and plan.prompt_top is not None:
-        response["prompt_logprobs"] = _prompt_logprobs(ctx, plan, prompt_entries[0])  # vLLM: on the response
+        response["prompt_logprobs"] = _prompt_logprobs(
+            plan, prompt_entries[0], texts
+        )  # vLLM: on the response
     return response
 
 
@@ -304,7 +312,8 @@ async def _chunks(ctx: ServerContext, plan: _Plan, streams: list) -> AsyncIterat
     include_usage = bool(options and options.include_usage)
     continuous = bool(options and options.continuous_usage_stats)
     envelope = Envelope(plan.requests[0].request_id, plan.model, plan.dialect)
-    writers = [_writer(ctx, plan, i, r) for i, r in enumerate(plan.requests)]
+    texts = TokenTexts(ctx.engine.tokenizer)
+    writers = [_writer(plan, i, r, texts) for i, r in enumerate(plan.requests)]
 
     def chunk(writer: ChoiceWriter, choice: dict) -> dict:
         extra: dict[str, Any] = (
@@ -330,6 +339,7 @@ async def _chunks(ctx: ServerContext, plan: _Plan, streams: list) -> AsyncIterat
             to_echo.discard(i)
             text = _echo(ctx, plan, i // plan.n) + text
             echoed = _echoed(plan, i // plan.n, event.prompt_logprobs)
+            texts.add(prompt_token_ids(plan.prompts[i // plan.n], event.prompt_logprobs) if echoed else ())
         logprobs = writer.logprobs(shown, echoed)
         if not text and event.finish_reason is None and not logprobs:
             continue

@@ -37,6 +37,7 @@ from loraplex.server.routes.context import ServerContext, get_context
 from loraplex.server.routes.errors import ApiError, read_json
 from loraplex.server.routes.generation import (
     SSE_HEADERS,
+    TokenTexts,
     authorize_adapter,
     encode,
     engine_stream,
@@ -166,11 +167,12 @@ def _prefill(
     """TGI's `details.prefill`: `{id, text, logprob}` per prompt token, the first logprob null."""
     if entries is None:
         raise ApiError(500, "the engine returned no prompt logprobs", "generation")
-    decode = ctx.engine.tokenizer.decode
+    texts = TokenTexts(ctx.engine.tokenizer)
+    texts.add(request.prompt_token_ids)
     return [
         {
             "id": token_id,
-            "text": decode([token_id]),
+            "text": texts([token_id]),
             "logprob": None if entry is None else max(entry.logprob, MIN_LOGPROB),
         }
         for token_id, entry in zip(request.prompt_token_ids, entries, strict=True)

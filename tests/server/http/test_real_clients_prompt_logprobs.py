@@ -15,6 +15,8 @@ from http_server_support import PROMPTS, LiveServer, Reference, call
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError
 
+from loraplex.server.routes.generation import TokenTexts
+
 MAX_NEW = 4
 ATOL = 1e-4
 CHAT = [{"role": "user", "content": "Score this prompt, token by token."}]
@@ -253,3 +255,10 @@ def test_prompt_logprobs_bounds_are_400(live_server: LiveServer) -> None:
     assert status == 200, out
     entries = out["choices"][0]["prompt_logprobs"]
     assert entries[0] is None and all(len(e) == 1 for e in entries[1:])  # only the prompt's own token
+
+
+def test_token_texts_decode_as_the_tokenizer_does(reference: Reference) -> None:
+    texts = TokenTexts(reference.tokenizer)
+    texts.add(range(0, 400, 2))  # batched; the odd ids are decoded one at a time on demand
+    assert [texts([t]) for t in range(400)] == [reference.tokenizer.decode([t]) for t in range(400)]
+    assert texts([7, 8, 9]) == reference.tokenizer.decode([7, 8, 9])
