@@ -306,6 +306,22 @@ def _stream_error(event: TokenEvent) -> dict[str, Any]:
                       "code": error_type_of(event)}}  # fmt: skip
 
 
+def _stream_piece(
+    ctx: ServerContext, plan: _Plan, writer: ChoiceWriter, event: TokenEvent, texts: TokenTexts, echo: bool
+) -> tuple[str, dict[str, Any] | None]:
+    """One event's text and logprobs; `echo`: the choice's first event, led by the prompt (as in vLLM)."""
+    text, shown = writer.text_of(event), [event]
+    if plan.prompt_only:
+        text, shown = "", []
+    if not echo:
+        return text, writer.logprobs(shown)
+    prompt_index = writer.index // plan.n
+    echoed = _echoed(plan, prompt_index, event.prompt_logprobs)
+    if echoed is not None:
+        texts.add(prompt_token_ids(echoed.token_ids, echoed.entries))
+    return _echo(ctx, plan, prompt_index) + text, writer.logprobs(shown, echoed)
+
+
 async def _chunks(ctx: ServerContext, plan: _Plan, streams: list) -> AsyncIterator[dict]:
     """The stream's JSON chunks, in order, before `[DONE]`."""
     options = plan.body.stream_options
@@ -331,16 +347,8 @@ async def _chunks(ctx: ServerContext, plan: _Plan, streams: list) -> AsyncIterat
         if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
             yield _stream_error(event)
             return
-        text = writer.text_of(event)
-        shown, echoed = ([] if plan.prompt_only else [event]), None
-        if plan.prompt_only:
-            text = ""
-        if i in to_echo:  # vLLM: the prompt comes with the choice's first token (and its logprobs)
-            to_echo.discard(i)
-            text = _echo(ctx, plan, i // plan.n) + text
-            echoed = _echoed(plan, i // plan.n, event.prompt_logprobs)
-            texts.add(prompt_token_ids(plan.prompts[i // plan.n], event.prompt_logprobs) if echoed else ())
-        logprobs = writer.logprobs(shown, echoed)
+        text, logprobs = _stream_piece(ctx, plan, writer, event, texts, echo=i in to_echo)
+        to_echo.discard(i)
         if not text and event.finish_reason is None and not logprobs:
             continue
         choice = writer.choice(text, logprobs, event.finish_reason)
