@@ -24,6 +24,7 @@ $(BIN)/python:
 
 # The lock holds every dependency and the build backend: nothing unpinned is fetched.
 $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(LOCK)
+	@echo "==> Installing the locked Python packages into $(VENV) ($(LOCK); a minute or two the first time)"
 	$(BIN)/pip install -q --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
@@ -109,8 +110,12 @@ bench-smoke: install ## The serving benchmark harness on CPU against `loraplex s
 ##@ Demo and end to end
 
 .PHONY: demo demo-down e2e e2e-kind
-demo: install cluster-provision ## The whole loop locally: cluster, chart, operator, 2 pods, 3 adapters, live hot-load
-	$(BIN)/python e2e/demo.py up
+# The control-plane build starts first and runs beside `make install` and the training
+# (e2e/cluster/provisioning.py relays its log), so a cold run costs about the build, not the sum.
+demo: ## The whole loop locally: cluster, chart, operator, 2 pods, 3 adapters, live hot-load
+	@log="$$(mktemp -t loraplex-provision.XXXXXX.log)"; \
+	bash e2e/cluster/provision.sh >"$$log" 2>&1 & \
+	$(MAKE) --no-print-directory install && LORAPLEX_PROVISION_LOG="$$log" $(BIN)/python e2e/demo.py up
 
 demo-down: install ## Stop everything `make demo` started
 	$(BIN)/python e2e/demo.py down

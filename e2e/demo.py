@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 import urllib.error
@@ -31,8 +30,8 @@ from loraplex.localcluster.demo_wait import NotServing, Target, wait_until_servi
 from loraplex.localcluster.demo_workload import BASE_MODEL, LIVE, SERVED, build_workload, manifest
 from loraplex.localcluster.install import install_chart
 from loraplex.localcluster.processes import ManagedProcess, free_ports, pid_alive, stop_group
+from loraplex.localcluster.provisioning import BackgroundProvision, ProvisionFailed
 
-REPO = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("LORAPLEX_DEMO_STATE", cache_root() / "demo"))
 NAMESPACE, RELEASE, RELEASE_NAMESPACE = "demo", "loraplex", "loraplex-system"
 REPLICAS = 2  # e2e/demo/base-model.yaml
@@ -160,11 +159,18 @@ def show_tokens(cluster: LocalCluster, adapters: tuple[str, ...], timeout_s: flo
 def up() -> int:
     started = time.monotonic()
     STATE.mkdir(parents=True, exist_ok=True)
-    step("Provisioning the local cluster binaries (cached after the first run)")
-    subprocess.run(["bash", str(REPO / "e2e" / "cluster" / "provision.sh")], check=True)
+    # The control-plane build (minutes, once per machine) runs beside the training.
+    provisioning = BackgroundProvision.start(STATE / "provision.log")
     step("Training the tiny Llama and its four LoRA fine-tunes (about a minute, cached after)")
+    say(f"  meanwhile the local cluster binaries are provisioned in the background: {provisioning.log}")
     workload = build_workload(report=say)
     say(f"  base model {workload.model_dir}")
+    step("Provisioning the local cluster binaries (built once, cached after)")
+    try:
+        provisioning.finish(say)
+    except ProvisionFailed as failed:
+        say(str(failed))
+        return 1
     step("Starting etcd, kube-apiserver and kube-controller-manager")
     cluster = start_cluster()
     say(f"  API server {cluster.server}")

@@ -45,12 +45,20 @@ class TGIToken(BaseModel):
     special: bool
 
 
+class TGIPrefillToken(BaseModel):
+    """A prompt token in `details.prefill` (`decoder_input_details`); the first one's logprob is null."""
+
+    id: int
+    text: str
+    logprob: float | None
+
+
 class TGIBestOfSequence(BaseModel):
     generated_text: str
     finish_reason: str
     generated_tokens: int
     seed: int | None
-    prefill: list[dict[str, Any]]
+    prefill: list[TGIPrefillToken]
     tokens: list[TGIToken]
     top_tokens: list[list[TGIToken]] | None
 
@@ -119,11 +127,33 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob`: one token at one prompt position (`rank` 1 = the most likely)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# Per prompt position (the first one null): token id (a string) -> its logprob, rank and text.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
+class CompletionLogprobs(BaseModel):
+    """With `echo`, the prompt's tokens come first (the first one's logprob and top_logprobs null)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(_Open):
     index: int
     text: str
-    logprobs: dict[str, Any] | None
+    logprobs: CompletionLogprobs | None
     finish_reason: str | None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extension, with `prompt_logprobs`
 
 
 class CompletionResponse(_Envelope):
@@ -153,6 +183,7 @@ class ChatChoice(_Open):
 class ChatCompletionResponse(_Envelope):
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extension, with `prompt_logprobs`
 
 
 class ChatDelta(_Open):

@@ -18,6 +18,7 @@ MAX_TOP_N_TOKENS = 5  # TGI's default `max_top_n_tokens`, also OpenAI completion
 MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI chat's `top_logprobs` limit
 MAX_BEST_OF = 8  # choices per request (`n`, `best_of`), each one a sequence in the batch
 MAX_PROMPTS = 32  # prompts in one completions request
+MAX_PROMPT_LOGPROBS = 20  # alternatives per prompt position (vLLM's default `--max-logprobs`)
 
 
 class _Body(BaseModel):
@@ -62,7 +63,11 @@ class TGIParameters(_Body):
 
     adapter_id: str | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_BEST_OF)] | None = None
-    decoder_input_details: bool | None = unsupported("prompt token logprobs")
+    decoder_input_details: bool | None = Field(
+        default=False,
+        description="With `details`: `details.prefill` lists the prompt's tokens with their logprobs "
+        "(the first one null). Not with streams (422, as in TGI).",
+    )
     details: bool | None = False
     do_sample: bool | None = False
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
@@ -123,7 +128,11 @@ class _OpenAISampling(_Body):
     seed: int | None = None
     user: str | None = None
     logit_bias: dict[str, float] | list[float] | None = unsupported("logit biases")
-    prompt_logprobs: int | None = unsupported("prompt token logprobs (vLLM)")
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_PROMPT_LOGPROBS)] | None = Field(
+        default=None,
+        description="vLLM extension: per prompt position, the prompt token's logprob and rank and this many "
+        "most likely tokens (`choices[i].prompt_logprobs` on completions, `prompt_logprobs` on chat). Not with streams.",
+    )
     # vLLM extensions
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
@@ -141,9 +150,14 @@ class CompletionRequest(_OpenAISampling):
         | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
         | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        default=16,
+        description="0 only with `echo`: the prompt alone, scored when `logprobs` is set (as in vLLM).",
+    )
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_N_TOKENS)] | None = None
-    echo: bool | None = False
+    echo: bool | None = Field(
+        default=False, description="The prompt leads the text; with `logprobs`, its tokens lead the logprobs."
+    )
     best_of: Annotated[int, Field(ge=1, le=MAX_BEST_OF)] | None = None
     suffix: str | None = unsupported("insertion")
 

@@ -65,8 +65,9 @@ class BlockManager:
 
     def _lookup_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks covering a prefix of `seq`. The last token is never served from the
-        cache: the model must run on at least one token to produce the next logits."""
-        if not self.enable_prefix_caching:
+        cache: the model must run on at least one token to produce the next logits. None for a
+        sequence that must compute every position (prompt logprobs, see `Sequence.reads_prefix_cache`)."""
+        if not self.enable_prefix_caching or not seq.reads_prefix_cache:
             return []
         hits: list[int] = []
         parent = prefix_root_hash(seq.adapter)
@@ -106,7 +107,8 @@ class BlockManager:
         seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_prefix_hit_tokens = seq.num_cached_tokens
         self.num_prefix_hit_tokens += seq.num_cached_tokens
-        self.num_prefix_query_tokens += seq.num_tokens
+        if seq.reads_prefix_cache:  # a scoring sequence looks nothing up (vLLM counts it so too)
+            self.num_prefix_query_tokens += seq.num_tokens
         self.may_append(seq, num_new_tokens)
 
     # -- growth of a running sequence --------------------------------------------------------

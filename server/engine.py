@@ -28,6 +28,7 @@ from loraplex.server.engine_api import (
 )
 from loraplex.server.forward_batch import ForwardBatch, SequenceChunk
 from loraplex.server.model_runner import ModelRunner, RunnerConfig
+from loraplex.server.prompt_logprobs import PromptScoring
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
 from loraplex.server.sampler import RowFailure, SampledToken, Sampler, SamplingRow
 from loraplex.server.scheduler import ScheduledStep, Scheduler, SchedulerConfig
@@ -174,6 +175,7 @@ class LLMEngine:
         # TextJob (take_text_jobs) that its fan-out thread runs off the step's critical path.
         self.defer_text = False
         self._text_jobs: list[TextJob] = []
+        self._scoring_seq_ids: set[int] = set()  # sequences whose prompt logprobs are not handed out yet
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -224,6 +226,8 @@ class LLMEngine:
             ref,
         ):
             seq.prompt_leader = leader.seq
+        if seq.prompt_logprobs is not None:
+            self._scoring_seq_ids.add(seq.seq_id)
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
         output = OutputText(detokenizer, request.params.stop)
         self._requests[request.request_id] = _RequestState.make(
@@ -271,7 +275,7 @@ class LLMEngine:
         the requests that fail on their own end with an error.
         """
         try:
-            return self.runner.execute(self._forward_batch(step)), {}
+            return self._run_model(step), {}
         except Exception as exc:
             if len(step.chunks) == 1:
                 log.exception("model step failed")
@@ -282,10 +286,32 @@ class LLMEngine:
         rows, failures = [], {}
         for chunk in step.chunks:
             try:
-                rows.append(self.runner.execute(self._forward_batch(ScheduledStep([chunk]))))
+                rows.append(self._run_model(ScheduledStep([chunk])))
             except Exception as exc:
                 failures[chunk[0].seq_id] = f"model step failed: {exc}"
         return (torch.cat(rows) if rows else self._no_logits()), failures
+
+    def _run_model(self, step: ScheduledStep) -> torch.Tensor:
+        """The runner's logits; for chunks that score their prompt, their prompt logprobs too."""
+        batch = self._forward_batch(step)
+        scoring = self._prompt_scoring(step)
+        if not scoring:
+            return self.runner.execute(batch)
+        logits, scores = self.runner.execute_scoring(batch, scoring)
+        for entries, s in zip(scores, scoring, strict=True):
+            seq = step.chunks[s.chunk_index][0]
+            seq.prompt_logprobs.record(seq.num_cached_tokens, entries)  # type: ignore[union-attr]
+        return logits
+
+    def _prompt_scoring(self, step: ScheduledStep) -> list[PromptScoring]:
+        if not self._scoring_seq_ids:
+            return []
+        return [
+            scoring
+            for i, (seq, num_new) in enumerate(step.chunks)
+            if seq.prompt_logprobs is not None
+            and (scoring := seq.prompt_logprobs.scoring(i, seq.token_ids, seq.num_cached_tokens, num_new))
+        ]
 
     def _no_logits(self) -> torch.Tensor:
         return torch.empty(0, self.runner.vocab_size)
@@ -379,6 +405,8 @@ class LLMEngine:
             reason = FinishReason.LENGTH
         if reason is not None:
             return self._finish(state, reason, token=token, text=text)
+        if seq.prompt_logprobs is not None:
+            return self._event(state, token=token, text=text)
         # The event of a request that goes on (`_event` inlined: this runs per sequence per step).
         event = TokenEvent(
             request_id=state.request.request_id,
@@ -422,6 +450,9 @@ class LLMEngine:
         error: str | None = None,
     ) -> TokenEvent:
         seq = state.seq
+        prompt_logprobs = seq.prompt_logprobs.take() if seq.prompt_logprobs is not None else None
+        if prompt_logprobs is not None or finish_reason is not None:
+            self._scoring_seq_ids.discard(seq.seq_id)
         event = TokenEvent(
             request_id=state.request.request_id,
             token_id=token.token_id if token else None,
@@ -432,6 +463,7 @@ class LLMEngine:
             error=error,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_generated_tokens=len(seq.token_ids) - seq.num_prompt_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
         if self._defers_text(state):
             finish = finish_reason not in (None, FinishReason.CANCELLED, FinishReason.ERROR)

@@ -18,6 +18,9 @@ from loraplex.server.layers.attention import attention_backend
 from loraplex.server.model_loader import load_config, load_model, resolve_model_path
 from loraplex.server.models import lora_module_shapes
 from loraplex.server.models.llama import head_dim_of
+from loraplex.server.prompt_logprobs import PromptScoring
+from loraplex.server.prompt_scoring import score_prompt
+from loraplex.server.request import PromptTokenLogprob
 
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -177,6 +180,25 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, meta.positions, self.kv_cache.layers, meta)
         return self.model.compute_logits(hidden if inputs.logits_in_order else hidden[meta.logits_indices])
 
+    @torch.inference_mode()
+    def execute_scoring(
+        self, batch: ForwardBatch, scoring: list[PromptScoring]
+    ) -> tuple[torch.Tensor, list[list[PromptTokenLogprob]]]:
+        """`execute`, plus the prompt log-probabilities `scoring` asks of some chunks (always eager).
+
+        Each chunk's rows went through its own adapter in the forward pass; only the asking
+        chunks' rows become logits (float32, see `score_prompt`).
+        """
+        self._check_batch(batch)
+        inputs = self.buffers.build(batch.chunks, self.slot_ranks, self._host_ranks)
+        meta = inputs.meta
+        hidden = self.model(inputs.input_ids, meta.positions, self.kv_cache.layers, meta)
+        logits = self.model.compute_logits(hidden[meta.logits_indices])
+        starts = _chunk_starts(batch.chunks, inputs.order)
+        return logits, [
+            score_prompt(self.model.compute_logits, hidden[starts[s.chunk_index] :], s) for s in scoring
+        ]
+
     def load_lora(self, slot: int, weights: LoraWeights) -> None:
         """Copy an adapter into a slot (zero-padding ranks); ValueError, slot untouched, if it does not fit."""
         self._check_slot(slot)
@@ -224,3 +246,13 @@ class ModelRunner:
                     f"adapter {weights.name}: layer {layer_index} {module} A {tuple(a.shape)} B {tuple(b.shape)} "
                     f"does not fit in={in_features} out={out_features} rank<={weights.rank}"
                 )
+
+
+def _chunk_starts(chunks: tuple[SequenceChunk, ...], order: tuple[int, ...]) -> list[int]:
+    """The row of each chunk's first token among the step's tokens, in batch order (they run in `order`)."""
+    starts = [0] * len(chunks)
+    row = 0
+    for index in order:
+        starts[index] = row
+        row += chunks[index].num_tokens
+    return starts

@@ -36,6 +36,18 @@ class TokenLogprob:
     logprob: float
 
 
+@dataclass(frozen=True)
+class PromptTokenLogprob:
+    """The model's log-probability of one prompt token given the tokens before it (vLLM's
+    `prompt_logprobs` entry): `rank` 1 = the most likely token; `top` = the `prompt_logprobs`
+    most likely tokens at that position, best first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[TokenLogprob, ...] = ()
+
+
 @dataclass(slots=True)  # not frozen: one per request per step, and a frozen __init__ costs 3x; never mutated
 class TokenEvent:
     """One generated token, or the final event of a request (finish_reason set).
@@ -55,3 +67,6 @@ class TokenEvent:
     error_type: str | None = None  # with `error`: "generation" (default), "shutdown", ...
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    # Once per request (`SamplingParams.prompt_logprobs` set), on its first event after the
+    # prefill: one entry per prompt token, None for the first (nothing comes before it).
+    prompt_logprobs: tuple[PromptTokenLogprob | None, ...] | None = None

@@ -39,6 +39,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_n_tokens: int = 0  # alternatives returned per step (TGI `top_n_tokens`)
+    # Log-probabilities of the prompt's tokens with this many alternatives per position (vLLM's
+    # `prompt_logprobs`); None = not computed. Such a request reads nothing from the prefix cache.
+    prompt_logprobs: int | None = None
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +111,7 @@ def _check_integers(p: SamplingParams) -> str | None:
         _integer("max_new_tokens", p.max_new_tokens, 1, MAX_TOKEN_ID)
         or _integer("top_k", p.top_k, 0, MAX_TOP_K)
         or _integer("top_n_tokens", p.top_n_tokens, 0, 1 << 16)
+        or (None if p.prompt_logprobs is None else _integer("prompt_logprobs", p.prompt_logprobs, 0, 1 << 16))
         or (None if p.seed is None else _integer("seed", p.seed, MIN_SEED, MAX_SEED))
         or next(
             (bad for t in p.stop_token_ids if (bad := _integer("stop_token_ids", t, 0, MAX_TOKEN_ID))), None

@@ -6,6 +6,7 @@ import enum
 import itertools
 from dataclasses import dataclass
 
+from loraplex.server.prompt_logprobs import PromptLogprobs
 from loraplex.server.request import FinishReason
 from loraplex.server.sampling_params import SamplingParams
 
@@ -61,6 +62,11 @@ class Sequence:
         self.num_preemptions = 0
         self.num_prefix_hit_tokens = 0  # tokens served from the prefix cache at last admission
         self.prompt_leader: Sequence | None = None  # a sibling whose prompt K/V this one will reuse
+        self.prompt_logprobs: PromptLogprobs | None = (
+            None
+            if params.prompt_logprobs is None
+            else PromptLogprobs(params.prompt_logprobs, len(prompt_token_ids))
+        )
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -108,6 +114,11 @@ class Sequence:
         """Whether admitting it now would compute the prompt a sibling is computing (see `prompt_leader`)."""
         leader = self.prompt_leader
         return leader is not None and not leader.is_finished and not leader.is_prompt_computed
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """False while its prompt log-probabilities are still to compute: cached blocks have no logits."""
+        return self.prompt_logprobs is None or self.prompt_logprobs.is_delivered
 
     @property
     def is_finished(self) -> bool:

@@ -13,25 +13,34 @@ import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
-from loraplex.server.request import GenerationRequest, TokenEvent
+from loraplex.server.request import GenerationRequest, PromptTokenLogprob, TokenEvent
 from loraplex.server.routes.context import ServerContext
 from loraplex.server.routes.generation import EngineStream, engine_stream, raise_if_failed
 from loraplex.server.sampling_params import SamplingParams
 
 
 def choice_requests(
-    prompt: tuple[int, ...], params: SamplingParams, adapter: str | None, count: int
+    prompt: tuple[int, ...],
+    params: SamplingParams,
+    adapter: str | None,
+    count: int,
+    share_scoring: bool = True,
 ) -> list[GenerationRequest]:
-    """`count` requests for one prompt; all but the first reuse the first one's prompt blocks."""
+    """`count` requests for one prompt; all but the first reuse the first one's prompt blocks.
+
+    `share_scoring`: only the first one computes the prompt's log-probabilities (the others read
+    its blocks from the prefix cache, which a scoring request cannot).
+    """
     first = uuid.uuid4().hex
     requests = []
+    followers = dataclasses.replace(params, prompt_logprobs=None) if share_scoring else params
     for i in range(count):
         seed = None if params.seed is None else params.seed + i
         requests.append(
             GenerationRequest(
                 request_id=first if i == 0 else f"{first}-{i}",
                 prompt_token_ids=prompt,
-                params=dataclasses.replace(params, seed=seed) if i else params,
+                params=dataclasses.replace(followers, seed=seed) if i else params,
                 adapter=adapter,
                 shares_prompt_with=first if i else None,
             )
@@ -108,3 +117,17 @@ def ranked(candidates: Sequence[Sequence[TokenEvent]]) -> list[int]:
 def best_choices(candidates: Sequence[Sequence[TokenEvent]], n: int) -> list[int]:
     """Indices of the `n` best candidates; all of them in their own order when `n` is all."""
     return list(range(n)) if n == len(candidates) else ranked(candidates)[:n]
+
+
+def prompt_entries_of(events: Sequence[TokenEvent]) -> tuple[PromptTokenLogprob | None, ...] | None:
+    """The prompt log-probabilities a request's events carry (on one of them), if it asked."""
+    return next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None)
+
+
+def prompt_token_ids(prompt: Sequence[int], entries: Sequence[PromptTokenLogprob | None] | None) -> list[int]:
+    """Every token id a prompt's logprobs name: its own tokens and their alternatives."""
+    ids = list(prompt)
+    for entry in entries or ():
+        if entry is not None:
+            ids += [a.token_id for a in entry.top]
+    return ids

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -219,3 +219,28 @@ class StopTextFilter:
 
 async def write_sse(response: web.StreamResponse, payload: bytes) -> None:
     await response.write(b"data: " + payload + b"\n\n")
+
+
+class TokenTexts:
+    """`tokenizer.decode` of one-token lists, cached per response; `add` decodes many ids in one call.
+
+    Prompt logprobs name up to (alternatives + 1) x prompt tokens ids: 21k for a 1k-token prompt
+    with 20 alternatives, 0.1 s of the event loop one `decode` at a time, ~7 ms batched.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def add(self, token_ids: Iterable[int]) -> None:
+        new = [t for t in set(token_ids) if t not in self._texts]
+        if new:
+            self._texts.update(zip(new, self._tokenizer.batch_decode([[t] for t in new]), strict=True))
+
+    def __call__(self, token_ids: list[int]) -> str:
+        if len(token_ids) != 1:
+            return self._tokenizer.decode(token_ids)
+        text = self._texts.get(token_ids[0])
+        if text is None:
+            text = self._texts[token_ids[0]] = self._tokenizer.decode(token_ids)
+        return text

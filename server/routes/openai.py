@@ -8,6 +8,12 @@ share the prompt's KV blocks (`choices.py`); completions take a list of prompts 
 lists), choice `i` of prompt `p` having index `p * n + i`, as in vLLM. The stop sequence is cut
 from the output (also when streaming); streams end with `data: [DONE]`, except for TGI's own
 client (`model: "tgi"`), whose parser cannot read it.
+
+Prompt log-probabilities as vLLM serves them: `echo` with `logprobs` lists the prompt's tokens
+first (the first one null), `echo` with `max_tokens: 0` returns the prompt alone (its scoring:
+one token is still computed and counted in `usage`, as in vLLM, then dropped), and the
+`prompt_logprobs` extension adds `choices[i].prompt_logprobs` (completions) or a top-level
+`prompt_logprobs` (chat); it cannot stream. Only a prompt's first choice computes them.
 """
 
 from __future__ import annotations
@@ -28,11 +34,20 @@ from loraplex.server.api_schemas import (
 from loraplex.server.auth import Caller, caller_of
 from loraplex.server.engine_api import UnknownAdapterError
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
-from loraplex.server.routes.choices import best_choices, choice_requests, collect, merged, open_streams
+from loraplex.server.routes.choices import (
+    best_choices,
+    choice_requests,
+    collect,
+    merged,
+    open_streams,
+    prompt_entries_of,
+    prompt_token_ids,
+)
 from loraplex.server.routes.context import ServerContext, get_context
 from loraplex.server.routes.errors import ApiError, read_json, render
 from loraplex.server.routes.generation import (
     SSE_HEADERS,
+    TokenTexts,
     authorize_adapter,
     encode,
     error_type_of,
@@ -45,9 +60,12 @@ from loraplex.server.routes.openai_output import (
     COMPLETION,
     ChoiceWriter,
     Dialect,
+    EchoedPrompt,
     Envelope,
+    PromptEntries,
     chat_delta,
     usage,
+    vllm_prompt_logprobs,
 )
 from loraplex.server.sampling_params import SamplingParams
 
@@ -67,9 +85,18 @@ class _Plan:
     n: int
     best_of: int
     show_logprobs: bool
+    echo_top: int | None = None  # `echo` with `logprobs`: the prompt's tokens lead the logprobs
+    prompt_top: int | None = None  # `prompt_logprobs`
+    prompt_only: bool = False  # `echo` with `max_tokens: 0`: the generated token is dropped
 
     def prompt_of(self, request_index: int) -> tuple[int, ...]:
         return self.prompts[request_index // self.best_of]
+
+    @property
+    def scoring_top(self) -> int | None:
+        """Alternatives per prompt position the engine computes; None: no prompt scoring."""
+        asked = [k for k in (self.echo_top, self.prompt_top) if k is not None]
+        return max(asked) if asked else None
 
 
 def _invalid(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
@@ -79,9 +106,12 @@ def _invalid(message: str, param: str | None, code: str = "invalid_value") -> Ap
 def _refuse_unsupported(body: Body) -> None:
     for name in unsupported_fields_set(body):
         raise _invalid(f"`{name}` is not supported by this server", name, "unsupported")
-    if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
-        raise _invalid("`echo` with `logprobs` (prompt token logprobs) is not supported by this server", "echo",
-                       "unsupported")  # fmt: skip
+    if body.prompt_logprobs is not None and body.stream:
+        raise _invalid("`prompt_logprobs` are not available when `stream=True`", "prompt_logprobs")
+    if isinstance(body, CompletionRequest) and body.max_tokens == 0 and not body.echo:
+        raise _invalid(
+            "`max_tokens` must be at least 1 (0 only with `echo`: the prompt's scoring)", "max_tokens"
+        )
 
 
 def _adapter_for(ctx: ServerContext, model: str | None) -> str | None:
@@ -95,7 +125,9 @@ def _adapter_for(ctx: ServerContext, model: str | None) -> str | None:
         ) from exc
 
 
-def _sampling(body: Body, max_new_tokens: int, top_n: int, need_logprobs: bool) -> SamplingParams:
+def _sampling(
+    body: Body, max_new_tokens: int, top_n: int, need_logprobs: bool, scoring_top: int | None
+) -> SamplingParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     try:
         return SamplingParams(
@@ -113,6 +145,7 @@ def _sampling(body: Body, max_new_tokens: int, top_n: int, need_logprobs: bool) 
             ignore_eos=bool(body.ignore_eos),
             logprobs=top_n >= 0 or need_logprobs,
             top_n_tokens=max(0, top_n),
+            prompt_logprobs=scoring_top,
         )
     except ValueError as exc:
         raise _invalid(str(exc), None) from exc
@@ -177,20 +210,26 @@ def _plan(ctx: ServerContext, body: Body, dialect: Dialect) -> _Plan:
         prompts, param = [_chat_prompt(ctx, body)], "messages"
         max_new = body.max_completion_tokens or body.max_tokens
         top_n = (body.top_logprobs or 0) if body.logprobs else -1
+        echo_top, prompt_only = None, False
     else:
         prompts, param = _completion_prompts(ctx, body.prompt), "prompt"
         max_new, top_n = body.max_tokens, (-1 if body.logprobs is None else body.logprobs)
-    requests = []
+        echo_top = body.logprobs if body.echo else None
+        prompt_only = bool(body.echo) and max_new == 0
+    model = body.model if body.model and body.model not in BASE_MODEL_PLACEHOLDERS else ctx.engine.model_name
+    plan = _Plan(body, dialect, model, prompts, [], n, best_of, top_n >= 0, echo_top, body.prompt_logprobs,
+                 prompt_only)  # fmt: skip
     for prompt in prompts:
         _check_context(ctx, prompt, max_new, param)
-        params = _sampling(body, max_new or room_left(ctx.engine, len(prompt)), top_n, best_of > n)
-        requests += choice_requests(prompt, params, adapter, best_of)
-    model = body.model if body.model and body.model not in BASE_MODEL_PLACEHOLDERS else ctx.engine.model_name
-    return _Plan(body, dialect, model, prompts, requests, n, best_of, top_n >= 0)
+        max_new_tokens = 1 if prompt_only else (max_new or room_left(ctx.engine, len(prompt)))
+        params = _sampling(body, max_new_tokens, top_n, best_of > n, plan.scoring_top)
+        # A stream's choices each score the prompt: they echo it as soon as their own first token comes.
+        plan.requests.extend(choice_requests(prompt, params, adapter, best_of, share_scoring=not body.stream))
+    return plan
 
 
-def _writer(ctx: ServerContext, plan: _Plan, index: int, request: GenerationRequest) -> ChoiceWriter:
-    return ChoiceWriter(index, plan.dialect, ctx.engine.tokenizer.decode, request.params.stop, plan.show_logprobs,
+def _writer(plan: _Plan, index: int, request: GenerationRequest, texts: TokenTexts) -> ChoiceWriter:
+    return ChoiceWriter(index, plan.dialect, texts, request.params.stop, plan.show_logprobs,
                         len(request.prompt_token_ids))  # fmt: skip
 
 
@@ -206,30 +245,81 @@ def _echo(ctx: ServerContext, plan: _Plan, prompt_index: int) -> str:
     return ctx.engine.tokenizer.decode(list(plan.prompts[prompt_index]))
 
 
+def _echoed(plan: _Plan, prompt_index: int, entries: PromptEntries | None) -> EchoedPrompt | None:
+    if plan.echo_top is None:
+        return None
+    if entries is None:
+        raise ApiError(500, "the engine returned no prompt logprobs", "generation")
+    return EchoedPrompt(plan.prompts[prompt_index], entries, plan.echo_top)
+
+
+def _prompt_logprobs(plan: _Plan, entries: PromptEntries | None, texts: TokenTexts) -> list:
+    if entries is None:
+        raise ApiError(500, "the engine returned no prompt logprobs", "generation")
+    return vllm_prompt_logprobs(entries, texts, plan.prompt_top or 0)
+
+
+def _choice(
+    ctx: ServerContext, plan: _Plan, writer: ChoiceWriter, prompt_index: int, events: list[TokenEvent],
+    entries: PromptEntries | None, texts: TokenTexts,
+) -> dict[str, Any]:  # fmt: skip
+    shown = [] if plan.prompt_only else events
+    text = "".join(writer.text_of(e) for e in shown)
+    logprobs = writer.logprobs(shown, _echoed(plan, prompt_index, entries))
+    choice = writer.choice(_echo(ctx, plan, prompt_index) + text, logprobs, events[-1].finish_reason)
+    if plan.dialect.chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    elif plan.prompt_top is not None:
+        choice["prompt_logprobs"] = _prompt_logprobs(plan, entries, texts)
+    return choice
+
+
 async def _complete(ctx: ServerContext, plan: _Plan) -> dict[str, Any]:
     async with open_streams(ctx, plan.requests, plan.dialect.object) as streams:
         outputs = await collect(streams)
-    choices, completion_tokens = [], 0
+    choices, completion_tokens, texts = [], 0, TokenTexts(ctx.engine.tokenizer)
+    prompt_entries = [
+        prompt_entries_of(outputs[p * plan.best_of]) for p in range(len(plan.prompts))
+    ]  # 1st scored
+    for prompt, entries in zip(plan.prompts, prompt_entries, strict=True):
+        texts.add(prompt_token_ids(prompt, entries) if entries else ())
     for p in range(len(plan.prompts)):
         candidates = outputs[p * plan.best_of : (p + 1) * plan.best_of]
         completion_tokens += sum(1 for events in candidates for e in events if e.token_id is not None)
         for j, k in enumerate(best_choices(candidates, plan.n)):
-            writer = _writer(ctx, plan, p * plan.n + j, plan.requests[p * plan.best_of + k])
-            events = candidates[k]
-            text = "".join(writer.text_of(e) for e in events)
-            choice = writer.choice(
-                _echo(ctx, plan, p) + text, writer.logprobs(events), events[-1].finish_reason
-            )
-            if plan.dialect.chat:
-                choice["message"] = {"role": "assistant", "content": text}
-            choices.append(choice)
+            writer = _writer(plan, p * plan.n + j, plan.requests[p * plan.best_of + k], texts)
+            choices.append(_choice(ctx, plan, writer, p, candidates[k], prompt_entries[p], texts))
     envelope = Envelope(plan.requests[0].request_id, plan.model, plan.dialect)
-    return {**envelope(choices, chunk=False), "usage": usage(sum(map(len, plan.prompts)), completion_tokens)}
+    response = {
+        **envelope(choices, chunk=False),
+        "usage": usage(sum(map(len, plan.prompts)), completion_tokens),
+    }
+    if plan.dialect.chat and plan.prompt_top is not None:
+        response["prompt_logprobs"] = _prompt_logprobs(
+            plan, prompt_entries[0], texts
+        )  # vLLM: on the response
+    return response
 
 
 def _stream_error(event: TokenEvent) -> dict[str, Any]:
     return {"error": {"message": event.error or "generation failed", "type": "server_error", "param": None,
                       "code": error_type_of(event)}}  # fmt: skip
+
+
+def _stream_piece(
+    ctx: ServerContext, plan: _Plan, writer: ChoiceWriter, event: TokenEvent, texts: TokenTexts, echo: bool
+) -> tuple[str, dict[str, Any] | None]:
+    """One event's text and logprobs; `echo`: the choice's first event, led by the prompt (as in vLLM)."""
+    text, shown = writer.text_of(event), [event]
+    if plan.prompt_only:
+        text, shown = "", []
+    if not echo:
+        return text, writer.logprobs(shown)
+    prompt_index = writer.index // plan.n
+    echoed = _echoed(plan, prompt_index, event.prompt_logprobs)
+    if echoed is not None:
+        texts.add(prompt_token_ids(echoed.token_ids, echoed.entries))
+    return _echo(ctx, plan, prompt_index) + text, writer.logprobs(shown, echoed)
 
 
 async def _chunks(ctx: ServerContext, plan: _Plan, streams: list) -> AsyncIterator[dict]:
@@ -238,7 +328,8 @@ async def _chunks(ctx: ServerContext, plan: _Plan, streams: list) -> AsyncIterat
     include_usage = bool(options and options.include_usage)
     continuous = bool(options and options.continuous_usage_stats)
     envelope = Envelope(plan.requests[0].request_id, plan.model, plan.dialect)
-    writers = [_writer(ctx, plan, i, r) for i, r in enumerate(plan.requests)]
+    texts = TokenTexts(ctx.engine.tokenizer)
+    writers = [_writer(plan, i, r, texts) for i, r in enumerate(plan.requests)]
 
     def chunk(writer: ChoiceWriter, choice: dict) -> dict:
         extra: dict[str, Any] = (
@@ -246,19 +337,18 @@ async def _chunks(ctx: ServerContext, plan: _Plan, streams: list) -> AsyncIterat
         )
         return {**envelope([choice], chunk=True), **extra}
 
-    for p, writer in enumerate(writers):
+    for writer in writers:
         if plan.dialect.chat:
             first = {**writer.choice("", None, None), "delta": chat_delta("", first=True)}
             yield chunk(writer, first)
-        elif echo := _echo(ctx, plan, p // plan.n):
-            yield chunk(writer, writer.choice(echo, None, None))
+    to_echo = set() if plan.dialect.chat or not plan.body.echo else set(range(len(writers)))  # type: ignore[union-attr]
     async for i, event in merged(streams):
         writer = writers[i]
         if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
             yield _stream_error(event)
             return
-        text = writer.text_of(event)
-        logprobs = writer.logprobs([event])
+        text, logprobs = _stream_piece(ctx, plan, writer, event, texts, echo=i in to_echo)
+        to_echo.discard(i)
         if not text and event.finish_reason is None and not logprobs:
             continue
         choice = writer.choice(text, logprobs, event.finish_reason)

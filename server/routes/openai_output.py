@@ -2,7 +2,10 @@
 
 Completions and chat differ in a few names (`_Dialect`); everything else is shared. Shapes
 follow vLLM's server: `system_fingerprint` on every envelope, chat deltas that always carry
-`role` (and `tool_calls: null`), as TGI's `text-generation` client requires.
+`role` (and `tool_calls: null`), as TGI's `text-generation` client requires. A completion's
+`top_logprobs` hold the chosen token and the `logprobs` best ones (so up to `logprobs + 1`, as
+OpenAI documents); with `echo` they start with the prompt's tokens, the first one null.
+Log-probabilities below -9999 (-inf) are reported as -9999, as vLLM and OpenAI do (JSON has no -inf).
 """
 
 from __future__ import annotations
@@ -12,11 +15,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from loraplex.server.request import FinishReason, TokenEvent
+from loraplex.server.request import FinishReason, PromptTokenLogprob, TokenEvent, TokenLogprob
 from loraplex.server.routes.generation import StopTextFilter
 
 FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP: "stop"}
 SYSTEM_FINGERPRINT = "loraplex"
+MIN_LOGPROB = -9999.0
+PromptEntries = tuple[PromptTokenLogprob | None, ...]
+
+
+@dataclass(frozen=True)
+class EchoedPrompt:
+    """The prompt's tokens and log-probabilities, listed before the generated ones (`echo` + `logprobs`)."""
+
+    token_ids: tuple[int, ...]
+    entries: PromptEntries
+    num_top: int
 
 
 @dataclass(frozen=True)
@@ -55,23 +69,39 @@ class ChoiceWriter:
         text = self._stops.push(event.text)
         return text + self._stops.flush() if event.finish_reason is not None else text
 
-    def logprobs(self, events: list[TokenEvent]) -> dict[str, Any] | None:
+    def logprobs(self, events: list[TokenEvent], echoed: EchoedPrompt | None = None) -> dict[str, Any] | None:
         if not self._show_logprobs:
             return None
         tokens = [e for e in events if e.token_id is not None]
         if self._dialect.chat:
             return {"content": [_chat_logprob(self._decode, e) for e in tokens]}
-        texts = [self._decode([e.token_id]) for e in tokens]  # type: ignore[list-item]
-        offsets = []
-        for text in texts:
-            offsets.append(self._offset)
-            self._offset += len(text)
-        return {
-            "tokens": texts,
-            "token_logprobs": [e.logprob for e in tokens],
-            "top_logprobs": [{self._decode([a.token_id]): a.logprob for a in e.top_logprobs} for e in tokens],
-            "text_offset": offsets,
-        }
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        if echoed is not None:
+            for token_id, entry in zip(echoed.token_ids, echoed.entries, strict=True):
+                if entry is None:
+                    self._add(out, token_id, None, None)
+                else:
+                    self._add(
+                        out,
+                        token_id,
+                        entry.logprob,
+                        [TokenLogprob(token_id, entry.logprob), *entry.top[: echoed.num_top]],
+                    )
+        for e in tokens:
+            self._add(out, e.token_id, e.logprob, [TokenLogprob(e.token_id, e.logprob), *e.top_logprobs])  # type: ignore[arg-type]
+        return out
+
+    def _add(
+        self, out: dict[str, list], token_id: int, logprob: float | None, top: list[TokenLogprob] | None
+    ) -> None:
+        text = self._decode([token_id])
+        out["tokens"].append(text)
+        out["token_logprobs"].append(None if logprob is None else max(logprob, MIN_LOGPROB))
+        out["top_logprobs"].append(
+            None if top is None else {self._decode([a.token_id]): max(a.logprob, MIN_LOGPROB) for a in top}
+        )
+        out["text_offset"].append(self._offset)
+        self._offset += len(text)
 
     def choice(self, text: str, logprobs: dict[str, Any] | None, finish: FinishReason | None) -> dict:
         finish_reason = FINISH.get(finish) if finish is not None else None
@@ -125,3 +155,23 @@ def _chat_logprob(decode: Callable[[list[int]], str], event: TokenEvent) -> dict
             for a in event.top_logprobs
         ],
     }
+
+
+def vllm_prompt_logprobs(
+    entries: PromptEntries, decode: Callable[[list[int]], str], num_top: int
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: per position, token id -> {logprob, rank, decoded_token}; the
+    prompt's own token first, then the `num_top` most likely ones (ranks 1..num_top)."""
+
+    def position(entry: PromptTokenLogprob) -> dict[str, dict[str, Any]]:
+        ranked = [(entry.token_id, entry.logprob, entry.rank)]
+        ranked += [(a.token_id, a.logprob, rank) for rank, a in enumerate(entry.top[:num_top], start=1)]
+        out: dict[str, dict[str, Any]] = {}
+        for token_id, logprob, rank in ranked:
+            out.setdefault(
+                str(token_id),
+                {"logprob": max(logprob, MIN_LOGPROB), "rank": rank, "decoded_token": decode([token_id])},
+            )
+        return out
+
+    return [None if entry is None else position(entry) for entry in entries]

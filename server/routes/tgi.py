@@ -4,7 +4,8 @@ Shapes follow text-generation-inference so `huggingface_hub.InferenceClient.text
 works unchanged: the compat route `POST /` wraps a non-streamed answer in a list, streams are
 SSE `data: {index, token, top_tokens, generated_text, details}` events without `[DONE]`, with
 `generated_text` (and `details` when asked) only on the last one. The stop sequence stays in the
-output, as in TGI.
+output, as in TGI. `decoder_input_details` (with `details`) fills `details.prefill` with the
+prompt's tokens and their logprobs, the first one null; streams refuse it (422), as TGI does.
 """
 
 from __future__ import annotations
@@ -24,12 +25,19 @@ from loraplex.server.api_schemas import (
     TokenizeRequest,
     unsupported_fields_set,
 )
-from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent, TokenLogprob
-from loraplex.server.routes.choices import choice_requests, collect, open_streams, ranked
+from loraplex.server.request import (
+    FinishReason,
+    GenerationRequest,
+    PromptTokenLogprob,
+    TokenEvent,
+    TokenLogprob,
+)
+from loraplex.server.routes.choices import choice_requests, collect, open_streams, prompt_entries_of, ranked
 from loraplex.server.routes.context import ServerContext, get_context
 from loraplex.server.routes.errors import ApiError, read_json
 from loraplex.server.routes.generation import (
     SSE_HEADERS,
+    TokenTexts,
     authorize_adapter,
     encode,
     engine_stream,
@@ -38,6 +46,7 @@ from loraplex.server.routes.generation import (
     room_left,
     write_sse,
 )
+from loraplex.server.routes.openai_output import MIN_LOGPROB
 from loraplex.server.sampling_params import SamplingParams
 from loraplex.version import __version__
 
@@ -46,6 +55,13 @@ def _refuse(p: TGIParameters, stream: bool) -> None:
     """Parameters TGI accepts that this server cannot honour: refused (422), never ignored."""
     for name in unsupported_fields_set(p):
         raise ApiError(422, f"`{name}` is not supported by this server", "validation", param=name)
+    if p.decoder_input_details and stream:
+        raise ApiError(
+            422,
+            "`decoder_input_details` == true is not supported when streaming tokens",
+            "validation",
+            param="decoder_input_details",
+        )
     if (p.best_of or 1) > 1 and stream:
         raise ApiError(
             422, "`best_of` != 1 is not supported when streaming tokens", "validation", param="best_of"
@@ -78,6 +94,7 @@ def _sampling(ctx: ServerContext, p: TGIParameters, num_prompt_tokens: int) -> S
             stop=tuple(p.stop or ()),
             logprobs=True,  # TGI always reports each token's logprob
             top_n_tokens=p.top_n_tokens or 0,
+            prompt_logprobs=0 if p.details and p.decoder_input_details else None,
         )
     except ValueError as exc:
         raise ApiError(422, str(exc), "validation") from exc
@@ -144,6 +161,24 @@ def _top_tokens(ctx: ServerContext, alternatives: tuple[TokenLogprob, ...]) -> l
     ]
 
 
+def _prefill(
+    ctx: ServerContext, request: GenerationRequest, entries: tuple[PromptTokenLogprob | None, ...] | None
+) -> list[dict[str, Any]]:
+    """TGI's `details.prefill`: `{id, text, logprob}` per prompt token, the first logprob null."""
+    if entries is None:
+        raise ApiError(500, "the engine returned no prompt logprobs", "generation")
+    texts = TokenTexts(ctx.engine.tokenizer)
+    texts.add(request.prompt_token_ids)
+    return [
+        {
+            "id": token_id,
+            "text": texts([token_id]),
+            "logprob": None if entry is None else max(entry.logprob, MIN_LOGPROB),
+        }
+        for token_id, entry in zip(request.prompt_token_ids, entries, strict=True)
+    ]
+
+
 def _seed(p: TGIParameters, request: GenerationRequest) -> int | None:
     return None if request.params.is_greedy else request.params.seed
 
@@ -163,12 +198,12 @@ class _Sequence:
         self.text = output.text
         self.finish_reason = str(events[-1].finish_reason)
 
-    def details(self, p: TGIParameters, request: GenerationRequest) -> dict[str, Any]:
+    def details(self, p: TGIParameters, request: GenerationRequest, prefill: list[dict]) -> dict[str, Any]:
         return {
             "finish_reason": self.finish_reason,
             "generated_tokens": len(self.tokens),
             "seed": _seed(p, request),
-            "prefill": [],
+            "prefill": prefill,
             "tokens": self.tokens,
             "top_tokens": self.top_tokens if p.top_n_tokens else None,
         }
@@ -190,11 +225,13 @@ async def generate_json(
 
     result: dict[str, Any] = {"generated_text": full(best.text)}
     if p.details:
+        # Every sequence has the prompt's prefill; the first request computed it for all of them.
+        prefill = _prefill(ctx, requests[0], prompt_entries_of(outputs[0])) if p.decoder_input_details else []
         others = [(_Sequence(ctx, outputs[i]), requests[i]) for i in order[1:]]
         result["details"] = {
-            **best.details(p, requests[order[0]]),
+            **best.details(p, requests[order[0]], prefill),
             "best_of_sequences": [
-                {"generated_text": full(seq.text), **seq.details(p, r)} for seq, r in others
+                {"generated_text": full(seq.text), **seq.details(p, r, prefill)} for seq, r in others
             ]
             or None,
         }

@@ -161,6 +161,14 @@ class Reference:
             self._cache[key] = out[0, len(prompt_ids) :].tolist()
         return self._cache[key]
 
+    def prompt_logprobs(self, adapter: str | None, prompt_ids: tuple[int, ...]) -> Any:
+        """log_softmax of the logits over the prompt, float32 [len, vocab]: row p-1 scores token p."""
+        import torch
+
+        with torch.no_grad():
+            logits = self._model(adapter)(input_ids=torch.tensor([prompt_ids])).logits[0].float()
+        return torch.log_softmax(logits, dim=-1)
+
     def text(self, adapter: str | None, prompt: str, max_new_tokens: int) -> str:
         ids = self.token_ids(adapter, tuple(self.tokenizer(prompt)["input_ids"]), max_new_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -99,12 +99,17 @@ def test_malformed_json_is_422_on_tgi_400_on_openai(live_server: LiveServer) -> 
         ({"model": "a4", "prompt": "hi", "n": 0}, "n", "validation"),
         ({"model": "a4", "prompt": "hi", "temperature": 3}, "temperature", "validation"),
         ({"model": "a4", "prompt": []}, "prompt", "validation"),
-        ({"model": "a4", "prompt": "hi", "max_tokens": 0}, "max_tokens", "validation"),
+        ({"model": "a4", "prompt": "hi", "max_tokens": 0}, "max_tokens", "invalid_value"),  # 0 needs echo
+        ({"model": "a4", "prompt": "hi", "max_tokens": -1, "echo": True}, "max_tokens", "validation"),
+        ({"model": "a4", "prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs", "validation"),
+        (
+            {"model": "a4", "prompt": "hi", "prompt_logprobs": 1, "stream": True},
+            "prompt_logprobs",
+            "invalid_value",
+        ),
         ({"model": "a4", "prompt": "hi", "n": 2, "best_of": 1}, "best_of", "invalid_value"),
         ({"model": "a4", "prompt": "hi", "logit_bias": {"5": 1.0}}, "logit_bias", "unsupported"),
         ({"model": "a4", "prompt": "hi", "suffix": "x"}, "suffix", "unsupported"),
-        ({"model": "a4", "prompt": "hi", "echo": True, "logprobs": 1}, "echo", "unsupported"),
-        ({"model": "a4", "prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs", "unsupported"),
     ],
 )
 def test_openai_invalid_input_is_400(live_server: LiveServer, body: dict, param: str, code: str) -> None:

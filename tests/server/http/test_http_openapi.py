@@ -62,6 +62,9 @@ CASES = [
                                                                  "details": True, "top_n_tokens": 2}}, 200),
     ("post", "/generate", {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 3, "best_of": 2,
                                                                  "do_sample": True, "details": True}}, 200),
+    ("post", "/generate", {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 2, "best_of": 2, "do_sample": True,
+                                                                 "details": True, "decoder_input_details": True}}, 200),
+    ("post", "/generate_stream", {"inputs": PROMPTS[2], "parameters": {"decoder_input_details": True}}, 422),
     ("post", "/generate", {"inputs": PROMPTS[1], "parameters": {"adapter_id": "nope"}}, 404),
     ("post", "/generate", {"inputs": PROMPTS[1], "parameters": {"top_p": 3}}, 422),
     ("post", "/generate_stream", {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 3, "details": True}}, 200),
@@ -71,10 +74,16 @@ CASES = [
                                  "logprobs": 1}, 200),
     ("post", "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 3, "stream": True,
                                  "stream_options": {"include_usage": True}}, 200),
+    ("post", "/v1/completions", {"model": "a4", "prompt": PROMPTS[1], "max_tokens": 2, "echo": True, "logprobs": 2,
+                                 "prompt_logprobs": 3}, 200),
+    ("post", "/v1/completions", {"prompt": [PROMPTS[0], PROMPTS[2]], "max_tokens": 0, "echo": True, "logprobs": 1}, 200),
+    ("post", "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2, "echo": True, "logprobs": 1, "stream": True}, 200),
+    ("post", "/v1/completions", {"prompt": PROMPTS[0], "stream": True, "prompt_logprobs": 1}, 400),
     ("post", "/v1/completions", {"model": "nope", "prompt": "x"}, 404),
     ("post", "/v1/completions", {"prompt": "x", "logit_bias": {"1": 2}}, 400),
     ("post", "/v1/chat/completions", {"model": "c16", "messages": CHAT, "max_tokens": 3, "logprobs": True}, 200),
     ("post", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 3, "stream": True, "n": 2}, 200),
+    ("post", "/v1/chat/completions", {"model": "b8", "messages": CHAT, "max_tokens": 2, "prompt_logprobs": 2}, 200),
     ("get", "/v1/models", None, 200),
     ("get", "/v1/models/a4", None, 200),
     ("get", "/v1/models/nope", None, 404),
@@ -110,4 +119,9 @@ def test_document_declares_parameters_content_types_and_unsupported(document: di
     for name in ("tools", "response_format", "logit_bias", "tool_choice"):
         assert chat[name][UNSUPPORTED] is True, name
     assert UNSUPPORTED not in chat["temperature"]
+    for model, name in (("ChatCompletionRequest", "prompt_logprobs"), ("CompletionRequest", "prompt_logprobs"),
+                        ("CompletionRequest", "echo"), ("TGIParameters", "decoder_input_details")):  # fmt: skip
+        assert UNSUPPORTED not in schemas[model]["properties"][name], (model, name)
+    assert "prompt_logprobs" in schemas["CompletionChoice"]["properties"]
+    assert "prompt_logprobs" in schemas["ChatCompletionResponse"]["properties"]
     assert "model" not in schemas["ChatCompletionRequest"].get("required", [])
