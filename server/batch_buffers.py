@@ -27,110 +27,10 @@ import numpy as np
 import torch
 
 from loraplex.kernels.meta import LoraBatchMeta, max_tiles
+from loraplex.server.block_table_rows import BlockTableRows, TableRow
 from loraplex.server.forward_batch import SequenceChunk
+from loraplex.server.host_step import NO_ADAPTER, HostStep
 from loraplex.server.layers.metadata import AttentionGroup, ForwardMetadata, lora_meta_arrays
-
-_NO_ADAPTER = -1
-
-
-@dataclass
-class _Row:
-    index: int
-    num_blocks: int  # entries of the sequence's block table mirrored so far
-    context_len: int  # positions with K/V after the sequence's last step
-    last_step: int
-
-
-class BlockTableRows:
-    """One persistent block-table row per running sequence, on the host and on the device.
-
-    A chunk whose `continues` is set and that resumes where its row left off only appends
-    the entries it gained; anything else (a new sequence, a preempted one back with a new
-    table, a row evicted for lack of room) rewrites the row. Rows of sequences that stop
-    showing up are reused, least recently used first, when rows run out.
-    """
-
-    def __init__(self, num_rows: int, width: int, device: torch.device, pin: bool) -> None:
-        self.width = width
-        self.host_tensor = torch.zeros(num_rows, width, dtype=torch.int32, pin_memory=pin)
-        self.host = self.host_tensor.numpy()
-        self.device = self.host_tensor if device.type == "cpu" else self.host_tensor.to(device)
-        self._rows: dict[int, _Row] = {}
-        self._free = list(range(num_rows - 1, -1, -1))
-        self._dirty_lo, self._dirty_hi = num_rows, 0
-        self._step = 0
-
-    def begin_step(self) -> None:
-        self._step += 1
-
-    @property
-    def step(self) -> int:
-        return self._step
-
-    def row_for(self, chunk: SequenceChunk, block_size: int, num_kv_blocks: int) -> int:
-        """The sequence's row, updated to cover its table; ValueError when the table is wrong."""
-        cached = chunk.num_cached_tokens
-        context_len = cached + len(chunk.token_ids)
-        row = self._rows.get(chunk.seq_id)
-        if row is None or not chunk.continues or row.context_len != cached:
-            row = self._claim(chunk.seq_id)
-        needed = -(-context_len // block_size)
-        if row.num_blocks < needed:
-            self.write(row, chunk, needed, block_size, num_kv_blocks)
-        row.context_len, row.last_step = context_len, self._step
-        return row.index
-
-    def row_of(self, seq_id: int) -> _Row:
-        return self._rows[seq_id]
-
-    def write(
-        self, row: _Row, chunk: SequenceChunk, needed: int, block_size: int, num_kv_blocks: int
-    ) -> None:
-        """Mirror the chunk's block table into the row up to `needed` entries; ValueError when it is wrong."""
-        table = chunk.block_table
-        if len(table) < needed:
-            raise ValueError(
-                f"sequence {chunk.seq_id}: block table covers {len(table) * block_size} positions, "
-                f"needs {chunk.context_len}"
-            )
-        if needed > self.width:
-            raise ValueError(
-                f"sequence {chunk.seq_id}: {needed} blocks, more than the {self.width} a row holds"
-            )
-        new = table[row.num_blocks : needed]
-        if min(new) < 0 or max(new) >= num_kv_blocks:
-            raise ValueError(f"sequence {chunk.seq_id}: block table outside 0..{num_kv_blocks - 1}")
-        self.host[row.index, row.num_blocks : needed] = new
-        row.num_blocks = needed
-        self._dirty_lo, self._dirty_hi = min(self._dirty_lo, row.index), max(self._dirty_hi, row.index + 1)
-
-    def _claim(self, seq_id: int) -> _Row:
-        old = self._rows.pop(seq_id, None)
-        if old is not None:
-            self._free.append(old.index)
-        if not self._free:
-            self._evict()
-        row = _Row(self._free.pop(), 0, 0, self._step)
-        self._rows[seq_id] = row
-        self.host[row.index] = 0  # no stale entries of an earlier owner past this sequence's blocks
-        self._dirty_lo, self._dirty_hi = min(self._dirty_lo, row.index), max(self._dirty_hi, row.index + 1)
-        return row
-
-    def _evict(self) -> None:
-        """Free the older half of the rows not used in this step."""
-        idle = sorted((r.last_step, seq_id) for seq_id, r in self._rows.items() if r.last_step < self._step)
-        if not idle:
-            raise RuntimeError("more sequences in one step than block-table rows")
-        for _, seq_id in idle[: max(1, len(idle) // 2)]:
-            self._free.append(self._rows.pop(seq_id).index)
-
-    def flush(self) -> bool:
-        """Copy the span of rows written this step to the device (nothing to copy on the CPU); any written?"""
-        lo, hi = self._dirty_lo, self._dirty_hi
-        if hi > lo and self.device is not self.host_tensor:
-            self.device[lo:hi].copy_(self.host_tensor[lo:hi], non_blocking=True)
-        self._dirty_lo, self._dirty_hi = self.host.shape[0], 0
-        return hi > lo
 
 
 class _Staging:
@@ -358,7 +258,7 @@ class BatchBuffers:
         meta = ForwardMetadata(**state.meta_fields, attention_groups=(group,))
         return StepInputs(views["ids"], meta, state.order, num_seqs, num_seqs == len(state.seq_ids))
 
-    def _host_arrays(self, chunks: Sequence[SequenceChunk], pad_to: int) -> _HostStep:
+    def _host_arrays(self, chunks: Sequence[SequenceChunk], pad_to: int) -> HostStep:
         self.tables.begin_step()
         rows, cached, new, slots, ids = [], [], [], [], []
         row_for, bs, nkv = self.tables.row_for, self.block_size, self.num_kv_blocks
@@ -366,12 +266,12 @@ class BatchBuffers:
             rows.append(row_for(c, bs, nkv))
             cached.append(c.num_cached_tokens)
             new.append(len(c.token_ids))
-            slots.append(_NO_ADAPTER if c.lora_slot is None else c.lora_slot)
+            slots.append(NO_ADAPTER if c.lora_slot is None else c.lora_slot)
             ids.extend(c.token_ids)
-        return _HostStep.make(self.tables.host, bs, rows, cached, new, slots, ids, pad_to)
+        return HostStep.make(self.tables.host, bs, rows, cached, new, slots, ids, pad_to)
 
     def _stage(
-        self, host: _HostStep, order: tuple[int, ...], host_ranks: np.ndarray, force_lora: bool
+        self, host: HostStep, order: tuple[int, ...], host_ranks: np.ndarray, force_lora: bool
     ) -> _Layout:
         """Write every field; the dynamic ones first, so a later step of this layout rewrites just those."""
         s64, s32 = self.i64.put, self.i32.put
@@ -392,7 +292,7 @@ class BatchBuffers:
             spans.update({f"lora_{name}": s32(values) for name, values in lora.items()})
         return _Layout(host, host_ranks.copy(), spans, self.i64.used, self.i32.used)
 
-    def _restage(self, host: _HostStep, layout: _Layout) -> None:
+    def _restage(self, host: HostStep, layout: _Layout) -> None:
         spans, h64, h32 = layout.spans, self.i64.host, self.i32.host
         for name, values, target in (
             ("ids", host.ids, h64),
@@ -412,7 +312,7 @@ class BatchBuffers:
             views["lora"] = LoraBatchMeta(**fields, slot_ranks=slot_ranks)
         return views
 
-    def _meta(self, host: _HostStep, layout: _Layout) -> ForwardMetadata:
+    def _meta(self, host: HostStep, layout: _Layout) -> ForwardMetadata:
         views = layout.views
         workspace = None
         if "lora" in views and self.workspace_per_token and host.num_tokens <= self.max_seqs:
@@ -441,7 +341,7 @@ _I32_FIELDS = frozenset({"context_lens", "rows", "decode_starts", "prefill_start
 class _Layout:
     """What stays the same between steps of one batch layout: the staged spans and their device views."""
 
-    host: _HostStep
+    host: HostStep
     ranks: np.ndarray
     spans: dict[str, tuple[int, int]]
     used64: int
@@ -454,7 +354,7 @@ class _Layout:
     def __post_init__(self) -> None:
         self.ranks_bytes = self.ranks.tobytes()
 
-    def matches(self, host: _HostStep, ranks: np.ndarray) -> bool:
+    def matches(self, host: HostStep, ranks: np.ndarray) -> bool:
         old = self.host
         return (
             old.num_decodes == host.num_decodes == host.num_seqs
@@ -472,7 +372,7 @@ class _DecodeState:
     seq_ids: tuple[int, ...]
     slots: tuple[int | None, ...]
     next_cached: tuple[int, ...]  # each sequence's cached tokens at its next decode step
-    rows: tuple[_Row, ...]
+    rows: tuple[TableRow, ...]
     row_index: np.ndarray
     pad_to: int
     order: tuple[int, ...]
@@ -482,7 +382,7 @@ class _DecodeState:
 
     @classmethod
     def of(
-        cls, chunks: Sequence[SequenceChunk], host: _HostStep, tables: BlockTableRows, pad_to: int
+        cls, chunks: Sequence[SequenceChunk], host: HostStep, tables: BlockTableRows, pad_to: int
     ) -> _DecodeState:
         return cls(
             seq_ids=tuple(c.seq_id for c in chunks),
@@ -507,7 +407,7 @@ def _run_order(chunks: Sequence[SequenceChunk]) -> tuple[int, ...]:
 
 
 def _groups(
-    host: _HostStep,
+    host: HostStep,
     tables: torch.Tensor,
     context_lens: torch.Tensor,
     decode_starts: torch.Tensor,
@@ -539,78 +439,3 @@ def _groups(
             )
         )
     return tuple(groups)
-
-
-@dataclass(frozen=True)
-class _HostStep:
-    """The step's per-sequence and per-token values as numpy arrays, in run order."""
-
-    block_size: int
-    rows: np.ndarray
-    num_cached: np.ndarray
-    num_new: np.ndarray
-    seq_slots: np.ndarray
-    ids: np.ndarray
-    positions: np.ndarray
-    slot_mapping: np.ndarray
-    token_slots: np.ndarray
-    context_lens: np.ndarray
-    query_starts: np.ndarray
-    num_decodes: int
-    num_real: int  # sequences before padding
-    narrow: bool  # block tables cut to the step's widest context (False: fixed width, for graphs)
-
-    @property
-    def num_seqs(self) -> int:
-        return self.rows.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.ids.shape[0]
-
-    @classmethod
-    def make(cls, table: np.ndarray, bs: int, rows, cached, new, slots, ids, pad_to: int) -> _HostStep:
-        rows_a, cached_a, new_a = np.asarray(rows), np.asarray(cached), np.asarray(new)
-        slots_a, ids_a = np.asarray(slots, dtype=np.int64), np.asarray(ids, dtype=np.int64)
-        n = rows_a.shape[0]
-        num_decodes = int(np.count_nonzero(new_a == 1))
-        starts = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(new_a, out=starts[1:])
-        if num_decodes == n:
-            positions, token_seq = cached_a, None
-        else:
-            token_seq = np.repeat(np.arange(n), new_a)
-            positions = np.arange(starts[-1]) - starts[token_seq] + cached_a[token_seq]
-        token_rows = rows_a if token_seq is None else rows_a[token_seq]
-        slot_mapping = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
-        token_slots = slots_a if token_seq is None else slots_a[token_seq]
-        step = cls(bs, rows_a, cached_a, new_a, slots_a, ids_a, positions, slot_mapping, token_slots,
-                   cached_a + new_a, starts, num_decodes, n, pad_to == 0)  # fmt: skip
-        return step.padded(pad_to) if pad_to > n else step
-
-    def padded(self, size: int) -> _HostStep:
-        """A decode-only step grown to `size` idle rows: token 0, no cache write, one context slot, no adapter."""
-        if self.num_decodes != self.num_seqs:
-            raise ValueError("only decode-only steps are padded")
-        extra = size - self.num_seqs
-
-        def grow(a: np.ndarray, fill: int) -> np.ndarray:
-            return np.concatenate([a, np.full(extra, fill, dtype=a.dtype)])
-
-        return _HostStep(
-            self.block_size, grow(self.rows, 0), grow(self.num_cached, 0), grow(self.num_new, 1),
-            grow(self.seq_slots, _NO_ADAPTER), grow(self.ids, 0), grow(self.positions, 0),
-            grow(self.slot_mapping, -1), grow(self.token_slots, _NO_ADAPTER), grow(self.context_lens, 1),
-            np.arange(size + 1), size, self.num_real, False,
-        )  # fmt: skip
-
-    def logits_indices(self, order: tuple[int, ...]) -> np.ndarray:
-        """Row of each chunk's last token, in batch order (padding rows get none)."""
-        last = self.query_starts[1 : self.num_real + 1] - 1
-        out = np.empty_like(last)
-        out[np.asarray(order)] = last
-        return out
-
-    def uses_lora(self, host_ranks: np.ndarray) -> bool:
-        used = self.seq_slots[self.seq_slots >= 0]
-        return bool(used.size) and bool((host_ranks[used] > 0).any())
