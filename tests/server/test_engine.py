@@ -277,3 +277,33 @@ def test_stop_string_ends_the_text_before_it(tiny_assets, reference, prompts) ->
     assert events[-1].finish_reason is FinishReason.STOP
     assert "".join(e.text for e in events) == full[: full.index(stop)]
     assert tokens(events) == ref_tokens[: len(events)]
+
+
+def test_a_decode_step_reuses_what_each_request_made_once(tiny_assets, prompts) -> None:
+    """Bookkeeping per step is O(the step's sequences): every request hands the sampler the one
+    `SamplingRow` it made on arrival (its output a live list the engine appends to), and decode
+    steps of an unchanged batch skip the runner's per-step input arrays."""
+    engine = make_engine(tiny_assets, "llama", max_loras=4)
+    for i, (prompt, adapter) in enumerate(zip(prompts, ADAPTERS, strict=False)):
+        penalty = {"repetition_penalty": 1.3, "frequency_penalty": 0.2} if i == 1 else {}
+        engine.add_request(request(f"r{i}", prompt, adapter, **penalty))
+    rows: dict[int, Any] = {}
+    sample = engine.sampler
+
+    class Recording:
+        def __call__(self, logits: torch.Tensor, batch: list) -> list:
+            for row in batch:
+                assert rows.setdefault(row.seq_id, row) is row
+            return sample(logits, batch)
+
+        def free(self, seq_id: int) -> None:
+            sample.free(seq_id)
+
+    engine.sampler = Recording()  # type: ignore[assignment]
+    full_builds, host_arrays = [], engine.runner.buffers._host_arrays
+    engine.runner.buffers._host_arrays = lambda *a: full_builds.append(1) or host_arrays(*a)  # type: ignore[method-assign]
+    events = run(engine)
+    assert sorted(tuple(r.output_token_ids) for r in rows.values()) == sorted(
+        tuple(tokens(e)) for e in events.values()
+    )
+    assert len(full_builds) < engine.num_steps / 2  # most steps are steady decodes of the same batch
