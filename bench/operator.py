@@ -28,6 +28,16 @@ from typing import Any
 from apiproxy import CountingProxy
 from benchutil import git_commit, markdown_table
 from kubernetes import client
+from operator_probes import (
+    ContradictionWatch,
+    KubectlTimer,
+    Profiler,
+    StatusWatch,
+    apiserver_latency,
+    latency_delta,
+    loaded_at,
+    pod_urls,
+)
 
 from loraplex.localcluster.control_plane import LocalCluster
 from loraplex.localcluster.demo_workload import build_workload
@@ -97,6 +107,7 @@ class Bench:
     ) -> None:
         self.cluster, self.namespace, self.adapter_dir = cluster, namespace, adapter_dir
         self.custom, self.core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+        self.watch: StatusWatch | None = None
 
     def adapter(self, name: str) -> dict[str, Any]:
         return {
@@ -123,6 +134,10 @@ class Bench:
             list(pool.map(one, names))
 
     def statuses(self) -> dict[str, dict[str, Any]]:
+        """Every adapter's status, from the watch once it runs (a LIST per poll would load the
+        API server with the benchmark's own reads)."""
+        if self.watch is not None:
+            return self.watch.statuses()
         items = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, "loraadapters")[
             "items"
         ]
@@ -193,22 +208,23 @@ def burst(bench: Bench, operator: OperatorProcess, proxy: CountingProxy, n: int)
     names = [f"b{n}-{i:04d}" for i in range(n)]
     before, usage = proxy.snapshot(), operator.usage()
     total_before = apiserver_totals(bench.cluster)
+    latency_before = apiserver_latency(bench.cluster.kubectl("get", "--raw", "/metrics").stdout)
+    timer = KubectlTimer(lambda *a: bench.cluster.kubectl(*a, check=False), bench.namespace).__enter__()
     started = time.monotonic()
     bench.create(names)
-    applied = time.monotonic()
-    slowest_list = 0.0
+    applied, applied_wall = time.monotonic(), time.time()
 
     def all_ready() -> bool:
-        nonlocal slowest_list
-        t0 = time.monotonic()
         statuses = bench.statuses()
-        slowest_list = max(slowest_list, time.monotonic() - t0)
         return all(ready(statuses.get(name, {})) for name in names)
 
-    ok = wait_until(all_ready, timeout=300, interval=1.0)  # a LIST of 1000 is heavy itself
+    ok = wait_until(all_ready, timeout=300, interval=0.1)
     done = time.monotonic()
+    timer.__exit__()
     after = operator.usage()
     requests = proxy.snapshot() - before
+    loads = [t for url in pod_urls(bench.core, bench.namespace, SELECTOR).values() for t in loaded_at(url)]
+    latency_after = apiserver_latency(bench.cluster.kubectl("get", "--raw", "/metrics").stdout)
     result = {
         "n": n,
         "all_ready": ok,
@@ -220,7 +236,9 @@ def burst(bench: Bench, operator: OperatorProcess, proxy: CountingProxy, n: int)
         "apiserver_requests_all_clients": delta(apiserver_totals(bench.cluster), total_before),
         "rss_mb": round(after["rss_mb"], 1),
         "cpu_s": round(after["cpu_s"] - usage["cpu_s"], 2),
-        "slowest_list_s": round(slowest_list, 3),
+        **timer.summary(),
+        "pods_loaded_all_after_apply_s": round(max(loads) - applied_wall, 2) if loads else None,
+        "apiserver_latency_all_clients": latency_delta(latency_after, latency_before),
     }
     return result
 
@@ -231,7 +249,7 @@ def delete_all(bench: Bench, operator: OperatorProcess, prefix: str) -> dict[str
     started = time.monotonic()
     bench.delete(names)
     ok = wait_until(
-        lambda: not any(name.startswith(prefix) for name in bench.statuses()), timeout=300, interval=0.25
+        lambda: not any(name.startswith(prefix) for name in bench.statuses()), timeout=300, interval=0.1
     )
     return {
         "n": len(names),
@@ -256,6 +274,8 @@ def pod_killed(bench: Bench, runner: PodRunner, names: list[str]) -> dict[str, A
                 base_s.append(time.monotonic() - started)
             time.sleep(0.1)
 
+    urls = pod_urls(bench.core, bench.namespace, SELECTOR)
+    watch = ContradictionWatch(bench, lambda: urls, names).__enter__()
     started = time.monotonic()
     runner.kill(bench.namespace, pod)
     thread = threading.Thread(target=watch_base)
@@ -264,7 +284,7 @@ def pod_killed(bench: Bench, runner: PodRunner, names: list[str]) -> dict[str, A
     adapters_s, first_claims = None, None
     while time.monotonic() - started < 120:
         statuses = bench.statuses()
-        listed = time.monotonic() - started
+        listed = time.monotonic() - started  # the watch's copy: at most one event behind
         claiming = set()
         for name in names:
             instances = statuses.get(name, {}).get("instances", [])
@@ -276,37 +296,43 @@ def pod_killed(bench: Bench, runner: PodRunner, names: list[str]) -> dict[str, A
         if reflected >= set(names):
             adapters_s = listed
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     stop.set()
     thread.join()
     back = wait_until(
         lambda: all(ready(s) for n, s in bench.statuses().items() if n in names), timeout=180, interval=1
     )
+    back_s = time.monotonic() - started
+    watch.__exit__()
     return {
+        **watch.summary(),
         "adapters": len(names),
         "base_reflects_s": round(base_s[0], 2) if base_s else None,
         "every_adapter_reflects_s": round(adapters_s, 2) if adapters_s is not None else None,
         "adapters_claiming_the_dead_pod_at_first_list": first_claims,
-        "back_ready_s": round(time.monotonic() - started, 2) if back else None,
+        "back_ready_s": round(back_s, 2) if back else None,
     }
 
 
 def operator_restart(bench: Bench, operator: OperatorProcess, n: int) -> dict[str, Any]:
     names = [f"r-{i:04d}" for i in range(n)]
-    bench.create(names)
-    time.sleep(1.0)
-    operator.stop()
-    operator.start()
-    started = time.monotonic()
-    ok = wait_until(
-        lambda: (
-            all(ready(s) for k, s in bench.statuses().items() if k in names)
-            and len(names) <= len(bench.statuses())
-        ),
-        timeout=300,
-        interval=0.25,
-    )
-    return {"n": n, "all_ready": ok, "ready_after_restart_s": round(time.monotonic() - started, 2)}
+    urls = pod_urls(bench.core, bench.namespace, SELECTOR)
+    with ContradictionWatch(bench, lambda: urls, names) as watch:
+        bench.create(names)
+        time.sleep(1.0)
+        operator.stop()
+        operator.start()
+        started = time.monotonic()
+        ok = wait_until(
+            lambda: (
+                all(ready(s) for k, s in bench.statuses().items() if k in names)
+                and len(names) <= len(bench.statuses())
+            ),
+            timeout=300,
+            interval=0.25,
+        )
+        took = time.monotonic() - started
+    return {"n": n, "all_ready": ok, "ready_after_restart_s": round(took, 2), **watch.summary()}
 
 
 def uninstall(bench: Bench, operator: OperatorProcess, api: client.ApiClient, n: int) -> dict[str, Any]:
@@ -353,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tick", default="30", help="LORAPLEX_TICK_SECONDS (the chart's default: 30)")
     parser.add_argument("--restart-n", type=int, default=100, help="0: skip the operator restart")
     parser.add_argument("--uninstall-n", type=int, default=100, help="0: skip the uninstall")
+    parser.add_argument("--profile", help="folder for py-spy profiles of the operator (collapsed stacks)")
     parser.add_argument("--label", help="write docs/benchmarks/operator-<label>.json")
     parser.add_argument("--report", action="store_true", help="only write operator.md from the results")
     args = parser.parse_args(argv)
@@ -365,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": args.python,
     }
     work = Path(tempfile.mkdtemp(prefix="bench-operator-"))
-    workload = build_workload(work / "assets")
+    workload = build_workload()  # the demo-assets cache: trained once, reused
     with LocalCluster.start(with_controllers=True) as cluster:
         apply_crds(cluster)
         namespace = f"bench-{uuid.uuid4().hex[:6]}"
@@ -423,7 +450,8 @@ def run_all(cluster, api, namespace, workload, operator, proxy, runner, args) ->
         },
     }
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(base))
-    bench = Bench(cluster, api, namespace, workload.adapters["a4"])
+    bench = Bench(cluster, api, namespace, workload.adapters["sql"])
+    bench.watch = StatusWatch(bench.custom, namespace, GROUP, VERSION).start()
     started = time.monotonic()
     assert wait_until(lambda: bench.base().get("readyReplicas") == REPLICAS, timeout=240, interval=0.5), (
         bench.base()
@@ -431,15 +459,22 @@ def run_all(cluster, api, namespace, workload, operator, proxy, runner, args) ->
     out: dict[str, Any] = {"base_ready_s": round(time.monotonic() - started, 1)}
     out["latency"] = latency(bench, args.latency)
     print(json.dumps(out["latency"]), flush=True)
-    out["bursts"], out["deletes"] = [], []
+    out["bursts"], out["deletes"], out["pod_kills"] = [], [], []
+    profiler = Profiler(Path(args.profile) if args.profile else None)
     for n in [int(size) for size in args.sizes.split(",") if size]:
+        profiler.start(operator.process.pid, f"burst-{n}")
         out["bursts"].append(burst(bench, operator, proxy, n))
+        profiler.stop()
         print(json.dumps(out["bursts"][-1]), flush=True)
-        if n == max(int(size) for size in args.sizes.split(",")):
-            names = [f"b{n}-{i:04d}" for i in range(n)]
-            out["pod_killed"] = pod_killed(bench, runner, names)
-            print(json.dumps(out["pod_killed"]), flush=True)
+        names = [f"b{n}-{i:04d}" for i in range(n)]
+        profiler.start(operator.process.pid, f"kill-{n}")
+        out["pod_kills"].append(pod_killed(bench, runner, names))
+        profiler.stop()
+        out["pod_killed"] = out["pod_kills"][-1]  # the largest: the summary's row
+        print(json.dumps(out["pod_kills"][-1]), flush=True)
+        profiler.start(operator.process.pid, f"delete-{n}")
         out["deletes"].append(delete_all(bench, operator, f"b{n}-"))
+        profiler.stop()
         print(json.dumps(out["deletes"][-1]), flush=True)
     if args.restart_n:
         out["operator_restart"] = operator_restart(bench, operator, args.restart_n)
@@ -528,13 +563,21 @@ def write_report() -> None:
             for row in run["bursts"]:
                 kinds = ", ".join(f"{k} {v}" for k, v in row["operator_requests_by_kind"].items())
                 lines += [f"- {row['n']}: operator requests by verb and resource: {kinds}"]
+                if row.get("apiserver_latency_all_clients"):
+                    slow = ", ".join(f"{k} {v}" for k, v in row["apiserver_latency_all_clients"].items())
+                    lines += [f"- {row['n']}: API server, all clients, calls x mean latency: {slow}"]
             lines += [""]
         if run.get("deletes"):
             lines += ["Deleting them (Unload policy: each waits for the pods to unload it):", ""]
             lines += [markdown_table(run["deletes"]), ""]
-        if "pod_killed" in run:
-            lines += ["One server process killed with every adapter loaded:", ""]
-            lines += [markdown_table([run["pod_killed"]]), ""]
+        kills = run.get("pod_kills") or ([run["pod_killed"]] if "pod_killed" in run else [])
+        if kills:
+            lines += ["One server process killed with every adapter loaded (the pods polled meanwhile:", ""]
+            lines += ["`status_ready_not_held` counts status Ready on a pod that answered without it):", ""]
+            lines += [
+                markdown_table([{k: v for k, v in row.items() if k != "examples"} for row in kills]),
+                "",
+            ]
         if "uninstall" in run:
             lines += ["Uninstall with N adapters present (the hook's release, then delete everything):", ""]
             lines += [markdown_table([run["uninstall"]]), ""]

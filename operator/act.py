@@ -44,14 +44,16 @@ class BaseState:
     busy: dict[PodAdapter, asyncio.Task[None]] = field(default_factory=dict)
     started: dict[PodAdapter, float] = field(default_factory=dict)  # unix seconds, of busy calls
     applied: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> content hash
+    deleted: set[tuple[str, str]] = field(default_factory=set)  # (apiVersion, kind) deleted already
     writer: StatusWriter | None = None  # set by the loop: status writes off the pass
     limits: dict[str, asyncio.Semaphore] = field(default_factory=dict)  # per pod
     salt: bytes | None = None
     restored: bool = False
 
     def forget_children(self) -> None:
-        """The change handler wrote children: compare them again."""
+        """The base's spec changed (or a child may have drifted): apply and delete again."""
         self.applied.clear()
+        self.deleted.clear()
 
     async def cancel(self) -> None:
         tasks = list(self.busy.values())
@@ -73,17 +75,20 @@ class Actor:
 
 
 async def act(actor: Actor, plan: Plan, pods: Sequence[PodObservation]) -> None:
-    await _apply_children(actor, plan.children)
+    """What never waits first (engine calls, queued writes), then the applies the pass awaits:
+    a ConfigMap write on a busy API server must not hold back loads or a dead pod's statuses."""
     start_engine_calls(actor, plan.actions, pods)
     writer = actor.state.writer
     if writer is None:
         raise RuntimeError("BaseState.writer is not set")
-    for meta in plan.meta:
-        writer.submit_meta(meta)
     if plan.bmd_status is not None:
         writer.submit(plan.bmd_status, first=True)  # the pod counts before the adapters'
+    for meta in plan.meta:
+        writer.submit_meta(meta)
     for patch in plan.lora_statuses:
         writer.submit(patch)
+    await _apply_children(actor, plan.children)
+    await _delete_children(actor, plan)
     for gate in plan.gates:
         body = {"type": READINESS_GATE, **gate.condition, "lastTransitionTime": timestamp(time.time())}
         await _tolerate_gone(actor.kube.set_pod_condition(plan.namespace, gate.pod, body))
@@ -98,6 +103,16 @@ async def _apply_children(actor: Actor, children: Sequence[dict[str, Any]]) -> N
         if actor.state.applied.get(key) != digest:
             await actor.kube.apply(child)
             actor.state.applied[key] = digest
+            actor.state.deleted.discard((child["apiVersion"], child["kind"]))
+
+
+async def _delete_children(actor: Actor, plan: Plan) -> None:
+    """Unwanted kinds (an HPA no longer asked for), deleted once until the spec changes."""
+    for api_version, kind in plan.deletes:
+        if (api_version, kind) not in actor.state.deleted:
+            await actor.kube.delete(api_version, kind, plan.namespace, plan.base)
+            actor.state.deleted.add((api_version, kind))
+            actor.state.applied.pop((kind, plan.base), None)
 
 
 async def _tolerate_gone(call: Awaitable[Any]) -> bool:

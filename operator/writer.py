@@ -41,7 +41,7 @@ class StatusWriter:
             self.pending.pop(key, None)
             return  # already written over this same stored status
         if key not in self.pending or first:
-            self._queue.put_nowait((0 if first else 1, next(self._order), key))
+            self._queue.put_nowait((0 if first else 2, next(self._order), key))
         self.pending[key] = patch
         self._start()
 
@@ -51,7 +51,7 @@ class StatusWriter:
         if self.written.get(key) == (patch.observed, patch.finalizers):
             return  # written, the watch has not shown it yet
         if key not in self.pending:
-            self._queue.put_nowait((0, next(self._order), key))
+            self._queue.put_nowait((1, next(self._order), key))  # after the base's status
         self.pending[key] = patch
         self._start()
 
