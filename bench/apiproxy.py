@@ -47,6 +47,7 @@ class CountingProxy:
         ca.close()
         self._ssl = ssl.create_default_context(cafile=ca.name)
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.failures: collections.Counter[tuple[str, str]] = collections.Counter()  # (verb resource, code)
         self._lock = threading.Lock()
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -90,15 +91,23 @@ class CountingProxy:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._ready.set()
 
-    async def _forward(self, request: web.Request) -> web.StreamResponse:
+    def failed(self) -> collections.Counter[tuple[str, str]]:
         with self._lock:
-            self.counts[request_kind(request.method, request.path, request.query_string)] += 1
+            return collections.Counter(self.failures)
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        kind = request_kind(request.method, request.path, request.query_string)
+        with self._lock:
+            self.counts[kind] += 1
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         body = await request.read()
         async with self._session.request(
             request.method, self.upstream + request.path_qs, headers=headers, data=body or None
         ) as upstream:
             response = web.StreamResponse(status=upstream.status)
+            if upstream.status >= 400:
+                with self._lock:
+                    self.failures[(" ".join(kind), str(upstream.status))] += 1
             for key, value in upstream.headers.items():
                 if key.lower() not in HOP_HEADERS and key.lower() != "content-encoding":
                     response.headers[key] = value

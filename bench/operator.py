@@ -206,7 +206,7 @@ def latency(bench: Bench, n: int) -> dict[str, Any]:
 
 def burst(bench: Bench, operator: OperatorProcess, proxy: CountingProxy, n: int) -> dict[str, Any]:
     names = [f"b{n}-{i:04d}" for i in range(n)]
-    before, usage = proxy.snapshot(), operator.usage()
+    before, usage, failed = proxy.snapshot(), operator.usage(), proxy.failed()
     total_before = apiserver_totals(bench.cluster)
     latency_before = apiserver_latency(bench.cluster.kubectl("get", "--raw", "/metrics").stdout)
     timer = KubectlTimer(lambda *a: bench.cluster.kubectl(*a, check=False), bench.namespace).__enter__()
@@ -223,6 +223,7 @@ def burst(bench: Bench, operator: OperatorProcess, proxy: CountingProxy, n: int)
     timer.__exit__()
     after = operator.usage()
     requests = proxy.snapshot() - before
+    idle_get_s = kubectl_get_idle(bench, proxy)
     loads = [t for url in pod_urls(bench.core, bench.namespace, SELECTOR).values() for t in loaded_at(url)]
     latency_after = apiserver_latency(bench.cluster.kubectl("get", "--raw", "/metrics").stdout)
     result = {
@@ -233,14 +234,34 @@ def burst(bench: Bench, operator: OperatorProcess, proxy: CountingProxy, n: int)
         "operator_requests": sum(requests.values()),
         "requests_per_adapter": round(sum(requests.values()) / n, 2),
         "operator_requests_by_kind": delta(requests, collections.Counter()),
+        "operator_failed_requests": {f"{k} {code}": n for (k, code), n in (proxy.failed() - failed).items()},
         "apiserver_requests_all_clients": delta(apiserver_totals(bench.cluster), total_before),
         "rss_mb": round(after["rss_mb"], 1),
         "cpu_s": round(after["cpu_s"] - usage["cpu_s"], 2),
         **timer.summary(),
+        "kubectl_get_operator_idle_s": idle_get_s,
         "pods_loaded_all_after_apply_s": round(max(loads) - applied_wall, 2) if loads else None,
         "apiserver_latency_all_clients": latency_delta(latency_after, latency_before),
     }
     return result
+
+
+def kubectl_get_idle(bench: Bench, proxy: CountingProxy) -> float:
+    """`kubectl get lora` once the operator sent nothing for 3 s (the median of three): the API
+    server's own cost of the LIST, without the operator's writes."""
+    last, quiet_since = sum(proxy.snapshot().values()), time.monotonic()
+    deadline = time.monotonic() + 120
+    while time.monotonic() - quiet_since < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = sum(proxy.snapshot().values())
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+    times = []
+    for _ in range(3):
+        started = time.monotonic()
+        bench.cluster.kubectl("get", "lora", "-n", bench.namespace, "--no-headers")
+        times.append(time.monotonic() - started)
+    return round(sorted(times)[1], 3)
 
 
 def delete_all(bench: Bench, operator: OperatorProcess, prefix: str) -> dict[str, Any]:

@@ -213,19 +213,26 @@ class StatusWatch:
         from kubernetes import watch
         from kubernetes.client.exceptions import ApiException
 
+        version = None
         while not self._stop.is_set():
-            listed = self._custom.list_namespaced_custom_object(*self._args)
-            with self._lock:
-                self._statuses = {i["metadata"]["name"]: i.get("status") or {} for i in listed["items"]}
-            version = listed["metadata"]["resourceVersion"]
+            if version is None:  # first, or the watch expired (410): list again
+                listed = self._custom.list_namespaced_custom_object(*self._args)
+                with self._lock:
+                    self._statuses = {i["metadata"]["name"]: i.get("status") or {} for i in listed["items"]}
+                version = listed["metadata"]["resourceVersion"]
             try:
-                for event in watch.Watch().stream(
+                stream = watch.Watch().stream(
                     self._custom.list_namespaced_custom_object,
                     *self._args,
                     resource_version=version,
                     timeout_seconds=60,
-                ):
-                    obj, name = event["object"], event["object"]["metadata"]["name"]
+                )
+                for event in stream:
+                    obj = event["object"]
+                    if event["type"] == "ERROR":  # e.g. expired: list again
+                        version = None
+                        break
+                    name, version = obj["metadata"]["name"], obj["metadata"]["resourceVersion"]
                     with self._lock:
                         if event["type"] == "DELETED":
                             self._statuses.pop(name, None)
@@ -233,5 +240,8 @@ class StatusWatch:
                             self._statuses[name] = obj.get("status") or {}
                     if self._stop.is_set():
                         return
-            except (ApiException, OSError, ValueError):
-                time.sleep(0.5)  # expired or dropped: list again
+            except ApiException as error:
+                version = None if error.status == 410 else version
+                time.sleep(0.2)
+            except (OSError, ValueError):
+                time.sleep(0.2)
