@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from apiproxy import CountingProxy
+from apiproxy import ProxyProcess
 from benchutil import git_commit, markdown_table
 from kubernetes import client
 from operator_probes import (
@@ -204,7 +204,7 @@ def latency(bench: Bench, n: int) -> dict[str, Any]:
     }
 
 
-def burst(bench: Bench, operator: OperatorProcess, proxy: CountingProxy, n: int) -> dict[str, Any]:
+def burst(bench: Bench, operator: OperatorProcess, proxy: ProxyProcess, n: int) -> dict[str, Any]:
     names = [f"b{n}-{i:04d}" for i in range(n)]
     before, usage, failed = proxy.snapshot(), operator.usage(), proxy.failed()
     total_before = apiserver_totals(bench.cluster)
@@ -246,7 +246,7 @@ def burst(bench: Bench, operator: OperatorProcess, proxy: CountingProxy, n: int)
     return result
 
 
-def kubectl_get_idle(bench: Bench, proxy: CountingProxy) -> float:
+def kubectl_get_idle(bench: Bench, proxy: ProxyProcess) -> float:
     """`kubectl get lora` once the operator sent nothing for 3 s (the median of three): the API
     server's own cost of the LIST, without the operator's writes."""
     last, quiet_since = sum(proxy.snapshot().values()), time.monotonic()
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_crds(cluster)
         namespace = f"bench-{uuid.uuid4().hex[:6]}"
         cluster.kubectl("create", "namespace", namespace)
-        proxy = CountingProxy(cluster.kubeconfig)
+        proxy = ProxyProcess(cluster.kubeconfig)  # its own process: no GIL shared with the polling
         proxy.start()
         operator = OperatorProcess(
             args.python,
@@ -438,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 results["operator_error_lines"] = operator.error_lines()
                 operator.stop()
+                proxy.stop()
                 results["operator_log"] = str(work / "operator.log")
     results["label"] = args.label or "unlabelled"
     results["args"] = {

@@ -34,6 +34,9 @@ from loraplex.operator.render.meta import READINESS_GATE, content_hash
 from loraplex.operator.writer import StatusWriter
 
 log = logging.getLogger(__name__)
+# A burst queues hundreds of loads per pod: one written status each (Ready), not Loading first,
+# unless one waits this long in the queue (then Loading is news worth a write).
+QUEUED_S = 8.0
 
 
 @dataclass
@@ -42,7 +45,9 @@ class BaseState:
 
     attempts: dict[PodAdapter, Attempt] = field(default_factory=dict)
     busy: dict[PodAdapter, asyncio.Task[None]] = field(default_factory=dict)
-    started: dict[PodAdapter, float] = field(default_factory=dict)  # unix seconds, of busy calls
+    # unix seconds, of busy calls: when the call began; a call still queued behind the pod's
+    # limit counts as beginning QUEUED_S after it was queued (its status waits for it till then)
+    started: dict[PodAdapter, float] = field(default_factory=dict)
     applied: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> content hash
     deleted: set[tuple[str, str]] = field(default_factory=set)  # (apiVersion, kind) deleted already
     writer: StatusWriter | None = None  # set by the loop: status writes off the pass
@@ -138,7 +143,7 @@ def start_engine_calls(
             key = (pod_name, name)
             task = asyncio.create_task(_run(actor, by_name[pod_name], steps, limit))
             actor.state.busy[key] = task
-            actor.state.started[key] = actor.clock()
+            actor.state.started[key] = actor.clock() + QUEUED_S
             task.add_done_callback(lambda _, key=key: _finished(actor, key))
             tasks.append(task)
     return tasks
@@ -161,6 +166,9 @@ def _by_target(actions: Sequence[Action]) -> dict[str, list[Action]]:
 
 async def _run(actor: Actor, pod: PodObservation, steps: Sequence[Action], limit: asyncio.Semaphore) -> None:
     async with limit:
+        key = (pod.name, _by_target(steps).popitem()[0])
+        if key in actor.state.started:
+            actor.state.started[key] = min(actor.state.started[key], actor.clock())
         for step in steps:
             if not await _call(actor, pod, step):
                 return
