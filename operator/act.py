@@ -50,6 +50,7 @@ class BaseState:
     started: dict[PodAdapter, float] = field(default_factory=dict)
     applied: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> content hash
     deleted: set[tuple[str, str]] = field(default_factory=set)  # (apiVersion, kind) deleted already
+    applying: asyncio.Task[None] | None = None  # the children's applies, off the pass
     writer: StatusWriter | None = None  # set by the loop: status writes off the pass
     limits: dict[str, asyncio.Semaphore] = field(default_factory=dict)  # per pod
     salt: bytes | None = None
@@ -61,7 +62,7 @@ class BaseState:
         self.deleted.clear()
 
     async def cancel(self) -> None:
-        tasks = list(self.busy.values())
+        tasks = list(self.busy.values()) + ([self.applying] if self.applying else [])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -80,8 +81,9 @@ class Actor:
 
 
 async def act(actor: Actor, plan: Plan, pods: Sequence[PodObservation]) -> None:
-    """What never waits first (engine calls, queued writes), then the applies the pass awaits:
-    a ConfigMap write on a busy API server must not hold back loads or a dead pod's statuses."""
+    """Nothing here waits on the API server but the readiness gates: engine calls and the
+    children's applies run as tasks, statuses are queued (a ConfigMap write on a busy API server
+    must not hold back the next pass, its loads or a dead pod's statuses)."""
     start_engine_calls(actor, plan.actions, pods)
     writer = actor.state.writer
     if writer is None:
@@ -92,13 +94,37 @@ async def act(actor: Actor, plan: Plan, pods: Sequence[PodObservation]) -> None:
         writer.submit_meta(meta)
     for patch in plan.lora_statuses:
         writer.submit(patch)
-    await _apply_children(actor, plan.children)
-    await _delete_children(actor, plan)
+    start_applies(actor, plan)
     for gate in plan.gates:
         body = {"type": READINESS_GATE, **gate.condition, "lastTransitionTime": timestamp(time.time())}
         await _tolerate_gone(actor.kube.set_pod_condition(plan.namespace, gate.pod, body))
     for warning in plan.warnings:
         kopf.warn(warning.body, reason=warning.reason, message=warning.message)
+
+
+def start_applies(actor: Actor, plan: Plan) -> asyncio.Task[None] | None:
+    """Apply what changed in a task of its own, one at a time: while one runs, a newer plan waits
+    for the next pass (the task wakes the loop when it ends, and a failure is retried then)."""
+    running = actor.state.applying
+    if running is not None and not running.done():
+        return None
+    changed = any(
+        actor.state.applied.get((c["kind"], c["metadata"]["name"])) != content_hash(c) for c in plan.children
+    )
+    if not changed and all(kind in actor.state.deleted for kind in plan.deletes):
+        return None
+    task = asyncio.create_task(_apply_all(actor, plan))
+    actor.state.applying = task
+    task.add_done_callback(lambda _: actor.wake())
+    return task
+
+
+async def _apply_all(actor: Actor, plan: Plan) -> None:
+    try:
+        await _apply_children(actor, plan.children)
+        await _delete_children(actor, plan)
+    except Exception:  # the next pass tries again: the content hash was not recorded
+        log.exception("applying the children of %s/%s failed", plan.namespace, plan.base)
 
 
 async def _apply_children(actor: Actor, children: Sequence[dict[str, Any]]) -> None:
