@@ -27,7 +27,7 @@ from loraplex.operator.engine_client import (
     EngineHTTPError,
 )
 from loraplex.operator.k8s import Kube
-from loraplex.operator.plan import Plan, PodAdapter
+from loraplex.operator.plan import GatePatch, Plan, PodAdapter
 from loraplex.operator.pods import PodObservation
 from loraplex.operator.reconcile import Action, Attempt, Load, Unload, record_failure
 from loraplex.operator.render.meta import READINESS_GATE, content_hash
@@ -35,8 +35,9 @@ from loraplex.operator.writer import StatusWriter
 
 log = logging.getLogger(__name__)
 # A burst queues hundreds of loads per pod: one written status each (Ready), not Loading first,
-# unless one waits this long in the queue (then Loading is news worth a write).
-QUEUED_S = 8.0
+# unless one waits this long in the queue (then Loading is news worth a write); a running
+# call then has decide.LOAD_GRACE_S.
+QUEUED_S = 30.0
 
 
 @dataclass
@@ -51,6 +52,8 @@ class BaseState:
     applied: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> content hash
     deleted: set[tuple[str, str]] = field(default_factory=set)  # (apiVersion, kind) deleted already
     applying: asyncio.Task[None] | None = None  # the children's applies, off the pass
+    gates: dict[str, dict[str, str]] = field(default_factory=dict)  # pod -> gate condition written
+    gate_writes: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     writer: StatusWriter | None = None  # set by the loop: status writes off the pass
     limits: dict[str, asyncio.Semaphore] = field(default_factory=dict)  # per pod
     salt: bytes | None = None
@@ -62,7 +65,7 @@ class BaseState:
         self.deleted.clear()
 
     async def cancel(self) -> None:
-        tasks = list(self.busy.values()) + ([self.applying] if self.applying else [])
+        tasks = [*self.busy.values(), *self.gate_writes.values(), *([self.applying] if self.applying else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -81,9 +84,9 @@ class Actor:
 
 
 async def act(actor: Actor, plan: Plan, pods: Sequence[PodObservation]) -> None:
-    """Nothing here waits on the API server but the readiness gates: engine calls and the
-    children's applies run as tasks, statuses are queued (a ConfigMap write on a busy API server
-    must not hold back the next pass, its loads or a dead pod's statuses)."""
+    """Nothing here waits on the API server: engine calls, the children's applies and readiness
+    gates run as tasks, statuses are queued (a ConfigMap write on a busy API server must not
+    hold back the next pass, its loads or a dead pod's statuses)."""
     start_engine_calls(actor, plan.actions, pods)
     writer = actor.state.writer
     if writer is None:
@@ -96,10 +99,29 @@ async def act(actor: Actor, plan: Plan, pods: Sequence[PodObservation]) -> None:
         writer.submit(patch)
     start_applies(actor, plan)
     for gate in plan.gates:
-        body = {"type": READINESS_GATE, **gate.condition, "lastTransitionTime": timestamp(time.time())}
-        await _tolerate_gone(actor.kube.set_pod_condition(plan.namespace, gate.pod, body))
+        start_gate_write(actor, plan.namespace, gate)
     for warning in plan.warnings:
         kopf.warn(warning.body, reason=warning.reason, message=warning.message)
+
+
+def start_gate_write(actor: Actor, namespace: str, gate: GatePatch) -> asyncio.Task[None] | None:
+    """One pod's readiness-gate condition, unless it was just written (the pod's watch event
+    has not shown it yet) or a write of it is still running."""
+    running = actor.state.gate_writes.get(gate.pod)
+    if (running is not None and not running.done()) or actor.state.gates.get(gate.pod) == gate.condition:
+        return None
+
+    async def write() -> None:
+        body = {"type": READINESS_GATE, **gate.condition, "lastTransitionTime": timestamp(time.time())}
+        try:
+            if await _tolerate_gone(actor.kube.set_pod_condition(namespace, gate.pod, body)):
+                actor.state.gates[gate.pod] = gate.condition
+        except Exception:  # the next pass plans it again
+            log.exception("readiness gate of pod %s/%s", namespace, gate.pod)
+
+    task = asyncio.create_task(write())
+    actor.state.gate_writes[gate.pod] = task
+    return task
 
 
 def start_applies(actor: Actor, plan: Plan) -> asyncio.Task[None] | None:

@@ -42,7 +42,7 @@ from loraplex.operator.settings import OperatorConfig
 from loraplex.operator.writer import StatusWriter
 
 log = logging.getLogger(__name__)
-DEBOUNCE_S = 0.02  # after a wake-up: let a burst of events land in one pass
+DEBOUNCE_S = 0.05  # after a wake-up: let a burst of events land in one pass
 
 
 class Wakers:
