@@ -71,7 +71,11 @@ class OperatorProcess:
         liveness = f"http://127.0.0.1:{free_ports(1)[0]}/healthz"
         out = self.log.open("a")
         self.process = subprocess.Popen(
-            [*self.argv, "--liveness", liveness], env=self.env, stdout=out, stderr=out
+            [*self.argv, "--liveness", liveness],
+            env=self.env,
+            stdout=out,
+            stderr=out,
+            preexec_fn=_die_with_parent,
         )
 
     def stop(self) -> None:
