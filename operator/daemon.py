@@ -113,10 +113,10 @@ class BaseLoop:
     async def observe(self, engine: EngineClient) -> Observed:
         bodies = list(self.sources.pods())
         adapters = [self._as_written(lora_crd.PLURAL, body) for body in self.sources.adapters()]
-        live = {
-            (lora_crd.PLURAL, body["metadata"]["namespace"], body["metadata"]["name"]) for body in adapters
-        }
-        self._merged = {key: value for key, value in self._merged.items() if key in live}
+        names = {(body["metadata"]["namespace"], body["metadata"]["name"]) for body in adapters}
+        self._merged = {key: value for key, value in self._merged.items() if key[1:] in names}
+        if self.state.writer is not None:  # deleted adapters' last writes: nothing to compare with
+            self.state.writer.forget_except(names, lora_crd.PLURAL)
         bmd_body = self._as_written(bmd_crd.PLURAL, plain(self.sources.body))
         if self.state.salt is None:
             self.state.salt = await read_salt(self.kube, BaseModelDeployment.from_body(bmd_body))

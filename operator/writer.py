@@ -66,6 +66,11 @@ class StatusWriter:
         written = self.written.get(key)
         return written[1] if written is not None and written[0] == stored else None
 
+    def forget_except(self, names: set[tuple[str, str]], plural: str) -> None:
+        """Drop what was written to `plural` objects (and their metadata) no longer present."""
+        for key in [key for key in self.written if key[0] in (plural, "meta") and key[1:] not in names]:
+            del self.written[key]
+
     async def idle(self) -> None:
         """Until everything queued is written (tests, shutdown)."""
         while self.pending or self.in_flight:

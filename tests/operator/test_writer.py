@@ -64,4 +64,6 @@ async def test_a_write_in_flight_is_not_repeated_and_the_loop_sees_it() -> None:
     kube.gate.set()
     await writer.idle()
     assert len(kube.patches) == 1
+    writer.forget_except(set(), "loraadapters")  # a0 was deleted: its record goes
+    assert writer.latest(("loraadapters", "llm", "a0"), {}) is None
     await writer.close()
