@@ -406,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tick", default="30", help="LORAPLEX_TICK_SECONDS (the chart's default: 30)")
     parser.add_argument("--restart-n", type=int, default=100, help="0: skip the operator restart")
     parser.add_argument("--uninstall-n", type=int, default=100, help="0: skip the uninstall")
-    parser.add_argument("--profile", help="folder for py-spy profiles of the operator (collapsed stacks)")
+    parser.add_argument(
+        "--profile", help="folder for py-spy profiles of the operator (collapsed stacks; needs py-spy)"
+    )
     parser.add_argument("--label", help="write docs/benchmarks/operator-<label>.json")
     parser.add_argument("--report", action="store_true", help="only write operator.md from the results")
     args = parser.parse_args(argv)

@@ -161,16 +161,19 @@ def latency_delta(after: Counter, before: Counter, floor: int = 5) -> dict[str, 
 
 
 class Profiler:
-    """py-spy attached to the operator while a step runs (collapsed stacks, `--format raw`)."""
+    """py-spy attached to the operator while a step runs (collapsed stacks, `--format raw`).
+    py-spy is not a dependency of the project: `--profile` asks for it (pip install py-spy)."""
 
     def __init__(self, out: Path | None) -> None:
         self.out = out
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, pid: int, name: str) -> None:
-        spy = shutil.which("py-spy") or str(Path(__file__).resolve().parents[1] / ".venv/bin/py-spy")
-        if self.out is None or not Path(spy).exists():
+        if self.out is None:
             return
+        spy = shutil.which("py-spy") or str(Path(__file__).resolve().parents[1] / ".venv/bin/py-spy")
+        if not Path(spy).exists():
+            raise SystemExit("--profile needs py-spy (pip install py-spy): not found")
         self.out.mkdir(parents=True, exist_ok=True)
         target = self.out / f"{name}.txt"
         argv = [spy, "record", "--pid", str(pid), "--format", "raw", "-r", "50", "-o", str(target)]
