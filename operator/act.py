@@ -27,13 +27,17 @@ from loraplex.operator.engine_client import (
     EngineHTTPError,
 )
 from loraplex.operator.k8s import Kube
-from loraplex.operator.plan import Plan, PodAdapter
+from loraplex.operator.plan import GatePatch, Plan, PodAdapter
 from loraplex.operator.pods import PodObservation
 from loraplex.operator.reconcile import Action, Attempt, Load, Unload, record_failure
 from loraplex.operator.render.meta import READINESS_GATE, content_hash
 from loraplex.operator.writer import StatusWriter
 
 log = logging.getLogger(__name__)
+# A burst queues hundreds of loads per pod: one written status each (Ready), not Loading first,
+# unless one waits this long in the queue (then Loading is news worth a write); a running
+# call then has decide.LOAD_GRACE_S.
+QUEUED_S = 30.0
 
 
 @dataclass
@@ -42,19 +46,26 @@ class BaseState:
 
     attempts: dict[PodAdapter, Attempt] = field(default_factory=dict)
     busy: dict[PodAdapter, asyncio.Task[None]] = field(default_factory=dict)
-    started: dict[PodAdapter, float] = field(default_factory=dict)  # unix seconds, of busy calls
+    # unix seconds, of busy calls: when the call began; a call still queued behind the pod's
+    # limit counts as beginning QUEUED_S after it was queued (its status waits for it till then)
+    started: dict[PodAdapter, float] = field(default_factory=dict)
     applied: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> content hash
+    deleted: set[tuple[str, str]] = field(default_factory=set)  # (apiVersion, kind) deleted already
+    applying: asyncio.Task[None] | None = None  # the children's applies, off the pass
+    gates: dict[str, dict[str, str]] = field(default_factory=dict)  # pod -> gate condition written
+    gate_writes: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     writer: StatusWriter | None = None  # set by the loop: status writes off the pass
     limits: dict[str, asyncio.Semaphore] = field(default_factory=dict)  # per pod
     salt: bytes | None = None
     restored: bool = False
 
     def forget_children(self) -> None:
-        """The change handler wrote children: compare them again."""
+        """The base's spec changed (or a child may have drifted): apply and delete again."""
         self.applied.clear()
+        self.deleted.clear()
 
     async def cancel(self) -> None:
-        tasks = list(self.busy.values())
+        tasks = [*self.busy.values(), *self.gate_writes.values(), *([self.applying] if self.applying else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -73,22 +84,69 @@ class Actor:
 
 
 async def act(actor: Actor, plan: Plan, pods: Sequence[PodObservation]) -> None:
-    await _apply_children(actor, plan.children)
+    """Nothing here waits on the API server: engine calls, the children's applies and readiness
+    gates run as tasks, statuses are queued (a ConfigMap write on a busy API server must not
+    hold back the next pass, its loads or a dead pod's statuses)."""
     start_engine_calls(actor, plan.actions, pods)
     writer = actor.state.writer
     if writer is None:
         raise RuntimeError("BaseState.writer is not set")
-    for meta in plan.meta:
-        writer.submit_meta(meta)
     if plan.bmd_status is not None:
         writer.submit(plan.bmd_status, first=True)  # the pod counts before the adapters'
+    for meta in plan.meta:
+        writer.submit_meta(meta)
     for patch in plan.lora_statuses:
         writer.submit(patch)
+    start_applies(actor, plan)
     for gate in plan.gates:
-        body = {"type": READINESS_GATE, **gate.condition, "lastTransitionTime": timestamp(time.time())}
-        await _tolerate_gone(actor.kube.set_pod_condition(plan.namespace, gate.pod, body))
+        start_gate_write(actor, plan.namespace, gate)
     for warning in plan.warnings:
         kopf.warn(warning.body, reason=warning.reason, message=warning.message)
+
+
+def start_gate_write(actor: Actor, namespace: str, gate: GatePatch) -> asyncio.Task[None] | None:
+    """One pod's readiness-gate condition, unless it was just written (the pod's watch event
+    has not shown it yet) or a write of it is still running."""
+    running = actor.state.gate_writes.get(gate.pod)
+    if (running is not None and not running.done()) or actor.state.gates.get(gate.pod) == gate.condition:
+        return None
+
+    async def write() -> None:
+        body = {"type": READINESS_GATE, **gate.condition, "lastTransitionTime": timestamp(time.time())}
+        try:
+            if await _tolerate_gone(actor.kube.set_pod_condition(namespace, gate.pod, body)):
+                actor.state.gates[gate.pod] = gate.condition
+        except Exception:  # the next pass plans it again
+            log.exception("readiness gate of pod %s/%s", namespace, gate.pod)
+
+    task = asyncio.create_task(write())
+    actor.state.gate_writes[gate.pod] = task
+    return task
+
+
+def start_applies(actor: Actor, plan: Plan) -> asyncio.Task[None] | None:
+    """Apply what changed in a task of its own, one at a time: while one runs, a newer plan waits
+    for the next pass (the task wakes the loop when it ends, and a failure is retried then)."""
+    running = actor.state.applying
+    if running is not None and not running.done():
+        return None
+    changed = any(
+        actor.state.applied.get((c["kind"], c["metadata"]["name"])) != content_hash(c) for c in plan.children
+    )
+    if not changed and all(kind in actor.state.deleted for kind in plan.deletes):
+        return None
+    task = asyncio.create_task(_apply_all(actor, plan))
+    actor.state.applying = task
+    task.add_done_callback(lambda _: actor.wake())
+    return task
+
+
+async def _apply_all(actor: Actor, plan: Plan) -> None:
+    try:
+        await _apply_children(actor, plan.children)
+        await _delete_children(actor, plan)
+    except Exception:  # the next pass tries again: the content hash was not recorded
+        log.exception("applying the children of %s/%s failed", plan.namespace, plan.base)
 
 
 async def _apply_children(actor: Actor, children: Sequence[dict[str, Any]]) -> None:
@@ -98,6 +156,16 @@ async def _apply_children(actor: Actor, children: Sequence[dict[str, Any]]) -> N
         if actor.state.applied.get(key) != digest:
             await actor.kube.apply(child)
             actor.state.applied[key] = digest
+            actor.state.deleted.discard((child["apiVersion"], child["kind"]))
+
+
+async def _delete_children(actor: Actor, plan: Plan) -> None:
+    """Unwanted kinds (an HPA no longer asked for), deleted once until the spec changes."""
+    for api_version, kind in plan.deletes:
+        if (api_version, kind) not in actor.state.deleted:
+            await actor.kube.delete(api_version, kind, plan.namespace, plan.base)
+            actor.state.deleted.add((api_version, kind))
+            actor.state.applied.pop((kind, plan.base), None)
 
 
 async def _tolerate_gone(call: Awaitable[Any]) -> bool:
@@ -123,7 +191,7 @@ def start_engine_calls(
             key = (pod_name, name)
             task = asyncio.create_task(_run(actor, by_name[pod_name], steps, limit))
             actor.state.busy[key] = task
-            actor.state.started[key] = actor.clock()
+            actor.state.started[key] = actor.clock() + QUEUED_S
             task.add_done_callback(lambda _, key=key: _finished(actor, key))
             tasks.append(task)
     return tasks
@@ -146,6 +214,9 @@ def _by_target(actions: Sequence[Action]) -> dict[str, list[Action]]:
 
 async def _run(actor: Actor, pod: PodObservation, steps: Sequence[Action], limit: asyncio.Semaphore) -> None:
     async with limit:
+        key = (pod.name, _by_target(steps).popitem()[0])
+        if key in actor.state.started:
+            actor.state.started[key] = min(actor.state.started[key], actor.clock())
         for step in steps:
             if not await _call(actor, pod, step):
                 return

@@ -27,14 +27,22 @@ from loraplex.operator.credentials import credential_secret_refs
 from loraplex.operator.decide import decide, restore_attempts
 from loraplex.operator.engine_client import EngineClient
 from loraplex.operator.k8s import Kube
-from loraplex.operator.observe import Observed, SecretCache, ask_pods, pod_bodies_gate, secret_refs
+from loraplex.operator.memo import DecideCache
+from loraplex.operator.observe import (
+    CapabilityCache,
+    Observed,
+    SecretCache,
+    ask_pods,
+    pod_bodies_gate,
+    secret_refs,
+)
 from loraplex.operator.plan import Key, Plan, StatusPatch
 from loraplex.operator.render.meta import READINESS_GATE
 from loraplex.operator.settings import OperatorConfig
 from loraplex.operator.writer import StatusWriter
 
 log = logging.getLogger(__name__)
-DEBOUNCE_S = 0.02  # after a wake-up: let a burst of events land in one pass
+DEBOUNCE_S = 0.05  # after a wake-up: let a burst of events land in one pass
 
 
 class Wakers:
@@ -72,11 +80,25 @@ class Sources:
 class BaseLoop:
     """observe → decide → act for one base; `explain` runs the first two without the third."""
 
-    def __init__(self, kube: Kube, config: OperatorConfig, sources: Sources, state: BaseState) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        config: OperatorConfig,
+        sources: Sources,
+        state: BaseState,
+        capabilities: CapabilityCache | None = None,
+    ) -> None:
         self.kube, self.config, self.sources, self.state = kube, config, sources, state
+        self.capabilities = capabilities or CapabilityCache(
+            config.render_options("policy/v1"), 10 * config.tick_s
+        )
         if state.writer is None:
             state.writer = StatusWriter(kube)
         self._stored: dict[tuple[str, str, str], dict[str, Any]] = {}
+        # the body with our status on top, kept while neither changes: the same object each
+        # pass, so the decide cache sees the same stored status
+        self._merged: dict[tuple[str, str, str], tuple[Any, Any, Mapping[str, Any]]] = {}
+        self.cache = DecideCache()
         self.secrets = SecretCache(config.tick_s)
         self.api_keys = SecretCache(config.tick_s)
 
@@ -91,6 +113,10 @@ class BaseLoop:
     async def observe(self, engine: EngineClient) -> Observed:
         bodies = list(self.sources.pods())
         adapters = [self._as_written(lora_crd.PLURAL, body) for body in self.sources.adapters()]
+        names = {(body["metadata"]["namespace"], body["metadata"]["name"]) for body in adapters}
+        self._merged = {key: value for key, value in self._merged.items() if key[1:] in names}
+        if self.state.writer is not None:  # deleted adapters' last writes: nothing to compare with
+            self.state.writer.forget_except(names, lora_crd.PLURAL)
         bmd_body = self._as_written(bmd_crd.PLURAL, plain(self.sources.body))
         if self.state.salt is None:
             self.state.salt = await read_salt(self.kube, BaseModelDeployment.from_body(bmd_body))
@@ -107,6 +133,7 @@ class BaseLoop:
             attempts=dict(self.state.attempts),
             busy={key: self.state.started.get(key, 0.0) for key in self.state.busy},
             now=time.time(),
+            capabilities=await self.capabilities.get(self.kube),
         )
         if not self.state.restored:
             self.state.attempts = restore_attempts(observed)
@@ -122,9 +149,15 @@ class BaseLoop:
         key = (plural, meta["namespace"], meta["name"])
         latest = writer.latest(key, stored) if writer else None
         if latest is None:
+            self._merged.pop(key, None)
             return body
         self._stored[key] = stored  # what the patch is written over, whatever decide compared with
-        return {**body, "status": {**stored, **latest}}
+        kept = self._merged.get(key)
+        if kept is not None and kept[0] is body and kept[1] is latest:
+            return kept[2]
+        merged = {**body, "status": {**stored, **latest}}
+        self._merged[key] = (body, latest, merged)
+        return merged
 
     def _written_over_stored(self, plan: Plan) -> Plan:
         stored, self._stored = self._stored, {}
@@ -138,10 +171,10 @@ class BaseLoop:
         )
 
     async def step(self, engine: EngineClient, wake: Callable[[], None]) -> Plan:
-        started = time.monotonic()
+        started, hits = time.monotonic(), self.cache.hits
         observed = await self.observe(engine)
         observed_at = time.monotonic()
-        plan = self._written_over_stored(decide(observed))
+        plan = self._written_over_stored(decide(observed, self.cache))
         decided_at = time.monotonic()
         live = {pod.name for pod in observed.pods}
         self.state.attempts = {key: value for key, value in self.state.attempts.items() if key[0] in live}
@@ -149,9 +182,11 @@ class BaseLoop:
         await act(actor, plan, observed.pods)
         if plan.engine_calls or plan.lora_statuses or plan.meta or plan.bmd_status:
             log.info(
-                "pass: observe %.3fs, decide %.3fs, act %.3fs; %d engine call(s), %d status(es), %d meta",
+                "pass: observe %.3fs, decide %.3fs (%d cached), act %.3fs; %d engine call(s), "
+                "%d status(es), %d meta",
                 observed_at - started,
                 decided_at - observed_at,
+                self.cache.hits - hits,
                 time.monotonic() - decided_at,
                 plan.engine_calls,
                 len(plan.lora_statuses) + (plan.bmd_status is not None),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,12 +22,15 @@ from loraplex.operator import lora as lora_crd
 from loraplex.operator.access import access_condition, access_document, key_refs
 from loraplex.operator.admission import ATTACHED_ANNOTATION, Verdict, admit, desired_set, qualified_name
 from loraplex.operator.bmd import BaseModelDeployment, BaseModelDeploymentStatus, BmdPhase
+from loraplex.operator.children import workload_children
 from loraplex.operator.common import GROUP, Condition
 from loraplex.operator.conditions import condition, merge_conditions, timestamp
 from loraplex.operator.credentials import credential_files, credential_refs
 from loraplex.operator.desired import DesiredAdapter
 from loraplex.operator.engine_client import AdapterState
 from loraplex.operator.lora import DeletionPolicy, InstanceState, LoraAdapterStatus, LoraPhase
+from loraplex.operator.memo import DecideCache, attempts_by_name, status_inputs
+from loraplex.operator.memo import entry as memo_entry
 from loraplex.operator.observe import Observed, found_keys
 from loraplex.operator.plan import GatePatch, MetaPatch, Plan, StatusPatch, Warning_
 from loraplex.operator.pods import PodObservation
@@ -39,6 +43,7 @@ FINALIZER = f"{GROUP}/unload"  # on Unload adapters: released once no pod holds 
 LEGACY_FINALIZERS = frozenset({f"{GROUP}/finalizer"})  # kopf's, before the operator kept its own
 ACCESS_OWNED = ("AccessKeys",)  # dropped once the adapter no longer has `access`
 RECHECK_S = 0.5  # a pod reports an adapter loading that no call of ours waits on (access pending)
+NO_STATUS: Mapping[str, Any] = MappingProxyType({})  # one object: the cache compares identity
 LOAD_GRACE_S = 2.0  # an adapter's first status waits this long for the loads just started
 # Refusals that need the user to change something; NotAllowed may resolve from the base's side.
 _REFUSED_PHASE = {"NotAllowed": LoraPhase.PENDING}
@@ -47,7 +52,9 @@ SpecCheck = Callable[[BaseModelDeployment], Condition | None]
 SPEC_CHECKS: list[SpecCheck] = []
 
 
-def decide(observed: Observed) -> Plan:
+def decide(observed: Observed, cache: DecideCache | None = None) -> Plan:
+    """The plan for one base; `cache` (the base's loop keeps one) only saves recomputing the
+    statuses of adapters whose inputs did not change."""
     try:
         bmd = BaseModelDeployment.from_body(observed.bmd_body)
     except ValidationError as error:  # the change handler reports it: wait for a fix
@@ -59,16 +66,22 @@ def decide(observed: Observed) -> Plan:
     actions = _actions(desired, observed)
     bmd_patch = _bmd_patch(bmd, desired, observed, refusals)
     starting = {(pod, _target(a)): observed.now for pod, acts in actions.items() for a in acts}
-    loras, warnings = _lora_patches(verdicts, replace(observed, busy={**starting, **observed.busy}), keys)
+    loras, warnings = _lora_patches(
+        verdicts, replace(observed, busy={**starting, **observed.busy}), keys, cache
+    )
+    workload = workload_children(bmd, observed.capabilities)
     return Plan(
         namespace=bmd.namespace,
-        children=(  # keys first: pods check them
+        base=bmd.name,
+        children=(  # keys and adapters first: the pods read them
             secret,
             build_credentials_secret(
                 bmd, credential_files(credential_refs(verdicts, observed.adapters), observed.secrets)
             ),
             build_configmap(bmd, desired.values()),
+            *workload.apply,
         ),
+        deletes=workload.delete,
         actions=actions,
         bmd_status=bmd_patch,
         lora_statuses=loras,
@@ -76,7 +89,7 @@ def decide(observed: Observed) -> Plan:
         meta=_meta_patches(bmd, verdicts, observed),
         warnings=warnings,
         recheck_s=_recheck(desired, observed, actions),
-        notes=_notes(verdicts, observed),
+        notes=(*_notes(verdicts, observed), *workload.notes),
     )
 
 
@@ -146,25 +159,39 @@ def _changed(plural: str, body: Mapping[str, Any], new: dict[str, Any]) -> Statu
 
 
 def _lora_patches(
-    verdicts: Sequence[Verdict], observed: Observed, keys: Mapping[str, Condition]
+    verdicts: Sequence[Verdict],
+    observed: Observed,
+    keys: Mapping[str, Condition],
+    cache: DecideCache | None = None,
 ) -> tuple[tuple[StatusPatch, ...], tuple[Warning_, ...]]:
     bodies = {_key(body): body for body in observed.adapters}
+    attempts = attempts_by_name(observed.attempts)
     patches, warnings = [], []
     for verdict in verdicts:
         if verdict.reason == "Deleting":
             continue  # going away: its finalizer waits for the unload, no status to write
         body = bodies[(verdict.namespace, verdict.name)]
-        old_raw = body.get("status") or {}
-        old = LoraAdapterStatus.model_validate(old_raw)
+        old_raw = body.get("status") or NO_STATUS
         access = keys.get(verdict.adapter.name) if verdict.adapter is not None else None
-        status = adapter_status(verdict, observed.pods, observed, old, access)
+        name = verdict.adapter.name if verdict.adapter is not None else ""
+        inputs = status_inputs(verdict, observed.pods, attempts.get(name, ()), access, observed.now)
+        found = cache.lookup(_key(body), inputs, old_raw) if cache is not None else None
+        if found is None:
+            old = LoraAdapterStatus.model_validate(old_raw)
+            status = adapter_status(verdict, observed.pods, observed, old, access)
+            found = memo_entry(inputs, old_raw, status, _changed(lora_crd.PLURAL, body, status.to_k8s()))
+            if cache is not None:
+                cache.store(_key(body), found)
+        status = found.status
         if _loading_briefly(status, observed):
             continue  # a fast load is about to report Ready: write once, not Loading then Ready
-        if (patch := _changed(lora_crd.PLURAL, body, status.to_k8s())) is not None:
-            patches.append(patch)
+        if found.patch is not None:
+            patches.append(found.patch)
         turned_failed = status.phase == LoraPhase.FAILED and old_raw.get("phase") != LoraPhase.FAILED.value
         if turned_failed and (warning := _warning(body, status)) is not None:
             warnings.append(warning)
+    if cache is not None:
+        cache.keep_only(set(bodies))
     return tuple(patches), tuple(warnings)
 
 

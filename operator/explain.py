@@ -25,8 +25,9 @@ from loraplex.operator.common import GROUP, VERSION
 from loraplex.operator.decide import decide, restore_attempts
 from loraplex.operator.engine_client import EngineClient
 from loraplex.operator.k8s import Kube
-from loraplex.operator.observe import Observed, ask_pods, pod_bodies_gate, secret_refs
+from loraplex.operator.observe import Observed, ask_pods, observe_capabilities, pod_bodies_gate, secret_refs
 from loraplex.operator.plan import Plan
+from loraplex.operator.render import RenderOptions
 from loraplex.operator.render.access import ACCESS_KEY, access_secret_name
 from loraplex.operator.render.meta import READINESS_GATE, label_selector_string
 
@@ -57,6 +58,7 @@ async def observe_once(kube: Kube, namespace: str, name: str) -> Observed:
         secrets=secrets,
         salt=salt,
         now=time.time(),
+        capabilities=await observe_capabilities(kube, RenderOptions()),
     )
     return Observed(**{**observed.__dict__, "attempts": restore_attempts(observed)})
 
@@ -102,6 +104,8 @@ def _plan_lines(plan: Plan) -> Iterator[str]:
     yield "plan:"
     for child in plan.children:
         yield f"  apply {child['kind']}/{child['metadata']['name']} (skipped by the operator when unchanged)"
+    for api_version, kind in plan.deletes:
+        yield f"  delete {kind}/{plan.base} ({api_version}) if present"
     for pod, actions in sorted(plan.actions.items()):
         for action in actions:
             yield f"  pod {pod}: {action}"

@@ -17,7 +17,6 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from loraplex.operator import autopilot
 from loraplex.operator import bmd as bmd_crd
 from loraplex.operator import lora as lora_crd
 from loraplex.operator.act import BaseState
@@ -29,18 +28,9 @@ from loraplex.operator.daemon import BaseLoop, EngineCache, Sources, Wakers, pla
 from loraplex.operator.decide import FINALIZER, LEGACY_FINALIZERS
 from loraplex.operator.k8s import Kube
 from loraplex.operator.lora import LoraAdapterStatus, LoraPhase
+from loraplex.operator.observe import CapabilityCache
 from loraplex.operator.plan import MetaPatch
-from loraplex.operator.render import build_deployment, build_inference_pool, build_pdb, build_service
-from loraplex.operator.render.autoscaling import (
-    HPA_API_VERSIONS,
-    HPA_KIND,
-    KEDA_API_VERSION,
-    KEDA_KIND,
-    build_hpa,
-    build_scaled_object,
-)
 from loraplex.operator.render.meta import BASE_MODEL_LABEL, MANAGED_BY
-from loraplex.operator.render.network import INFERENCE_POOL_API_VERSION
 from loraplex.operator.settings import OperatorConfig
 
 log = logging.getLogger(__name__)
@@ -58,11 +48,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.wakers = Wakers()
     memo.daemon_states = {}  # (namespace, name) -> BaseState, shared with the change handlers
     memo.seen = {}  # adapter -> what its last event carried that a pass decides on
-    modern = await memo.kube.served("policy/v1", "PodDisruptionBudget")
-    memo.options = memo.config.render_options("policy/v1" if modern else "policy/v1beta1")
-    # autoscaling/v2 from 1.23 on; older servers (the local 1.20) serve the same schema as v2beta2.
-    hpa_v2 = await memo.kube.served(HPA_API_VERSIONS[0], HPA_KIND)
-    memo.hpa_api_version = HPA_API_VERSIONS[0] if hpa_v2 else HPA_API_VERSIONS[1]
+    # a lookup of an absent kind re-reads discovery: at most every 10 ticks (KEDA installed later)
+    memo.capabilities = CapabilityCache(memo.config.render_options("policy/v1"), 10 * memo.config.tick_s)
+    await memo.capabilities.get(memo.kube)  # looked up once before the first pass
 
 
 # Indexes: the daemon reads them every cycle instead of listing from the API server.
@@ -105,47 +93,18 @@ def pod_changed(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_:
 @kopf.on.update(GROUP, VERSION, bmd_crd.PLURAL)
 @kopf.on.resume(GROUP, VERSION, bmd_crd.PLURAL)
 async def apply_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Render and server-side-apply the Deployment, Service, PDB, InferencePool and autoscaler
-    (HPA or KEDA ScaledObject); the base's loop applies the ConfigMap and access Secret."""
-    kube: Kube = memo.kube
+    """Parse, refuse an invalid spec, and wake the base's loop: its plan holds every child (the
+    Deployment, Service, PDB, InferencePool, autoscaler, ConfigMap, Secrets) and `act` applies
+    them. The name stays `apply_children`: kopf keys its progress annotations by handler id."""
     try:
         bmd = BaseModelDeployment.from_body(body)
     except ValidationError as error:
-        await _report_invalid_spec(kube, body, str(error))
+        await _report_invalid_spec(memo.kube, body, str(error))
         raise kopf.PermanentError(f"invalid spec: {error}") from error
     key = (bmd.namespace, bmd.name)
     if (state := memo.daemon_states.get(key)) is not None:
-        state.forget_children()  # e.g. the base's name in the ConfigMap: compare them again
+        state.forget_children()  # compare every child again: the spec changed, or we resumed
     memo.wakers.wake(key)
-    children = [build_deployment(bmd, memo.options), build_service(bmd), build_pdb(bmd, memo.options)]
-    if autopilot.bmd_rejections(bmd):  # pods Autopilot refuses: status says AutopilotRejected
-        children = [child for child in children if child["kind"] != "Deployment"]
-    for child in children:
-        await kube.apply(child)
-    pool = build_inference_pool(bmd)
-    if pool is not None:
-        await kube.apply(pool)
-    elif await kube.served(INFERENCE_POOL_API_VERSION, "InferencePool"):
-        await kube.delete(INFERENCE_POOL_API_VERSION, "InferencePool", bmd.namespace, bmd.name)
-    await _apply_autoscaler(kube, bmd, memo.hpa_api_version)  # last: it may retry (KEDA missing)
-
-
-async def _apply_autoscaler(kube: Kube, bmd: BaseModelDeployment, hpa_api_version: str) -> None:
-    """The HPA or KEDA ScaledObject that spec.autoscaling asks for; an unwanted one is deleted."""
-    hpa = build_hpa(bmd, hpa_api_version)
-    if hpa is not None:
-        await kube.apply(hpa)
-    else:
-        await kube.delete(hpa_api_version, HPA_KIND, bmd.namespace, bmd.name)
-    scaled_object = build_scaled_object(bmd)
-    if scaled_object is None:
-        await kube.delete(KEDA_API_VERSION, KEDA_KIND, bmd.namespace, bmd.name)
-    elif await kube.served(KEDA_API_VERSION, KEDA_KIND):
-        await kube.apply(scaled_object)
-    else:  # retried: KEDA may be installed later
-        raise kopf.TemporaryError(
-            "autoscaling.provider KEDA, but KEDA's ScaledObject is not installed", delay=60
-        )
 
 
 @kopf.daemon(GROUP, VERSION, bmd_crd.PLURAL, cancellation_timeout=10.0)
@@ -167,7 +126,7 @@ async def converge(
         adapters=lambda: list(adapters_by_base.get(key, [])),
         namespace_labels=lambda: _labels(namespace_labels),
     )
-    loop = BaseLoop(memo.kube, memo.config, sources, state)
+    loop = BaseLoop(memo.kube, memo.config, sources, state, memo.capabilities)
     engines = EngineCache(memo.config)
     try:
         while not stopped:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from loraplex.operator.access import FoundKeys
+from loraplex.operator.children import INFERENCE_POOL, KEDA, Capabilities
 from loraplex.operator.common import SecretKeyRef
 from loraplex.operator.engine_client import EngineClient, EngineClientError
 from loraplex.operator.k8s import Kube
@@ -23,6 +24,8 @@ from loraplex.operator.lora import LoraAdapterSpec
 from loraplex.operator.plan import Key, PodAdapter
 from loraplex.operator.pods import PodObservation, observe_pod
 from loraplex.operator.reconcile import Attempt
+from loraplex.operator.render import RenderOptions
+from loraplex.operator.render.autoscaling import HPA_API_VERSIONS, HPA_KIND
 
 T = TypeVar("T")
 SecretRef = tuple[str, str, str]  # (namespace, secret, key)
@@ -42,6 +45,7 @@ class Observed:
     attempts: Mapping[PodAdapter, Attempt] = field(default_factory=dict)  # failed loads backing off
     busy: Mapping[PodAdapter, float] = field(default_factory=dict)  # engine calls running, since
     now: float = 0.0
+    capabilities: Capabilities = field(default_factory=Capabilities)  # what the API server serves
 
 
 def pod_bodies_gate(bodies: Sequence[Mapping[str, Any]], gate: str) -> dict[str, Mapping[str, Any] | None]:
@@ -124,6 +128,35 @@ def found_keys(
             else:
                 found.missing.setdefault(name, []).append(f"{ref.name}[{ref.key}]")
     return found
+
+
+async def observe_capabilities(kube: Kube, options: RenderOptions) -> Capabilities:
+    """Which API versions and optional kinds the API server serves (policy/v1 from 1.21,
+    autoscaling/v2 from 1.23: the local 1.20 serves v1beta1 and v2beta2 with the same schema)."""
+    modern_pdb = await kube.served("policy/v1", "PodDisruptionBudget")
+    hpa_v2 = await kube.served(HPA_API_VERSIONS[0], HPA_KIND)
+    served = frozenset([kind for kind in (INFERENCE_POOL, KEDA) if await kube.served(*kind)])
+    return Capabilities(
+        options=replace(options, pdb_api_version="policy/v1" if modern_pdb else "policy/v1beta1"),
+        hpa_api_version=HPA_API_VERSIONS[0] if hpa_v2 else HPA_API_VERSIONS[1],
+        served=served,
+    )
+
+
+class CapabilityCache:
+    """`observe_capabilities` at most once per `max_age_s` (KEDA installed later is picked up)."""
+
+    def __init__(self, options: RenderOptions, max_age_s: float) -> None:
+        self.options, self.max_age_s = options, max_age_s
+        self._value: Capabilities | None = None
+        self._at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get(self, kube: Kube) -> Capabilities:
+        async with self._lock:
+            if self._value is None or time.monotonic() - self._at > self.max_age_s:
+                self._value, self._at = await observe_capabilities(kube, self.options), time.monotonic()
+            return self._value
 
 
 def base_of(body: Mapping[str, Any]) -> Key:

@@ -75,6 +75,7 @@ class Plan:
     """Everything one pass does for one base, in the order `act` runs it."""
 
     namespace: str = ""  # the base's: children, pods and gates live there
+    base: str = ""  # the base's name (and that of its Deployment, Service, PDB, pool, autoscaler)
     children: tuple[dict[str, Any], ...] = ()  # server-side applied when their content changed
     deletes: tuple[tuple[str, str], ...] = ()  # (apiVersion, kind) of unwanted children, same name
     actions: dict[str, list[Action]] = field(default_factory=dict)  # per pod, in order

@@ -315,7 +315,7 @@ def _bmd_conditions(
             condition("GPUCapacityPending", True, "Unschedulable", "; ".join(unschedulable), generation)
         )
     if (rejected := autopilot.rejected_condition(bmd)) is not None:
-        conditions.append(rejected)  # the Deployment is not applied: see handlers.apply_children
+        conditions.append(rejected)  # the Deployment is not applied: see children.workload_children
     return conditions
 
 

@@ -13,8 +13,6 @@ import itertools
 import logging
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
 from loraplex.operator import lora as lora_crd
 from loraplex.operator.k8s import Kube
 from loraplex.operator.plan import MetaPatch, StatusPatch
@@ -31,8 +29,10 @@ class StatusWriter:
         self._queue: asyncio.PriorityQueue[tuple[int, int, ObjectKey]] = asyncio.PriorityQueue()
         self._order = itertools.count()
         self.pending: dict[ObjectKey, StatusPatch | MetaPatch] = {}
-        # what we last wrote, and over which stored status: the watch delivers it later
+        # what we last wrote or are writing now, and over which stored status (the watch
+        # delivers it later): a pass that plans the same again while it is in flight skips it
         self.written: dict[ObjectKey, tuple[Any, Any]] = {}
+        self.in_flight: set[ObjectKey] = set()
         self._workers: list[asyncio.Task[None]] = []
 
     def submit(self, patch: StatusPatch, first: bool = False) -> None:
@@ -41,7 +41,7 @@ class StatusWriter:
             self.pending.pop(key, None)
             return  # already written over this same stored status
         if key not in self.pending or first:
-            self._queue.put_nowait((0 if first else 1, next(self._order), key))
+            self._queue.put_nowait((0 if first else 2, next(self._order), key))
         self.pending[key] = patch
         self._start()
 
@@ -51,7 +51,7 @@ class StatusWriter:
         if self.written.get(key) == (patch.observed, patch.finalizers):
             return  # written, the watch has not shown it yet
         if key not in self.pending:
-            self._queue.put_nowait((0, next(self._order), key))
+            self._queue.put_nowait((1, next(self._order), key))  # after the base's status
         self.pending[key] = patch
         self._start()
 
@@ -66,9 +66,14 @@ class StatusWriter:
         written = self.written.get(key)
         return written[1] if written is not None and written[0] == stored else None
 
+    def forget_except(self, names: set[tuple[str, str]], plural: str) -> None:
+        """Drop what was written to `plural` objects (and their metadata) no longer present."""
+        for key in [key for key in self.written if key[0] in (plural, "meta") and key[1:] not in names]:
+            del self.written[key]
+
     async def idle(self) -> None:
         """Until everything queued is written (tests, shutdown)."""
-        while self.pending:
+        while self.pending or self.in_flight:
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
@@ -83,19 +88,19 @@ class StatusWriter:
             patch = self.pending.pop(key, None)
             if patch is None:
                 continue  # written already by an earlier entry of the same object
+            self.in_flight.add(key)
             try:
                 await self._write(key, patch)
-            except ApiException as error:
-                if error.status not in (404, 409, 422):  # gone, or changed: the next pass decides
-                    self.written.pop(key, None)
+            except Exception:  # gone (404), changed (409, 422) or failed: the next pass decides
                 self.written.pop(key, None)
-            except Exception:
-                self.written.pop(key, None)
+            finally:
+                self.in_flight.discard(key)
 
     async def _write(self, key: ObjectKey, patch: StatusPatch | MetaPatch) -> None:
+        """Recorded as written before the call returns (a failure forgets it again)."""
         if isinstance(patch, MetaPatch):
-            await self._kube.patch_metadata(lora_crd.PLURAL, patch.namespace, patch.name, patch.json_patch())
             self.written[key] = (patch.observed, patch.finalizers)
+            await self._kube.patch_metadata(lora_crd.PLURAL, patch.namespace, patch.name, patch.json_patch())
         else:
-            await self._kube.patch_status(patch.plural, patch.namespace, patch.name, patch.status)
             self.written[key] = (patch.seen or {}, patch.status)
+            await self._kube.patch_status(patch.plural, patch.namespace, patch.name, patch.status)

@@ -104,3 +104,55 @@ async def test_busy_pod_keeps_its_reports_and_is_retried_later(start_fake_pod, c
     result = await converge({"sql": SQL}, [body("a", pod.port)])
     assert not result.pods[0].reachable and "queue full" in result.pods[0].error
     assert result.attempts == {}  # busy is not the adapter's fault: no backoff recorded
+
+
+class RecordingKube:
+    """Kubernetes writes as act issues them (act's bookkeeping is what is tested here; the real
+    API server runs in the envtests, e.g. test_autoscaling_envtest)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    async def apply(self, body: dict[str, Any]) -> None:
+        self.calls.append(("apply", body["kind"], body["metadata"]["name"]))
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self.calls.append(("delete", kind, name))
+
+    async def set_pod_condition(self, namespace: str, name: str, condition: dict[str, Any]) -> None:
+        self.calls.append(("gate", name, condition["status"]))
+
+
+async def test_children_deletes_and_gates_are_written_once_off_the_pass() -> None:
+    import asyncio
+
+    from loraplex.operator.act import Actor, BaseState, act
+    from loraplex.operator.plan import GatePatch, Plan
+    from loraplex.operator.writer import StatusWriter
+
+    kube = RecordingKube()
+    state = BaseState(writer=StatusWriter(kube))
+    actor = Actor(kube=kube, engine=None, state=state, wake=lambda: None)
+    children = ({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "gemma-adapters"}},)
+    gate = GatePatch("a", {"status": "True", "reason": "AdaptersLoaded", "message": "engine epoch 1"})
+    plan = Plan(
+        namespace="llm",
+        base="gemma",
+        children=children,
+        deletes=(("autoscaling/v2", "HorizontalPodAutoscaler"),),
+        gates=(gate,),
+    )
+    for _ in range(3):  # the watch has not shown the writes yet: the same plan again
+        await act(actor, plan, [])
+        await asyncio.sleep(0.01)
+    assert sorted(kube.calls) == [
+        ("apply", "ConfigMap", "gemma-adapters"),
+        ("delete", "HorizontalPodAutoscaler", "gemma"),
+        ("gate", "a", "True"),
+    ]
+    state.forget_children()  # the spec changed: every child is compared again
+    await act(actor, plan, [])
+    await asyncio.sleep(0.01)
+    assert kube.calls.count(("apply", "ConfigMap", "gemma-adapters")) == 2
+    assert kube.calls.count(("delete", "HorizontalPodAutoscaler", "gemma")) == 2
+    await state.cancel()

@@ -10,10 +10,12 @@ import pytest
 
 from loraplex.operator import decide as decide_module
 from loraplex.operator.admission import ATTACHED_ANNOTATION
+from loraplex.operator.children import INFERENCE_POOL, KEDA, KEDA_MISSING, Capabilities
 from loraplex.operator.conditions import condition
 from loraplex.operator.decide import FINALIZER, decide
 from loraplex.operator.desired import DesiredAdapter
 from loraplex.operator.engine_client import AdapterReport
+from loraplex.operator.memo import DecideCache
 from loraplex.operator.observe import Observed
 from loraplex.operator.pods import PodObservation
 from loraplex.operator.reconcile import Load, Unload, record_failure
@@ -229,7 +231,7 @@ def test_access_keys_condition_and_secret() -> None:
     found = decide(observe(STARTING, adapters=adapters, secrets={("llm", "keys", "k"): "key-1"}))
     assert conditions(lora_status(found))["AccessKeys"] == ("True", "KeysFound")
     names = [(child["kind"], child["metadata"]["name"]) for child in found.children]
-    assert names == [
+    assert names[:3] == [  # the keys and adapters before the pods that read them
         ("Secret", "gemma-access"),
         ("Secret", "gemma-credentials"),
         ("ConfigMap", "gemma-adapters"),
@@ -363,3 +365,71 @@ def test_finalizer_patch_tests_the_finalizers_not_the_resource_version() -> None
         {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
         {"op": "add", "path": "/metadata/annotations/loraplex.dev~1attached-to", "value": "llm/gemma"},
     ]
+
+
+POOL_ON = {"routing": {"inferencePool": {"enabled": True, "endpointPickerRef": {"name": "epp"}}}}
+HPA_ON = {"autoscaling": {"maxReplicas": 4}}
+KEDA_ON = {"autoscaling": {"maxReplicas": 4, "provider": "KEDA", "serverAddress": "http://prom:9090"}}
+CHILD_CASES = [  # (case, spec, optional kinds served, applied kinds after the ConfigMap, deleted, note)
+    ("plain", {}, set(), ["Deployment", "Service", "PodDisruptionBudget"], ["HorizontalPodAutoscaler"], None),
+    ("pool asked", POOL_ON, set(), ["Deployment", "Service", "PodDisruptionBudget", "InferencePool"],
+     ["HorizontalPodAutoscaler"], None),
+    ("pool served, not asked", {}, {INFERENCE_POOL}, ["Deployment", "Service", "PodDisruptionBudget"],
+     ["InferencePool", "HorizontalPodAutoscaler"], None),
+    ("hpa", HPA_ON, set(), ["Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"],
+     [], None),
+    ("keda served", KEDA_ON, {KEDA}, ["Deployment", "Service", "PodDisruptionBudget", "ScaledObject"],
+     ["HorizontalPodAutoscaler"], None),
+    ("keda missing", KEDA_ON, set(), ["Deployment", "Service", "PodDisruptionBudget"],
+     ["HorizontalPodAutoscaler"], KEDA_MISSING),
+    ("autopilot refuses the pods", {"scheduling": {"autopilot": True, "nodeSelector": {"team": "a"}}},
+     set(), None, None, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "spec", "served", "applied", "deleted", "note"), CHILD_CASES)
+def test_children_in_the_plan(case, spec, served, applied, deleted, note) -> None:
+    caps = Capabilities(hpa_api_version="autoscaling/v2beta2", served=frozenset(served))
+    plan = decide(_with_spec(spec, caps))
+    kinds = [child["kind"] for child in plan.children[3:]]
+    if applied is None:
+        assert "Deployment" not in kinds, case
+        return
+    assert kinds == applied, case
+    assert [kind for _, kind in plan.deletes] == deleted, case
+    assert (plan.base, plan.namespace) == ("gemma", "llm")
+    assert (note in plan.notes) if note else not any("KEDA" in line for line in plan.notes)
+
+
+def _with_spec(spec: dict[str, Any], caps: Capabilities) -> Any:
+    body = bmd_body()
+    body["spec"].update(spec)
+    return observe(bmd_body=body, capabilities=caps)
+
+
+def test_the_cache_changes_nothing_and_recomputes_only_what_changed() -> None:
+    """decide(observed, cache) == decide(observed); a pass whose inputs did not move is all hits,
+    and one pod's new report of one adapter recomputes that adapter only."""
+    adapters = [lora(f"a{i}") for i in range(5)]
+    first = observe(pod("a", *(report(f"a{i}") for i in range(4))), pod("b"), adapters=adapters)
+    cache = DecideCache()
+    assert decide(first, cache) == decide(first)
+    assert (cache.hits, cache.misses) == (0, 5)
+    assert decide(first, cache) == decide(first)
+    assert cache.hits == 5
+    later = replace(first, pods=[first.pods[0], pod("b", report("a2"))], now=NOW + 5)
+    assert decide(later, cache) == decide(later)
+    assert (cache.hits, cache.misses) == (9, 6)
+    restored = replace(later, adapters=adapters[:2])  # three deleted: their entries go
+    decide(restored, cache)
+    assert set(cache.statuses) == {("llm", "a0"), ("llm", "a1")}
+
+
+def test_the_cache_misses_when_the_stored_status_is_another_object() -> None:
+    adapters = [lora("sql")]
+    cache = DecideCache()
+    decide(observe(pod("a", report("sql")), adapters=adapters), cache)
+    written = [{**adapters[0], "status": {"phase": "Ready"}}]
+    plan = decide(observe(pod("a", report("sql")), adapters=written), cache)
+    assert cache.misses == 2
+    assert plan == decide(observe(pod("a", report("sql")), adapters=written))

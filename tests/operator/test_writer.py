@@ -48,3 +48,22 @@ async def test_base_first_latest_wins_and_no_repeat() -> None:
     assert writer.latest(("loraadapters", "llm", "a1"), {}) == {"phase": "Ready"}
     assert writer.latest(("loraadapters", "llm", "a1"), {"phase": "Ready"}) is None
     await writer.close()
+
+
+async def test_a_write_in_flight_is_not_repeated_and_the_loop_sees_it() -> None:
+    """A pass that plans the same status while its PATCH is still running (a slow API server)
+    neither writes it twice nor reads the old status back."""
+    kube = RecordingKube()
+    writer = StatusWriter(kube, concurrency=4)  # type: ignore[arg-type]
+    writer.submit(patch("loraadapters", "a0", "Ready"))
+    await asyncio.sleep(0.01)  # picked up: in flight, held at the gate
+    assert writer.in_flight == {("loraadapters", "llm", "a0")}
+    assert writer.latest(("loraadapters", "llm", "a0"), {}) == {"phase": "Ready"}
+    writer.submit(patch("loraadapters", "a0", "Ready"))  # the next pass plans it again
+    assert not writer.pending
+    kube.gate.set()
+    await writer.idle()
+    assert len(kube.patches) == 1
+    writer.forget_except(set(), "loraadapters")  # a0 was deleted: its record goes
+    assert writer.latest(("loraadapters", "llm", "a0"), {}) is None
+    await writer.close()
