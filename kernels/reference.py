@@ -83,13 +83,37 @@ def lora_add(
     check_b_slots(b_slots, meta, out, a_slots[0].shape[1])
     plan = _plan(meta)
     compute = _compute_dtype(out)
+    stacked = _stacked(a_slots)
     if plan.batched is not None and x.dtype == out.dtype == compute and out.is_contiguous():
-        return _add_batched(x, a_slots, b_slots, plan.batched, out)
+        return _add_batched(x, a_slots, b_slots, plan.batched, out, stacked)
     for group in plan.groups:
         xs = x[group.rows].to(compute)
-        ys = [xs @ a[group.slot, : group.rank].to(compute).T for a in a_slots]
+        if stacked is not None and group.rank == stacked.shape[1] // len(a_slots):
+            ys = _split(xs @ stacked[group.slot].to(compute).T, len(a_slots))  # every slice in one matmul
+        else:
+            ys = [xs @ a[group.slot, : group.rank].to(compute).T for a in a_slots]
         _expand_rows(ys, b_slots, group, out)
     return out
+
+
+def _stacked(a_slots: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """[S, slices * R, in] when the A slices are consecutive views of one buffer (the layer's layout)."""
+    first = a_slots[0]
+    if len(a_slots) == 1:
+        return None
+    num_slots, max_rank, in_features = first.shape
+    step = max_rank * in_features
+    stride = (len(a_slots) * step, in_features, 1)
+    ptr, size = first.data_ptr(), first.element_size()
+    for s, a in enumerate(a_slots):
+        if a.stride() != stride or a.data_ptr() != ptr + s * step * size:
+            return None
+    return first.as_strided((num_slots, len(a_slots) * max_rank, in_features), stride)
+
+
+def _split(y: torch.Tensor, num_slices: int) -> list[torch.Tensor]:
+    """Per-slice column blocks of a stacked shrink's [.., slices * R] result (views)."""
+    return list(y.chunk(num_slices, dim=-1))
 
 
 def lora_shrink(
@@ -155,6 +179,7 @@ def _add_batched(
     b_slots: Sequence[torch.Tensor],
     plan: _Batched,
     out: torch.Tensor,
+    stacked: torch.Tensor | None,
 ) -> torch.Tensor:
     n, m = plan.shape
     if plan.rows is not None:
@@ -163,9 +188,12 @@ def _add_batched(
         xg = x[plan.tokens]  # [n, M, in]
         if plan.padding is not None:
             xg.masked_fill_(plan.padding, 0)  # padding rows add exact zeros to row 0
+    if stacked is not None and plan.rank == a_slots[0].shape[1]:  # every slice in one bmm
+        ys = _split(torch.bmm(xg, stacked[plan.slots].transpose(1, 2)), len(a_slots))
+    else:
+        ys = [torch.bmm(xg, a[plan.slots, : plan.rank].transpose(1, 2)) for a in a_slots]  # [n, M, rank]
     deltas = []
-    for a, b in zip(a_slots, b_slots, strict=True):
-        y = torch.bmm(xg, a[plan.slots, : plan.rank].transpose(1, 2))  # [n, M, rank]
+    for y, b in zip(ys, b_slots, strict=True):
         bt = b[plan.slots, :, : plan.rank].transpose(1, 2)  # [n, rank, out_s]
         if plan.past_rank is not None:  # a smaller adapter: its slot may hold stale rows beyond its rank
             y.masked_fill_(plan.past_rank[:, None, :], 0)

@@ -15,9 +15,10 @@ class LoraLinear(nn.Module):
     Slot buffers per slice: A `[max_loras, max_rank, in]`, B `[max_loras, out_slice, max_rank]`,
     scaling folded into B. An adapter of rank r fills the first r rows of A / columns of B and
     leaves the rest zero; `slot_ranks` in the batch meta tells the kernels where to stop.
-    For the Triton kernels every buffer is contiguous; for the torch reference B is the
-    transposed view of a contiguous B^T `[max_loras, max_rank, out_slice]`, so the expand
-    streams whole rows of B^T (on the CPU twice as fast as B's rows of max_rank values).
+    For the Triton kernels every buffer is contiguous. For the torch reference the A slices are
+    views of one `[max_loras, slices, max_rank, in]` buffer (a slot's q|k|v or gate|up shrink is one
+    matmul) and B is the transposed view of a contiguous B^T `[max_loras, max_rank, out_slice]`, so
+    the expand streams whole rows of B^T (on the CPU twice as fast as B's rows of max_rank values).
     """
 
     def __init__(self, in_features: int, out_features: tuple[int, ...], bias: bool = False) -> None:
@@ -47,11 +48,16 @@ class LoraLinear(nn.Module):
     def create_lora_slots(self, max_loras: int, max_rank: int, backend: str = "triton") -> None:
         """Allocate zeroed slot buffers on the weight's device and dtype, laid out for `backend`'s LoRA ops."""
         like = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.lora_a = [torch.zeros(max_loras, max_rank, self.in_features, **like) for _ in self.out_features]
         if backend == "reference":
+            slices = len(self.out_features)
+            a = torch.zeros(max_loras, slices, max_rank, self.in_features, **like)
+            self.lora_a = [a[:, s] for s in range(slices)]  # [max_loras, max_rank, in] views
             bt = [torch.zeros(max_loras, max_rank, out, **like) for out in self.out_features]
             self.lora_b = [t.transpose(1, 2) for t in bt]  # [max_loras, out_slice, max_rank] views
         else:
+            self.lora_a = [
+                torch.zeros(max_loras, max_rank, self.in_features, **like) for _ in self.out_features
+            ]
             self.lora_b = [torch.zeros(max_loras, out, max_rank, **like) for out in self.out_features]
 
     def set_lora(self, slot: int, shard: int, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -139,18 +139,30 @@ def test_fused_add_matches_float64(lora_checks, token_slots, strategy, dtype, mo
     _check_add(lora_checks, case)
 
 
-@pytest.mark.parametrize("token_slots", [[1, 0, 2], [2, 2, 0, 1, 1, 0]], ids=["decode", "uneven"])
-def test_fused_add_reads_b_through_a_transposed_buffer(lora_checks, token_slots):
-    """The layer's reference layout: B as views of a contiguous B^T (NaN beyond each rank stays unread)."""
-    case = lora_checks.make_case(
-        len(token_slots), (16, 16, 16), (16, 8), in_features=32, seed=12, token_slots=token_slots
-    )
+def _layer_layout(case):
+    """The layer's reference layout: A slices as views of one [S, slices, R, in] buffer, B as views of B^T."""
+    a_all = torch.stack(case.a_slots, dim=1)
     b_views = [b.transpose(1, 2).contiguous().transpose(1, 2) for b in case.b_slots]
+    return [a_all[:, s] for s in range(len(case.a_slots))], b_views
+
+
+@pytest.mark.parametrize(
+    "token_slots", [[1, 0, 2], [2, 2, 0, 1, 1, 0], [1] * 5], ids=["decode", "uneven", "one"]
+)
+@pytest.mark.parametrize("ranks", [(16, 16, 16), (16, 4, 8)], ids=["equal_ranks", "mixed_ranks"])
+@pytest.mark.parametrize("strategy", ["per_adapter", "batched"])
+def test_fused_add_on_the_layers_reference_layout(lora_checks, token_slots, ranks, strategy, monkeypatch):
+    """Stacked A (one shrink for every slice) and B^T buffers; NaN beyond each rank stays unread."""
+    if strategy == "per_adapter":
+        monkeypatch.setattr(reference, "MIN_BATCHED_SLOTS", 10**6)
+    case = lora_checks.make_case(
+        len(token_slots), ranks, (16, 8), in_features=32, seed=12, token_slots=token_slots
+    )
+    a_views, b_views = _layer_layout(case)
+    assert reference._stacked(a_views) is not None and reference._stacked(case.a_slots) is None
     assert not b_views[0].is_contiguous()
+    case.a_slots = a_views
     _check_add(lora_checks, case, b_views)
-    mixed = lora_checks.make_case(len(token_slots), (16, 4, 8), (16, 8), in_features=32, seed=13,
-                                  token_slots=token_slots)  # fmt: skip
-    _check_add(lora_checks, mixed, [b.transpose(1, 2).contiguous().transpose(1, 2) for b in mixed.b_slots])
 
 
 class _OpCount(TorchDispatchMode):
