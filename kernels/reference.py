@@ -31,7 +31,7 @@ Triton kernels run instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,6 +69,22 @@ class _Batched:
 class _Plan:
     groups: tuple[_Group, ...]
     batched: _Batched | None  # None: run the groups
+    views: dict = field(default_factory=dict, compare=False)  # per layer: its `_Views` (or None)
+
+
+@dataclass(frozen=True)
+class _Views:
+    """One layer's slot buffers as this plan reads them: views only (weights loaded later are seen).
+
+    Built once per plan and layer, after the argument checks (x and out of the same shapes and
+    dtypes pass them every time). Holding the buffers keeps their ids, the cache key, theirs.
+    """
+
+    buffers: tuple[torch.Tensor, ...]
+    shrink: tuple[tuple[torch.Tensor, ...], ...]  # per group (or the one batched run): [(n,) in, r] matrices
+    expand: tuple[tuple[torch.Tensor, ...], ...]  # the same: per slice [(n,) r, out_s]
+    widths: tuple[int, ...]
+    stacked: bool  # one shrink for every slice: split its result
 
 
 def lora_add(
@@ -79,9 +95,104 @@ def lora_add(
     out: torch.Tensor,
 ) -> torch.Tensor:
     """out[t, off_s:off_s+out_s] += (x[t] @ A_s[slot(t)][:r]^T) @ B_s[slot(t)][:, :r]^T, in place."""
-    check_shrink(x, a_slots, meta)
-    check_b_slots(b_slots, meta, out, a_slots[0].shape[1])
     plan = _plan(meta)
+    key = (x.shape, x.dtype, out.shape, out.dtype, out.is_contiguous(), *map(id, a_slots), *map(id, b_slots))
+    views = plan.views.get(key, False)
+    if views is False:
+        check_shrink(x, a_slots, meta)
+        check_b_slots(b_slots, meta, out, a_slots[0].shape[1])
+        views = plan.views[key] = _views(plan, x, a_slots, b_slots, out)
+    if views is not None:
+        return _add_views(x, plan, views, out)
+    return _add_generic(x, a_slots, b_slots, plan, out)
+
+
+def _views(
+    plan: _Plan,
+    x: torch.Tensor,
+    a_slots: Sequence[torch.Tensor],
+    b_slots: Sequence[torch.Tensor],
+    out: torch.Tensor,
+) -> _Views | None:
+    """The cached views, or None where the plan needs copies (half precision on the CPU, gathered or masked slots)."""
+    compute = _compute_dtype(out)
+    if not x.dtype == out.dtype == compute or not out.is_contiguous():
+        return None
+    stacked, max_rank = _stacked(a_slots), a_slots[0].shape[1]
+    batched = plan.batched
+    if batched is not None and (isinstance(batched.slots, torch.Tensor) or batched.past_rank is not None):
+        return None
+    runs = [(batched.slots, batched.rank)] if batched is not None else [(g.slot, g.rank) for g in plan.groups]
+    fused = stacked is not None and all(rank == max_rank for _, rank in runs)
+    shrink, expand = [], []
+    for slots, rank in runs:
+        if fused:
+            shrink.append((stacked[slots].transpose(-1, -2),))
+        else:
+            shrink.append(tuple(a[slots, :rank].transpose(-1, -2) for a in a_slots))
+        expand.append(tuple(b[slots, :, :rank].transpose(-1, -2) for b in b_slots))
+    widths = tuple(b.shape[1] for b in b_slots)
+    return _Views((*a_slots, *b_slots), tuple(shrink), tuple(expand), widths, fused)
+
+
+def _add_views(x: torch.Tensor, plan: _Plan, views: _Views, out: torch.Tensor) -> torch.Tensor:
+    num_slices = len(views.widths)
+    if plan.batched is not None:
+        return _add_batched_views(x, plan.batched, views, out)
+    for group, shrink, expand in zip(plan.groups, views.shrink, views.expand, strict=True):
+        whole = group.rows == slice(0, x.shape[0])
+        xs, block = (x, out) if whole else (x[group.rows], out[group.rows])
+        ys = _split(xs @ shrink[0], num_slices) if views.stacked else [xs @ w for w in shrink]
+        offset = 0
+        for y, bt, width in zip(ys, expand, views.widths, strict=True):
+            block[:, offset : offset + width].addmm_(y, bt)
+            offset += width
+        if not isinstance(group.rows, slice):
+            out.index_copy_(0, group.rows, block)
+    return out
+
+
+def _add_batched_views(x: torch.Tensor, plan: _Batched, views: _Views, out: torch.Tensor) -> torch.Tensor:
+    xg = _gather(x, plan)  # [n, M, in]
+    shrink = views.shrink[0]
+    ys = (
+        _split(torch.bmm(xg, shrink[0]), len(views.widths))
+        if views.stacked
+        else [torch.bmm(xg, w) for w in shrink]
+    )
+    deltas = [torch.bmm(y, bt) for y, bt in zip(ys, views.expand[0], strict=True)]  # [n, M, out_s]
+    return _scatter(deltas, plan, out)
+
+
+def _scatter(deltas: list[torch.Tensor], plan: _Batched, out: torch.Tensor) -> torch.Tensor:
+    """Add the slices' [n, M, out_s] deltas into their token rows of out."""
+    delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=2)
+    if plan.rows is not None:
+        out[plan.rows].view(delta.shape).add_(delta)
+    else:
+        out.index_add_(0, plan.tokens.flatten(), delta.flatten(0, 1))
+    return out
+
+
+def _gather(x: torch.Tensor, plan: _Batched) -> torch.Tensor:
+    """x's rows as the [n, M, in] table (a view for consecutive rows; padding rows zero)."""
+    n, m = plan.shape
+    if plan.rows is not None:
+        return x[plan.rows].reshape(n, m, -1)
+    xg = x[plan.tokens]
+    if plan.padding is not None:
+        xg.masked_fill_(plan.padding, 0)  # padding rows add exact zeros to row 0
+    return xg
+
+
+def _add_generic(
+    x: torch.Tensor,
+    a_slots: Sequence[torch.Tensor],
+    b_slots: Sequence[torch.Tensor],
+    plan: _Plan,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Any dtype and layout; copies the slot rows the plan reads where it has to."""
     compute = _compute_dtype(out)
     stacked = _stacked(a_slots)
     if plan.batched is not None and x.dtype == out.dtype == compute and out.is_contiguous():
@@ -181,13 +292,7 @@ def _add_batched(
     out: torch.Tensor,
     stacked: torch.Tensor | None,
 ) -> torch.Tensor:
-    n, m = plan.shape
-    if plan.rows is not None:
-        xg = x[plan.rows].reshape(n, m, -1)
-    else:
-        xg = x[plan.tokens]  # [n, M, in]
-        if plan.padding is not None:
-            xg.masked_fill_(plan.padding, 0)  # padding rows add exact zeros to row 0
+    xg = _gather(x, plan)  # [n, M, in]
     if stacked is not None and plan.rank == a_slots[0].shape[1]:  # every slice in one bmm
         ys = _split(torch.bmm(xg, stacked[plan.slots].transpose(1, 2)), len(a_slots))
     else:
@@ -199,12 +304,7 @@ def _add_batched(
             y.masked_fill_(plan.past_rank[:, None, :], 0)
             bt = bt.masked_fill(plan.past_rank[:, :, None], 0)
         deltas.append(torch.bmm(y, bt))  # [n, M, out_s]
-    delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=2)
-    if plan.rows is not None:
-        out[plan.rows].view(delta.shape).add_(delta)
-    else:
-        out.index_add_(0, plan.tokens.flatten(), delta.flatten(0, 1))
-    return out
+    return _scatter(deltas, plan, out)
 
 
 def _plan(meta: LoraBatchMeta) -> _Plan:

@@ -199,3 +199,19 @@ def test_the_plan_is_built_once_per_meta_and_forgotten_by_copy(lora_checks):
     assert reference._plan(meta) is not first
     assert [g.slot for g in reference._plan(meta).groups] == [0, 2, 3, 4]
     _check_add(lora_checks, case)
+
+
+@pytest.mark.parametrize("token_slots", [[0] * 4, [2, 1, 0, 1]], ids=["one_adapter", "decode"])
+def test_cached_views_see_weights_written_later_and_checks_still_run(lora_checks, token_slots):
+    case = lora_checks.make_case(4, (8, 8, 8), (16, 8), in_features=32, seed=14, token_slots=token_slots)
+    case.a_slots, b_views = _layer_layout(case)
+    meta = case.meta
+    first = reference.lora_add(case.x, case.a_slots, b_views, meta, torch.zeros(4, 24))
+    for a in case.a_slots:
+        a.mul_(2)  # a slot rewritten in place (an adapter loaded into it) while the plan is cached
+    second = reference.lora_add(case.x, case.a_slots, b_views, meta, torch.zeros(4, 24))
+    torch.testing.assert_close(second, 2 * first)
+    with pytest.raises(ValueError, match="columns"):
+        reference.lora_add(case.x, case.a_slots, b_views, meta, torch.zeros(4, 25))
+    with pytest.raises(ValueError, match="A slice"):
+        reference.lora_add(case.x[:, :16], case.a_slots, b_views, meta, torch.zeros(4, 24))
