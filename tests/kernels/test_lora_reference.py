@@ -49,7 +49,7 @@ def test_consecutive_and_interleaved_tokens_match_float64(lora_checks, token_slo
     lora_checks.check_expand(reference.lora_expand, case, add=False)
 
 
-def test_adapter_weights_are_never_copied_per_token(lora_checks):
+def test_adapter_weights_are_never_copied_per_token(lora_checks, monkeypatch):
     """No tensor the ops create is bigger than the activations: A and B are read in place."""
     num_tokens, width, in_features = 256, 64, 64
     case = lora_checks.make_case(num_tokens, RANKS, (width,), in_features=in_features, seed=4)
@@ -57,6 +57,13 @@ def test_adapter_weights_are_never_copied_per_token(lora_checks):
     with _LargestOutput() as largest:
         reference.lora_expand(reference.lora_shrink(case.x, case.a_slots, meta), case.b_slots, meta, out)
     assert 0 < largest.numel <= num_tokens * max(width, in_features)  # a per-token copy of A: x 16
+    for strategy in ("per_adapter", "batched"):
+        if strategy == "batched":
+            monkeypatch.setattr(reference, "PAD_FACTOR", 10**6)
+            monkeypatch.setattr(reference, "MAX_BATCHED_ROWS", 10**6)
+        with _LargestOutput() as largest:
+            reference.lora_add(case.x, case.a_slots, case.b_slots, case.meta, out)
+        assert 0 < largest.numel <= num_tokens * max(width, in_features)
 
 
 def test_shape_and_dtype_mismatches_are_rejected(lora_checks):
