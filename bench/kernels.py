@@ -126,8 +126,7 @@ def triton_step(layer: Layer, only: str | None = None) -> None:
 
 def reference_step(layer: Layer) -> None:
     for t in layer.tensors:
-        y = reference.lora_shrink(t.x, t.a_slots, layer.meta)
-        reference.lora_expand(y, t.b_slots, layer.meta, t.out, add=True)
+        reference.lora_add(t.x, t.a_slots, t.b_slots, layer.meta, t.out)  # the form the model runs
 
 
 def loop_step(layer: Layer) -> None:

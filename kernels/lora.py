@@ -1,4 +1,8 @@
-"""Public LoRA ops: `lora_shrink` and `lora_expand` for batches that mix adapters.
+"""Public LoRA ops: `lora_shrink` and `lora_expand` for batches that mix adapters, and `lora_add`.
+
+`lora_add` is the two in one call (out += LoRA(x)), what a layer runs: the Triton backend
+launches the shrink and expand kernels through a float32 y, the reference backend keeps the
+small products in its own layout (`loraplex.kernels.reference`).
 
 `backend` ("triton" | "reference") is chosen once by the caller with
 `loraplex.kernels.backend.choose_backend` and passed to every call. `backend=None` is the
@@ -19,7 +23,15 @@ from loraplex.kernels import reference
 from loraplex.kernels.backend import BACKEND_ENV, check_backend, choose_backend
 from loraplex.kernels.meta import LoraBatchMeta
 
-__all__ = ["BACKEND_ENV", "LoraBatchMeta", "choose_backend", "kernel_backend", "lora_expand", "lora_shrink"]
+__all__ = [
+    "BACKEND_ENV",
+    "LoraBatchMeta",
+    "choose_backend",
+    "kernel_backend",
+    "lora_add",
+    "lora_expand",
+    "lora_shrink",
+]
 
 kernel_backend = choose_backend  # the old name
 
@@ -67,3 +79,25 @@ def lora_expand(
 
         return triton_lora.lora_expand(y, b_slots, meta, out, add=add)
     return reference.lora_expand(y, b_slots, meta, out, add=add)
+
+
+def lora_add(
+    x: torch.Tensor,
+    a_slots: Sequence[torch.Tensor],
+    b_slots: Sequence[torch.Tensor],
+    meta: LoraBatchMeta,
+    out: torch.Tensor,
+    backend: str | None = None,
+    y: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[t, off_s:off_s+out_s] += (x[t] @ A_s[slot(t)][:r]^T) @ B_s[slot(t)][:, :r]^T; returns out.
+
+    `y`: a zeroed float32 [slices, T, max_rank] workspace for the Triton shrink (see `lora_shrink`);
+    the reference backend does not use one.
+    """
+    if _resolve(backend, out.device) == "triton":
+        from loraplex.kernels import triton_lora
+
+        shrunk = triton_lora.lora_shrink(x, a_slots, meta, out=y)
+        return triton_lora.lora_expand(shrunk, b_slots, meta, out, add=True)
+    return reference.lora_add(x, a_slots, b_slots, meta, out)

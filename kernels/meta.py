@@ -11,13 +11,17 @@ the batch holds: one CUDA graph per batch size serves every batch composition.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TypeVar
 
 import torch
 
 # Rows of one token tile; the smallest M that `tl.dot` accepts. Decode batches put one or a
 # few tokens on each adapter, so a bigger tile would only compute padding.
 TOKEN_BLOCK = 16
+
+T = TypeVar("T")
 
 
 def max_tiles(num_tokens: int, num_slots: int) -> int:
@@ -117,10 +121,22 @@ class LoraBatchMeta:
             tile_ends=tile_ends.to(i32),
         )
 
+    def cached(self, key: str, build: Callable[[], T]) -> T:
+        """`build()` once per meta (the reference ops' host-side plan, shared by every layer of a step).
+
+        The tensors of a meta are not written after `build`, except by `copy_`, which forgets
+        what was cached here.
+        """
+        cache = self.__dict__.setdefault("_cache", {})  # frozen: the dict itself, not an attribute
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
     def copy_(self, other: LoraBatchMeta) -> LoraBatchMeta:
         """Copy `other` into these tensors in place (static buffers of a captured CUDA graph)."""
         for f in fields(self):
             getattr(self, f.name).copy_(getattr(other, f.name))
+        self.__dict__.pop("_cache", None)
         return self
 
 

@@ -50,6 +50,18 @@ def check_expand(
     num_slices, num_tokens, max_rank = len(b_slots), meta.num_tokens, b_slots[0].shape[2]
     if tuple(y.shape) != (num_slices, num_tokens, max_rank):
         raise ValueError(f"y must be {(num_slices, num_tokens, max_rank)}, got {tuple(y.shape)}")
+    check_b_slots(b_slots, meta, out, max_rank)
+    if y.device != out.device:
+        raise ValueError(f"y is on {y.device}, out on {out.device}")
+
+
+def check_b_slots(
+    b_slots: Sequence[torch.Tensor], meta: LoraBatchMeta, out: torch.Tensor, max_rank: int
+) -> None:
+    """B slices [S, out_s, max_rank] of out's dtype and device; out [T, sum(out_s)]."""
+    if not b_slots:
+        raise ValueError("b_slots is empty")
+    num_tokens = meta.num_tokens
     if out.dim() != 2 or out.shape[0] != num_tokens:
         raise ValueError(f"out must be [{num_tokens}, sum(out_s)], got {tuple(out.shape)}")
     if out.dtype not in FLOAT_DTYPES:
@@ -62,5 +74,3 @@ def check_expand(
     width = sum(b.shape[1] for b in b_slots)
     if out.shape[1] != width:
         raise ValueError(f"out has {out.shape[1]} columns, the B slices {width}")
-    if y.device != out.device:
-        raise ValueError(f"y is on {y.device}, out on {out.device}")

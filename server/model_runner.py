@@ -87,9 +87,10 @@ class ModelRunner:
         self.num_layers: int = self.hf_config.num_hidden_layers
         self._lora_shapes = lora_module_shapes(self.hf_config)
         self._attention_windows = self.model.attention_windows
+        self.lora_backend = kernel_backend(self.device)  # chosen once; the slot layout follows it
         num_slices = 0
         for layer in self.model.lora_layers():
-            layer.create_lora_slots(self.max_loras, self.max_lora_rank)
+            layer.create_lora_slots(self.max_loras, self.max_lora_rank, self.lora_backend)
             layer.workspace_offset, num_slices = num_slices, num_slices + len(layer.out_features)
         self.slot_ranks = torch.zeros(self.max_loras, dtype=torch.int32, device=self.device)
         self._host_ranks = np.zeros(self.max_loras, dtype=np.int64)
@@ -104,7 +105,6 @@ class ModelRunner:
         self.kv_cache = KVCache(spec, self.num_kv_blocks, self.device)
         # Chosen once here and passed down with every step's metadata (no environment reads per call).
         self.attention_backend = attention_backend(self.device)
-        self.lora_backend = kernel_backend(self.device)
         self.buffers = BatchBuffers(
             max_seqs=config.max_num_seqs,
             max_tokens=max(config.max_batch_tokens, config.max_num_seqs),
