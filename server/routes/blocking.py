@@ -18,6 +18,7 @@ import concurrent.futures
 from collections.abc import Callable
 from typing import TypeVar
 
+from loraplex.server.app_priority import lower_thread_priority
 from loraplex.server.engine_api import QueueFullError
 
 T = TypeVar("T")
@@ -38,7 +39,7 @@ class BlockingPool:
 
     def __init__(self, max_workers: int = 2, max_pending: int = 512) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers, thread_name_prefix="loraplex-http"
+            max_workers, thread_name_prefix="loraplex-http", initializer=lower_thread_priority
         )
         self._max_pending = max_pending
         self._pending = 0

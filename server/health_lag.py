@@ -1,0 +1,109 @@
+"""Event-loop stall accounting: where the time went when the loop answered late.
+
+A heartbeat on the loop fires every `period_s`. When it fires more than `threshold_s` late, the
+interval since the previous beat is split, from Linux's per-thread scheduler statistics
+(`/proc/self/task/<tid>/schedstat`: time on a CPU, time runnable but waiting for one), into:
+
+- `running_ms`: the loop thread ran Python (a long callback, or many short ones);
+- `runqueue_ms`: the loop thread was runnable but the OS gave its CPU to someone else;
+- `blocked_ms`: neither: asleep in `epoll` (at most one period when the loop is idle) or waiting
+  for the GIL, which another thread held.
+
+and each other thread's CPU time in the same interval says who could have held the GIL. One
+JSON line per stall goes to `path` (`loraplex serve --loop-lag-log PATH`, for benchmarks and
+diagnosis; off by default: it reads /proc every beat). Linux only: elsewhere it records lateness
+alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+
+def _schedstat(tid: int) -> tuple[int, int] | None:
+    """(ns on a CPU, ns waiting on a run queue) of one thread of this process, or None."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as f:
+            run_ns, wait_ns, _ = f.read().split()
+    except (OSError, ValueError):
+        return None
+    return int(run_ns), int(wait_ns)
+
+
+class LoopLagMonitor:
+    def __init__(self, path: Path, period_s: float = 0.005, threshold_s: float = 0.010) -> None:
+        self.path = path
+        self.period_s = period_s
+        self.threshold_s = threshold_s
+        self.stalls = 0
+        self._out: IO[str] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop_tid = 0
+        self._last: tuple[float, dict[int, tuple[int, int]]] = (0.0, {})
+
+    def start(self) -> None:
+        """On the loop's thread."""
+        self._out = open(self.path, "a", buffering=1)  # noqa: SIM115 (closed by stop())
+        self._loop_tid = threading.get_native_id()
+        self._last = (time.perf_counter(), self._threads())
+        self._schedule()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def _schedule(self) -> None:
+        self._expected = time.perf_counter() + self.period_s
+        self._handle = asyncio.get_running_loop().call_later(self.period_s, self._beat)
+
+    def _threads(self) -> dict[int, tuple[int, int]]:
+        """Every thread of the process, Python's and native ones (torch's OpenMP pool)."""
+        stats = {}
+        try:
+            tids = [int(name) for name in os.listdir("/proc/self/task")]
+        except OSError:
+            return stats
+        for tid in tids:
+            if (stat := _schedstat(tid)) is not None:
+                stats[tid] = stat
+        return stats
+
+    def _beat(self) -> None:
+        now = time.perf_counter()
+        late = now - self._expected
+        current = self._threads()  # every beat: the stall's interval starts at the beat before
+        if late > self.threshold_s:
+            self._record(now, late, current)
+        self._last = (now, current)
+        self._schedule()
+
+    def _record(self, now: float, late: float, current: dict[int, tuple[int, int]]) -> None:
+        previous_time, previous = self._last
+        self.stalls += 1
+        interval_ms = (now - previous_time) * 1000
+        entry: dict[str, object] = {"t": time.time(), "late_ms": round(late * 1000, 1),
+                                    "interval_ms": round(interval_ms, 1)}  # fmt: skip
+        loop_now, loop_before = current.get(self._loop_tid), previous.get(self._loop_tid)
+        if loop_now and loop_before:
+            running = (loop_now[0] - loop_before[0]) / 1e6
+            runqueue = (loop_now[1] - loop_before[1]) / 1e6
+            entry |= {"running_ms": round(running, 1), "runqueue_ms": round(runqueue, 1),
+                      "blocked_ms": round(interval_ms - running - runqueue, 1)}  # fmt: skip
+            names = {t.native_id: t.name for t in threading.enumerate()}  # the rest are native
+            others = {
+                names.get(tid, f"native-{tid}"): round((stat[0] - previous[tid][0]) / 1e6, 1)
+                for tid, stat in current.items()
+                if tid != self._loop_tid and tid in previous
+            }
+            entry["other_threads_running_ms"] = {k: v for k, v in others.items() if v >= 0.5}
+        if self._out is not None:
+            self._out.write(json.dumps(entry) + "\n")
