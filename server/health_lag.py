@@ -9,9 +9,10 @@ interval since the previous beat is split, from Linux's per-thread scheduler sta
 - `blocked_ms`: neither: asleep in `epoll` (at most one period when the loop is idle) or waiting
   for the GIL, which another thread held.
 
-and each other thread's CPU time in the same interval says who could have held the GIL. One
+and each other thread's CPU time over about the same interval (`others_window_ms`, read every
+10 beats and at stalls) says who could have held the GIL. One
 JSON line per stall goes to `path` (`loraplex serve --loop-lag-log PATH`, for benchmarks and
-diagnosis; off by default: it reads /proc every beat). Linux only: elsewhere it records lateness
+diagnosis; off by default: it reads /proc at every beat). Linux only: elsewhere it records lateness
 alone.
 """
 
@@ -24,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 from typing import IO
+
+FULL_READ_EVERY = 10
 
 
 def _schedstat(tid: int) -> tuple[int, int] | None:
@@ -46,12 +49,14 @@ class LoopLagMonitor:
         self._handle: asyncio.TimerHandle | None = None
         self._loop_tid = 0
         self._last: tuple[float, dict[int, tuple[int, int]]] = (0.0, {})
+        self._last_full = self._last
+        self._beats = 0
 
     def start(self) -> None:
         """On the loop's thread."""
         self._out = open(self.path, "a", buffering=1)  # noqa: SIM115 (closed by stop())
         self._loop_tid = threading.get_native_id()
-        self._last = (time.perf_counter(), self._threads())
+        self._last = self._last_full = (time.perf_counter(), self._threads())
         self._schedule()
 
     def stop(self) -> None:
@@ -80,11 +85,21 @@ class LoopLagMonitor:
     def _beat(self) -> None:
         now = time.perf_counter()
         late = now - self._expected
-        current = self._threads()  # every beat: the stall's interval starts at the beat before
+        # The loop thread at every beat (the stall's interval starts at the beat before); all
+        # threads only at stalls and every FULL_READ_EVERY beats, to keep the beat cheap.
+        self._beats += 1
+        full = late > self.threshold_s or self._beats % FULL_READ_EVERY == 0
+        current = self._threads() if full else self._loop_only()
         if late > self.threshold_s:
             self._record(now, late, current)
+        if full:
+            self._last_full = (now, current)
         self._last = (now, current)
         self._schedule()
+
+    def _loop_only(self) -> dict[int, tuple[int, int]]:
+        stat = _schedstat(self._loop_tid)
+        return {self._loop_tid: stat} if stat is not None else {}
 
     def _record(self, now: float, late: float, current: dict[int, tuple[int, int]]) -> None:
         previous_time, previous = self._last
@@ -98,12 +113,20 @@ class LoopLagMonitor:
             runqueue = (loop_now[1] - loop_before[1]) / 1e6
             entry |= {"running_ms": round(running, 1), "runqueue_ms": round(runqueue, 1),
                       "blocked_ms": round(interval_ms - running - runqueue, 1)}  # fmt: skip
-            names = {t.native_id: t.name for t in threading.enumerate()}  # the rest are native
-            others = {
-                names.get(tid, f"native-{tid}"): round((stat[0] - previous[tid][0]) / 1e6, 1)
-                for tid, stat in current.items()
-                if tid != self._loop_tid and tid in previous
-            }
-            entry["other_threads_running_ms"] = {k: v for k, v in others.items() if v >= 0.5}
+            entry |= self._others(now, current)
         if self._out is not None:
             self._out.write(json.dumps(entry) + "\n")
+
+    def _others(self, now: float, current: dict[int, tuple[int, int]]) -> dict[str, object]:
+        """CPU time of the other threads since the last full read (this stall and a little before)."""
+        since, previous = self._last_full
+        names = {t.native_id: t.name for t in threading.enumerate()}  # the rest are native
+        others = {
+            names.get(tid, f"native-{tid}"): round((stat[0] - previous[tid][0]) / 1e6, 1)
+            for tid, stat in current.items()
+            if tid != self._loop_tid and tid in previous
+        }
+        return {
+            "others_window_ms": round((now - since) * 1000, 1),
+            "other_threads_running_ms": {k: v for k, v in others.items() if v >= 0.5},
+        }

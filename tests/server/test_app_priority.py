@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from loraplex.server import app_priority
-from loraplex.server.app_priority import lower_thread_priority, worker_nice
+from loraplex.server.app_priority import lower_thread_priority, started_pool, worker_nice
 from loraplex.server.routes.blocking import BlockingPool
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
@@ -60,3 +60,16 @@ def test_zero_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORAPLEX_WORKER_NICE", "0")
     before = _own_nice()
     assert _nice_in_thread(lower_thread_priority) == before
+
+
+def test_started_pool_threads_run_before_the_first_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LORAPLEX_WORKER_NICE", raising=False)
+    pool = started_pool(3, "prestarted")
+    try:
+        threads = [t for t in threading.enumerate() if t.name.startswith("prestarted")]
+        assert len(threads) == 3  # a later submit starts no thread (Thread.start() waits for it)
+        nices = {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in threads}
+        assert nices == {min(19, _own_nice() + app_priority.DEFAULT_WORKER_NICE)}
+        assert pool.submit(lambda: 7).result() == 7
+    finally:
+        pool.shutdown()
