@@ -56,8 +56,11 @@ def started_pool(max_workers: int, name: str) -> concurrent.futures.ThreadPoolEx
     pool = concurrent.futures.ThreadPoolExecutor(
         max_workers, thread_name_prefix=name, initializer=lower_thread_priority
     )
-    barrier = threading.Barrier(max_workers + 1)  # each task holds its thread until all started
+    barrier = threading.Barrier(max_workers + 1, timeout=30.0)  # each job holds its thread
     for _ in range(max_workers):
         pool.submit(barrier.wait)
-    barrier.wait()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:  # a thread never started: the pool starts them later
+        log.warning("%s: worker threads did not all start within 30 s", name)
     return pool
