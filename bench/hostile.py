@@ -37,6 +37,7 @@ from hostile_support import (  # noqa: E402
     hostile_requests,
     quiet_tokens,
     run_hostile,
+    send,
     stream_jobs,
     stream_tokens,
     unexpected,
@@ -172,6 +173,50 @@ def one_round(assets, work: Path, nice: int, num_streams: int, num_hostile: int,
     }
 
 
+MAX_BODY_INPUT_TOKENS = 600_000  # the body limit reaches its 32 MiB cap
+
+
+def max_body_round(assets, work: Path) -> dict:
+    """One prompt filling the largest body accepted (32 MiB) on a server whose MAX_INPUT_TOKENS
+    lets it through to the tokenizer; the probes while it is parsed, tokenised and refused."""
+    args = ["--model-id", str(assets.models["llama"]), "--max-input-tokens", str(MAX_BODY_INPUT_TOKENS),
+            "--max-total-tokens", str(MAX_BODY_INPUT_TOKENS + 64), "--log-level", "error",
+            "--loop-lag-log", str(work / "lag.jsonl")]  # fmt: skip
+    limit = body_limit(MAX_BODY_INPUT_TOKENS)
+    text = "the model serves " * ((limit - 200) // 17)
+    body = json.dumps({"inputs": text, "parameters": {"max_new_tokens": 2}}).encode()
+    with ServerProcess(args, work / "server.log", new_session=True) as server:
+        probe = Probe(server.port)
+        started = time.time()
+        status, _ = send(server.url, "POST", "/generate", body)
+        elapsed = time.time() - started
+        loaded = probe.stop()
+    stalls = _stalls(work / "lag.jsonl", started)
+    return {"body_bytes": len(body), "status": status, "elapsed_s": round(elapsed, 1),
+            "load_before": load_average(), "loaded": summary(loaded), "stall_totals_ms": _stall_totals(stalls),
+            "worst_stalls": sorted(stalls, key=lambda row: -row["late_ms"])[:3]}  # fmt: skip
+
+
+def _max_body_lines(result: dict) -> list[str]:
+    r = result.get("max_body")
+    if not r:
+        return []
+    s, t = r["loaded"], r["stall_totals_ms"]
+    row = {"body bytes": r["body_bytes"], "status": r["status"], "seconds": r["elapsed_s"],
+           "load avg": r["load_before"][0], "probes": s["probes"], "max ms": s["max_ms"], "p99 ms": s["p99_ms"],
+           "p50 ms": s["p50_ms"], "≥ 50 ms": s["over_50ms"], "run queue ms": t["runqueue_ms"],
+           "blocked ms": t["blocked_ms"], "running ms": t["running_ms"]}  # fmt: skip
+    worst = r["worst_stalls"][0] if r["worst_stalls"] else {}
+    return [
+        f"## One maximum-size body ({MAX_BODY_INPUT_TOKENS} MAX_INPUT_TOKENS: the 32 MiB cap), `--max-body`",
+        "",
+        markdown_table([row]),
+        "",
+        f"Worst stall: {json.dumps({k: v for k, v in worst.items() if k != 't'})}",
+        "",
+    ]
+
+
 def _stalls(path: Path, since: float) -> list[dict]:
     """The server's own account of each loop stall over 10 ms during the loaded phase."""
     if not path.exists():
@@ -277,6 +322,7 @@ def report(result: dict) -> str:
         "",
         markdown_table(outcome),
         "",
+        *_max_body_lines(result),
     ])  # fmt: skip
 
 
@@ -291,9 +337,17 @@ def main() -> int:
     parser.add_argument("--baseline-s", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     parser.add_argument("--report", action="store_true", help="only rewrite hostile.md from hostile.json")
+    parser.add_argument(
+        "--max-body", action="store_true", help="only the maximum-size body; adds to hostile.json"
+    )
     args = parser.parse_args()
-    if args.report:
-        (args.out / "hostile.md").write_text(report(json.loads((args.out / "hostile.json").read_text())))
+    if args.report or args.max_body:
+        result = json.loads((args.out / "hostile.json").read_text())
+        if args.max_body:
+            with tempfile.TemporaryDirectory(prefix="loraplex-hostile-") as tmp:
+                result["max_body"] = max_body_round(build_tiny_assets(Path(tmp) / "assets"), Path(tmp))
+            (args.out / "hostile.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / "hostile.md").write_text(report(result))
         return 0
     with tempfile.TemporaryDirectory(prefix="loraplex-hostile-") as tmp:
         assets = build_tiny_assets(Path(tmp) / "assets")
