@@ -10,9 +10,11 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from transformers import AutoTokenizer
 
 from loraplex.server.demo_assets import TinyAssets
+from loraplex.server.engine_api import InvalidRequestError
 from loraplex.server.routes.generation import encode
 
 LONG_PROMPT = "the model serves a team of adapters " * 3000
@@ -50,3 +52,25 @@ def test_encode_lets_other_threads_run(tiny_assets: TinyAssets) -> None:
     ours = _stalled_fraction(lambda: encode(tokenizer, LONG_PROMPT))
     assert held > 0.5, held  # the probe sees a GIL held through each call...
     assert ours < 0.25, ours  # ...and the routes' encode does not hold it
+
+
+TEXTS = ["", "the model serves", "  spaces  and\ttabs\n", "émoji ✓ 数据", "<s> a </s> b", LONG_PROMPT[:5000]]
+
+
+@pytest.mark.parametrize("special", [True, False])
+def test_encode_with_a_limit_gives_transformers_ids(tiny_assets: TinyAssets, special: bool) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)
+    for text in TEXTS:
+        expected = tuple(tokenizer(text, add_special_tokens=special)["input_ids"])
+        assert encode(tokenizer, text, special, max_tokens=10**6) == expected, text
+        assert encode(tokenizer, text, special) == expected, text
+
+
+def test_encode_refuses_a_prompt_over_the_limit_with_its_count(tiny_assets: TinyAssets) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)
+    count = len(tokenizer(LONG_PROMPT)["input_ids"])
+    assert encode(tokenizer, LONG_PROMPT, max_tokens=count) is not None  # exactly at the limit
+    with pytest.raises(
+        InvalidRequestError, match=f"the prompt has {count} tokens, more than max_input_tokens=100"
+    ):
+        encode(tokenizer, LONG_PROMPT, max_tokens=100)
