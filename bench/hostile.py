@@ -150,8 +150,9 @@ def one_round(assets, work: Path, nice: int, num_streams: int, num_hostile: int,
             streamed = [f.result(timeout=300) for f in streams]
         loaded = probe.stop()
         elapsed = time.time() - started
+        ended = time.time()
     changed = sum(tokens != quiet[job] for job, runs in zip(jobs, streamed, strict=True) for tokens in runs)
-    stalls = _stalls(work / "lag.jsonl", started)
+    stalls = _stalls(work / "lag.jsonl", started, ended)
     return {
         "worker_nice": nice,
         "started": started,
@@ -191,7 +192,8 @@ def max_body_round(assets, work: Path) -> dict:
         status, _ = send(server.url, "POST", "/generate", body)
         elapsed = time.time() - started
         loaded = probe.stop()
-    stalls = _stalls(work / "lag.jsonl", started)
+        ended = time.time()
+    stalls = _stalls(work / "lag.jsonl", started, ended)
     return {"body_bytes": len(body), "status": status, "elapsed_s": round(elapsed, 1),
             "load_before": load_average(), "loaded": summary(loaded), "stall_totals_ms": _stall_totals(stalls),
             "worst_stalls": sorted(stalls, key=lambda row: -row["late_ms"])[:3]}  # fmt: skip
@@ -217,12 +219,12 @@ def _max_body_lines(result: dict) -> list[str]:
     ]
 
 
-def _stalls(path: Path, since: float) -> list[dict]:
-    """The server's own account of each loop stall over 10 ms during the loaded phase."""
+def _stalls(path: Path, since: float, until: float) -> list[dict]:
+    """The server's own account of each loop stall over 10 ms while probed (not its shutdown)."""
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if row["t"] >= since]
+    return [row for row in rows if since <= row["t"] <= until]
 
 
 def _stall_totals(stalls: list[dict]) -> dict:
