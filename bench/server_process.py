@@ -38,8 +38,9 @@ class ServerProcess:
     """`python -m loraplex.cli serve <args>` on 127.0.0.1 at a free port, logs to `log_path`."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 ready_timeout_s: float = 900.0) -> None:  # fmt: skip
+                 ready_timeout_s: float = 900.0, new_session: bool = False) -> None:  # fmt: skip
         self.args = args
+        self.new_session = new_session  # its own session: its own CPU autogroup, as a pod's cgroup
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
         self.ready_timeout_s = ready_timeout_s
@@ -54,7 +55,13 @@ class ServerProcess:
                    "--port", str(self.port), *self.args]  # fmt: skip
         start = time.monotonic()
         with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=self.new_session,
+            )
         try:
             self._wait_ready()
         except BaseException:

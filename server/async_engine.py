@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from loraplex.server.adapters.loader import LoaderConfig, SourceLoader
 from loraplex.server.adapters.lora_weights import LoraWeights
 from loraplex.server.adapters.manager import AdapterLoader, AdapterManager
+from loraplex.server.app_priority import lower_thread_priority
 from loraplex.server.engine import EngineConfig, LLMEngine
 from loraplex.server.engine_api import (
     AdapterInfo,
@@ -118,6 +119,7 @@ class AsyncEngine:
     # -- the engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        lower_thread_priority()  # the event loop gets the CPU first (server/app_priority.py)
         try:
             self._loop()
         except BaseException as exc:  # the loop itself broke: say so on /health, end every stream

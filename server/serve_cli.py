@@ -29,6 +29,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from loraplex.server.adapters.startup import AdaptersFileWatcher, parse_lora_adapters, read_adapters_file
 from loraplex.server.engine_api import Engine, LoadAdapterSpec
+from loraplex.server.health_lag import LoopLagMonitor
 from loraplex.server.routes.context import ServerSettings
 from loraplex.server.routes.health import DRAIN
 
@@ -77,6 +78,7 @@ _FLAGS: tuple[tuple[str, str, Any, Any, str], ...] = (
     ("--shutdown-delay", "SHUTDOWN_DELAY", float, 0.0, "seconds of 503 on /ready, still serving, after SIGTERM"),
     ("--log-level", "LOG_LEVEL", str, "info", "debug, info, warning or error"),
     ("--log-format", "LOG_FORMAT", str, "json", "json or text"),
+    ("--loop-lag-log", "LOOP_LAG_LOG", str, None, "append a JSON line per event-loop stall over 10 ms (diagnosis)"),
 )  # fmt: skip
 
 
@@ -127,8 +129,18 @@ def run(args: argparse.Namespace) -> int:
         model_id=model_id,
         info=_info(args),
     )
+    lag = LoopLagMonitor(Path(args.loop_lag_log)) if args.loop_lag_log else None
     asyncio.run(
-        serve(engine, settings, args.hostname, args.port, args.shutdown_timeout, watcher, args.shutdown_delay)
+        serve(
+            engine,
+            settings,
+            args.hostname,
+            args.port,
+            args.shutdown_timeout,
+            watcher,
+            args.shutdown_delay,
+            lag,
+        )
     )
     return 0
 
@@ -215,6 +227,7 @@ async def serve(
     shutdown_timeout: float,
     watcher: AdaptersFileWatcher | None = None,
     shutdown_delay: float = 0.0,
+    lag: LoopLagMonitor | None = None,
 ) -> None:
     from loraplex.server.app import create_app
 
@@ -233,6 +246,8 @@ async def serve(
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("serving", extra={"host": host, "port": port, "model": engine.model_name})
+    if lag is not None:
+        lag.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -241,6 +256,8 @@ async def serve(
     # Routing lags a pod's termination by seconds (endpoints, kube-proxy, load balancer health
     # checks): keep serving with /ready at 503 so requests sent meanwhile are not refused.
     await drain(app, runner, engine, shutdown_delay, shutdown_timeout)
+    if lag is not None:
+        lag.stop()
 
 
 async def drain(

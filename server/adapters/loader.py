@@ -19,6 +19,7 @@ import torch
 
 from loraplex.server.adapters.credentials import read_credentials
 from loraplex.server.adapters.errors import SourceError
+from loraplex.server.adapters.fetch_partial import sweep_partials
 from loraplex.server.adapters.lora_weights import LoraWeights
 from loraplex.server.adapters.owned_store import OwnedCopy, own_copy, sweep_staging
 from loraplex.server.adapters.peft_format import WEIGHTS_FILE, AdapterValidationError, load_peft_adapter
@@ -49,6 +50,8 @@ class SourceLoader:
         self.config = config
         for path in sweep_staging(config.resolved_cache_dir):  # what a crashed run left behind
             log.warning("removed an abandoned download", extra={"path": str(path)})
+        for path in sweep_partials(config.resolved_cache_dir):  # too old to resume
+            log.warning("removed a stale partial download", extra={"path": str(path)})
 
     def __call__(self, spec: LoadAdapterSpec, model_config: Any, max_rank: int) -> LoraWeights:
         """Fetch, copy into the server's own store, validate and parse from that copy.

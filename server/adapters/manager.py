@@ -23,6 +23,7 @@ from loraplex.server.adapters.host_cache import HostCache, HostCacheLimits
 from loraplex.server.adapters.loader import to_host_layout
 from loraplex.server.adapters.lora_weights import LoraWeights
 from loraplex.server.adapters.registry import AdapterEntry
+from loraplex.server.app_priority import started_pool
 from loraplex.server.engine_api import (
     AdapterInfo,
     AdapterLoadError,
@@ -63,7 +64,7 @@ class AdapterManager:
         self._read_backs: dict[AdapterRef, _ReadBack] = {}  # engine thread only
         self._read_back_specs: dict[AdapterRef, LoadAdapterSpec] = {}  # each version's own copy
         self._tasks: set[asyncio.Future] = set()  # loads in progress (kept alive until done)
-        self._workers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="loraplex-adapter")
+        self._workers = started_pool(4, "loraplex-adapter")  # lowered priority (app_priority.py)
         self.num_loads = 0
         self.num_load_failures = 0
         self.num_unloads = 0

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 from loraplex.server.adapters.archive import download_https, extract_tarball
 from loraplex.server.adapters.errors import SourceError
+from loraplex.server.adapters.fetch_partial import discard_if_stale, partial_path
 from loraplex.server.adapters.owned_store import REVISION_FILE, new_staging, release_staging
 
 WEIGHT_FILES = ("adapter_model.safetensors",)
@@ -170,7 +171,8 @@ def _fetch_hf(source: AdapterSource, staging: Path, options: FetchOptions) -> No
 
 
 def _fetch_https(source: AdapterSource, staging: Path, options: FetchOptions) -> None:
-    partial = staging.parent / f".{source.cache_key()}.partial"
+    partial = partial_path(staging.parent, source.cache_key())
+    discard_if_stale(partial)  # too old to resume: start over (server/adapters/fetch_partial.py)
     archive = download_https(source.location, partial, options.max_bytes, options.token, options.progress)
     if options.sha256:
         try:

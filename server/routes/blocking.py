@@ -14,10 +14,10 @@ cannot hold a prompt that fits (docs/errors.md), so it is refused (413) before i
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from collections.abc import Callable
 from typing import TypeVar
 
+from loraplex.server.app_priority import started_pool
 from loraplex.server.engine_api import QueueFullError
 
 T = TypeVar("T")
@@ -37,9 +37,7 @@ class BlockingPool:
     """`await pool.run(fn, *args)`: `fn` in a worker thread; QueueFullError (429) when too many wait."""
 
     def __init__(self, max_workers: int = 2, max_pending: int = 512) -> None:
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers, thread_name_prefix="loraplex-http"
-        )
+        self._executor = started_pool(max_workers, "loraplex-http")  # threads started up front
         self._max_pending = max_pending
         self._pending = 0
 

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from loraplex.server.auth import caller_of
-from loraplex.server.engine_api import Engine, EngineError, UnknownAdapterError
+from loraplex.server.engine_api import Engine, EngineError, InvalidRequestError, UnknownAdapterError
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
 from loraplex.server.routes.context import ServerContext
 from loraplex.server.routes.errors import ApiError
@@ -56,13 +56,28 @@ def _servable(name: str, state: str, error: str | None) -> str:
     return name
 
 
-def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
-    """Token ids of `text`. Blocking (milliseconds to seconds): routes call it in the worker pool."""
+def encode(
+    tokenizer: Any, text: str, add_special_tokens: bool = True, max_tokens: int | None = None
+) -> tuple[int, ...]:
+    """Token ids of `text`. Blocking (milliseconds to seconds): routes call it in the worker pool.
+
+    With `max_tokens`, a longer prompt is refused (the engine's own 422) from the encoding's
+    length, before its ids become a Python list: building a list of millions of ids holds the
+    GIL for a second (docs/benchmarks/hostile.md). The fast tokenizer's backend is called the
+    way transformers calls it (`encode_batch`, which releases the GIL while it encodes)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate from a JSON \ud800 escape
         raise ApiError(422, f"the text is not valid Unicode ({exc.reason})", "validation") from exc
-    return tuple(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if max_tokens is None or backend is None or backend.truncation or backend.padding:
+        return tuple(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    [encoding] = backend.encode_batch([text], add_special_tokens=add_special_tokens)
+    if len(encoding) > max_tokens:
+        raise InvalidRequestError(
+            f"the prompt has {len(encoding)} tokens, more than max_input_tokens={max_tokens}"
+        )
+    return tuple(encoding.ids)
 
 
 def room_left(engine: Engine, num_prompt_tokens: int) -> int:

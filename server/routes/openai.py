@@ -153,7 +153,7 @@ def _sampling(
 
 def _completion_prompts(ctx: ServerContext, prompt: Any) -> list[tuple[int, ...]]:
     if isinstance(prompt, str):
-        return [encode(ctx.engine.tokenizer, prompt)]
+        return [encode(ctx.engine.tokenizer, prompt, max_tokens=ctx.engine.max_input_tokens)]
     if all(isinstance(x, int) for x in prompt):
         return [tuple(prompt)]
     return [p for item in prompt for p in _completion_prompts(ctx, item)]
@@ -179,7 +179,8 @@ def _chat_prompt(ctx: ServerContext, body: ChatCompletionRequest) -> tuple[int, 
         )
     except Exception as exc:  # a template's raise_exception (e.g. roles must alternate)
         raise _invalid(f"chat template: {exc}", "messages") from exc
-    return encode(tokenizer, text, add_special_tokens=False)  # the template writes its own BOS
+    limit = ctx.engine.max_input_tokens
+    return encode(tokenizer, text, add_special_tokens=False, max_tokens=limit)  # the template writes its BOS
 
 
 def _check_context(ctx: ServerContext, prompt: tuple[int, ...], max_new: int | None, param: str) -> None:

@@ -105,7 +105,8 @@ def build_requests(ctx: ServerContext, body: TGIGenerateRequest, stream: bool) -
     p = body.parameters
     _refuse(p, stream)
     adapter = resolve_adapter(ctx, p.adapter_id)
-    prompt_ids = encode(ctx.engine.tokenizer, body.inputs)
+    limit = ctx.engine.max_input_tokens if p.truncate is None else None  # truncated after
+    prompt_ids = encode(ctx.engine.tokenizer, body.inputs, max_tokens=limit)
     if p.truncate is not None:
         prompt_ids = prompt_ids[-p.truncate :]
     return choice_requests(prompt_ids, _sampling(ctx, p, len(prompt_ids)), adapter, p.best_of or 1)

@@ -9,6 +9,7 @@ request meets a full batch; each streamed result is compared with the same reque
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -55,16 +56,20 @@ class ServerProcess:
     url: str
     model_name: str
     adapters: dict[str, Path]
+    pid: int
+    lag_log: Path  # the server's account of each event-loop stall over 10 ms
 
 
 @pytest.fixture(scope="module")
-def server(tiny_assets: TinyAssets) -> Iterator[ServerProcess]:
+def server(tiny_assets: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     adapters = dict(tiny_assets.adapters["llama"])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     model = tiny_assets.models["llama"]
+    lag_log = tmp_path_factory.mktemp("lag") / "lag.jsonl"
     flags = {
+        "--loop-lag-log": str(lag_log),
         "--model-id": str(model),
         "--lora-adapters": ",".join(f"{name}={path}" for name, path in adapters.items()),
         "--hostname": "127.0.0.1",
@@ -76,7 +81,11 @@ def server(tiny_assets: TinyAssets) -> Iterator[ServerProcess]:
         "--log-level": "error",
     }
     argv = [part for flag in flags.items() for part in flag]
-    process = subprocess.Popen([sys.executable, "-c", LAUNCH, *argv], stderr=subprocess.PIPE, text=True)
+    # Its own session, as a pod its own cgroup: the test's clients don't share its CPU group. Its
+    # log goes to a file: a pipe nobody reads fills up, and the loop then blocks writing a record.
+    log_path = lag_log.with_name("server.log")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-c", LAUNCH, *argv], stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -86,8 +95,9 @@ def server(tiny_assets: TinyAssets) -> Iterator[ServerProcess]:
         time.sleep(0.1)
     else:
         process.kill()
-        pytest.fail(f"server never became ready: {process.stderr.read()[-2000:]}")
-    yield ServerProcess(url, model.name, adapters)
+        pytest.fail(f"server never became ready: {log_path.read_text()[-2000:]}")
+    yield ServerProcess(url, model.name, adapters, process.pid, lag_log)
+    print(f"server log: {log_path.stat().st_size} bytes")
     process.terminate()
     process.wait(30)
 
@@ -97,6 +107,23 @@ def _repeat_until(url: str, job: tuple[str | None, str], done: threading.Event) 
     while not results or not done.is_set():
         results.append(stream_tokens(url, *job))
     return results
+
+
+def _nice_values(pid: int) -> list[int]:
+    """The nice value of each thread of process `pid` (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    values = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            values.append(int(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16]))
+    return values
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_worker_threads_yield_the_cpu_to_the_event_loop(server: ServerProcess) -> None:
+    values = _nice_values(server.pid)
+    main = int(Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    assert min(values) == main  # the event loop's thread (and Python's main thread) keep theirs
+    assert max(values) == min(19, main + 10)  # the engine thread, at least
 
 
 def test_200_hostile_requests_beside_16_streams(server: ServerProcess, tiny_assets, tmp_path: Path) -> None:
@@ -111,7 +138,7 @@ def test_200_hostile_requests_beside_16_streams(server: ServerProcess, tiny_asse
     baseline.stop()
     done = threading.Event()
     probe = ProbeProcess(server.url)
-    started = time.perf_counter()
+    started, started_wall = time.perf_counter(), time.time()
     with ThreadPoolExecutor(NUM_STREAMS) as pool:
         streams = [pool.submit(_repeat_until, server.url, job, done) for job in jobs]
         time.sleep(0.5)  # the batch is full before the first hostile request
@@ -129,6 +156,13 @@ def test_200_hostile_requests_beside_16_streams(server: ServerProcess, tiny_asse
         f"quiet baseline: max {baseline.max_ms:.1f} ms, p95 {baseline.percentile_ms(0.95):.1f} ms "
         f"({len(baseline.latencies_ms)} probes)"
     )
+    stalls = [json.loads(line) for line in server.lag_log.read_text().splitlines()]
+    stalls = [stall for stall in stalls if stall["t"] >= started_wall]  # the loaded phase's
+    parts = {
+        k: round(sum(max(0.0, e.get(k, 0.0)) for e in stalls))
+        for k in ("running_ms", "runqueue_ms", "blocked_ms")
+    }
+    print(f"event-loop stalls over 10 ms: {len(stalls)}; their time in ms: {parts}")
     assert len(results) == NUM_HOSTILE
     assert not [r for r in results if r[1] >= 500], results
     assert not unexpected(results, cases), unexpected(results, cases)
@@ -136,7 +170,9 @@ def test_200_hostile_requests_beside_16_streams(server: ServerProcess, tiny_asse
         assert all(tokens == quiet[job] for tokens in runs), job
     assert set(probe.statuses) == {200}
     # A loop blocked by request work shows in the typical probe (seconds on the old main). The
-    # tail is the machine's: speed targets belong to benchmarks, and on a shared machine the OS
-    # alone stalls even the idle server (see the quiet baseline), so the figures are printed.
+    # tail is the machine's: on a shared machine the OS alone stalls even the idle server (the
+    # quiet baseline), so the 50 ms bound on the slowest probe is bench/hostile.py's, recorded
+    # in docs/benchmarks/hostile.md with the load average; here the figures are printed.
     assert probe.percentile_ms(0.5) < 50
+    assert probe.percentile_ms(0.95) < 250
     assert call("GET", f"{server.url}/health")[0] == 200
