@@ -112,10 +112,12 @@ bench-smoke: install ## The serving benchmark harness on CPU against `loraplex s
 .PHONY: demo demo-down e2e e2e-kind
 # The control-plane build starts first and runs beside `make install` and the training
 # (e2e/cluster/provisioning.py relays its log), so a cold run costs about the build, not the sum.
+# The build is the longest part, so the rest runs at a lower priority (nice 10) and fills its gaps.
 demo: ## The whole loop locally: cluster, chart, operator, 2 pods, 3 adapters, live hot-load
 	@log="$$(mktemp -t loraplex-provision.XXXXXX.log)"; \
 	bash e2e/cluster/provision.sh >"$$log" 2>&1 & \
-	$(MAKE) --no-print-directory install && LORAPLEX_PROVISION_LOG="$$log" $(BIN)/python e2e/demo.py up
+	nice -n 10 $(MAKE) --no-print-directory install && \
+	LORAPLEX_PROVISION_LOG="$$log" nice -n 10 $(BIN)/python e2e/demo.py up
 
 demo-down: install ## Stop everything `make demo` started
 	$(BIN)/python e2e/demo.py down
