@@ -32,6 +32,7 @@ from loraplex.server.engine_api import Engine, LoadAdapterSpec
 from loraplex.server.health_lag import LoopLagMonitor
 from loraplex.server.routes.context import ServerSettings
 from loraplex.server.routes.health import DRAIN
+from loraplex.server.startup_heap import freeze_startup_objects
 
 log = logging.getLogger("loraplex.serve")
 FINAL_WRITE_TIMEOUT_S = 2.0
@@ -244,6 +245,8 @@ async def serve(
         access_log=logging.getLogger("loraplex.access"),
     )
     await runner.setup()
+    frozen = freeze_startup_objects()  # before listening: no full GC pause while serving
+    log.debug("start-up objects frozen", extra={"objects": frozen})
     await web.TCPSite(runner, host, port).start()
     log.info("serving", extra={"host": host, "port": port, "model": engine.model_name})
     if lag is not None:

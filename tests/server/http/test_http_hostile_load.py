@@ -174,5 +174,9 @@ def test_200_hostile_requests_beside_16_streams(server: ServerProcess, tiny_asse
     # quiet baseline), so the 50 ms bound on the slowest probe is bench/hostile.py's, recorded
     # in docs/benchmarks/hostile.md with the load average; here the figures are printed.
     assert probe.percentile_ms(0.5) < 50
+    # The loop's own CPU time in a stall is not inflated by other jobs taking the CPUs (that is
+    # run-queue time): a full GC over the start-up heap showed here as one stall of 200+ ms of
+    # running (server/startup_heap.py), and so would any heavy work left on the loop.
+    assert max((stall.get("running_ms", 0.0) for stall in stalls), default=0.0) < 100, stalls
     assert probe.percentile_ms(0.95) < 250
     assert call("GET", f"{server.url}/health")[0] == 200
