@@ -113,6 +113,10 @@ class LocalCluster:
 
         self._spawn("kube-apiserver", flags.apiserver_args(binaries, layout, pki, ports), tie)
         self._await("kube-apiserver", lambda: self._api_get("/readyz") == b"ok", timeout)
+        # /readyz can answer before the bootstrap controller has created the `default` namespace.
+        self._await(
+            "kube-apiserver", lambda: self._api_get("/api/v1/namespaces/default") is not None, timeout
+        )
         layout.kubeconfig.write_text(
             yaml.safe_dump(flags.kubeconfig(self.server, pki.ca_cert.read_bytes(), self.token))
         )

@@ -52,14 +52,23 @@ def test_a_loop_asleep_is_recorded_as_blocked_and_other_threads_show(tmp_path: P
     import threading
 
     monitor = LoopLagMonitor(tmp_path / "lag.jsonl")
-    worker = threading.Thread(target=_spin, args=(0.4,), name="spinner")
+    done = threading.Event()
+
+    def spin_until_done() -> None:  # alive for the whole stall, however slow the machine
+        while not done.is_set():
+            _spin(0.001)
+
+    worker = threading.Thread(target=spin_until_done, name="spinner")
     worker.start()  # before the monitor: its CPU time is read at every beat
 
     def block() -> None:
         time.sleep(0.15)  # like waiting for the GIL: the loop thread neither runs nor waits for a CPU
 
-    asyncio.run(_stall(monitor, block))
-    worker.join()
+    try:
+        asyncio.run(_stall(monitor, block))
+    finally:
+        done.set()
+        worker.join()
     [entry] = [e for e in _entries(tmp_path / "lag.jsonl") if e["late_ms"] > 100]
     assert entry["blocked_ms"] > 100
     assert entry["running_ms"] < 30
