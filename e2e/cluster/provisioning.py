@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,10 +44,11 @@ class BackgroundProvision:
             )
         return cls(default_log, process)
 
-    def finish(self, report: Callable[[str], None]) -> None:
-        """Wait until the binaries are in the cache, relaying the background run's log lines."""
+    def finish(self, report: Callable[[str], None], heartbeat_s: float = 30.0) -> None:
+        """Wait until the binaries are in the cache, relaying the background run's log lines (and,
+        when it writes none for `heartbeat_s`, a line saying how long it has been waiting)."""
         stop = threading.Event()
-        relay = threading.Thread(target=self._relay, args=(report, stop), daemon=True)
+        relay = threading.Thread(target=self._relay, args=(report, stop, heartbeat_s), daemon=True)
         relay.start()
         try:
             result = subprocess.run(["bash", str(PROVISION_SH)], capture_output=True, text=True)
@@ -62,11 +64,16 @@ class BackgroundProvision:
             if line.startswith("[provision") and "ready in" in line:
                 report("  " + line)
 
-    def _relay(self, report: Callable[[str], None], stop: threading.Event) -> None:
+    def _relay(self, report: Callable[[str], None], stop: threading.Event, heartbeat_s: float) -> None:
         """Print the log's `[provision ...]` lines as they are written (build output stays in the log)."""
-        position = 0
+        position, started = 0, time.monotonic()
+        quiet_since = started
         while True:
-            done = stop.wait(0.5)
+            done = stop.wait(min(0.5, heartbeat_s))
+            if not done and time.monotonic() - quiet_since >= heartbeat_s:
+                waited = time.monotonic() - started
+                report(f"  ... still provisioning, waited {waited:.0f}s so far (build output: {self.log})")
+                quiet_since = time.monotonic()
             try:
                 with self.log.open("rb") as handle:
                     handle.seek(position)
@@ -79,5 +86,6 @@ class BackgroundProvision:
                 for line in complete.decode(errors="replace").splitlines():
                     if line.startswith("[provision"):
                         report("  " + line)
+                        quiet_since = time.monotonic()
             if done:
                 return

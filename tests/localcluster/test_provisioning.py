@@ -3,7 +3,10 @@ handed to it through KUBEBUILDER_ASSETS, so no build happens here)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +62,33 @@ def test_a_failed_run_raises_with_the_end_of_its_output(
     provisioning = BackgroundProvision.start(tmp_path / "provision.log")
     with pytest.raises(ProvisionFailed, match="is not a directory"):
         provisioning.finish(lambda line: None)
+
+
+def test_a_long_wait_for_the_build_says_so(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another run holds the provisioning lock (the background build), the wait is not silent."""
+    log = tmp_path / "make-provision.log"
+    log.write_text("[provision 00:00:00] kube-apiserver: building\n")
+    monkeypatch.setenv(LOG_ENV, str(log))
+    lock_path = tmp_path / "cache" / "k8s" / ".provision.lock"
+    lock_path.parent.mkdir(parents=True)
+    held = threading.Event()
+
+    def hold_the_lock() -> None:
+        with lock_path.open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            held.set()
+            time.sleep(2.0)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    held.wait(10)
+    lines: list[str] = []
+    started = time.monotonic()
+    BackgroundProvision.start(tmp_path / "unused.log").finish(lines.append, heartbeat_s=0.5)
+    holder.join()
+    assert time.monotonic() - started >= 1.5  # it did wait for the lock
+    waits = [line for line in lines if "still provisioning" in line]
+    assert waits and str(log) in waits[0]
+    assert any("ready in" in line for line in lines)
