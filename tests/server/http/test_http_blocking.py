@@ -48,8 +48,11 @@ def _stalled_fraction(fn) -> float:
 
 def test_encode_lets_other_threads_run(tiny_assets: TinyAssets) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)
-    held = _stalled_fraction(lambda: tokenizer._tokenizer.encode(LONG_PROMPT))
-    ours = _stalled_fraction(lambda: encode(tokenizer, LONG_PROMPT))
+    # Long enough that one held call lasts several GAP_S even on a fast machine (at 1x it can
+    # finish within one gap, and the control then reads low: 0.34 seen in CI).
+    prompt = LONG_PROMPT * 4
+    held = _stalled_fraction(lambda: tokenizer._tokenizer.encode(prompt))
+    ours = _stalled_fraction(lambda: encode(tokenizer, prompt))
     assert held > 0.5, held  # the probe sees a GIL held through each call...
     assert ours < 0.25, ours  # ...and the routes' encode does not hold it
 
