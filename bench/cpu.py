@@ -34,8 +34,7 @@ from pathlib import Path
 import baselines  # bench/ is sys.path[0] when run as a script
 import random_checkpoint
 import torch
-from benchutil import git_commit, load_average, load_note, markdown_table
-from host_overhead import _cpu_model
+from benchutil import cpu_model, git_commit, load_average, load_note, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "bench" / "configs" / "smollm-135m-config.json"
@@ -131,7 +130,7 @@ def measure(rounds: int, threads: int) -> tuple[dict[str, list[float]], dict]:
                 flush=True,
             )
     env = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(), "cpu": _cpu_model(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(), "cpu": cpu_model(),
         "torch": torch.__version__, "threads": threads, "rounds": rounds, "load_average": load_average(),
         "load_per_round": loads,
     }  # fmt: skip

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import random_checkpoint  # bench/ is sys.path[0] when run as a script
 import torch
-from benchutil import git_commit, load_average, load_note, markdown_table
+from benchutil import cpu_model, git_commit, load_average, load_note, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path("/tmp/loraplex-bench/host-overhead")
@@ -268,21 +267,11 @@ def run(
     return rows
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def write_results(rows: list[dict], out: Path, label: str, env: dict | None = None) -> None:
     env = env or {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_average": load_average(),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchutil import ROOT, git_commit, load_average, markdown_table
+from benchutil import ROOT, cpu_model, git_commit, load_average, markdown_table
 from server_process import ServerProcess
 
 sys.path[:0] = [str(ROOT / "tests" / "server" / "http")]  # the test suite's hostile catalogue
@@ -234,16 +233,6 @@ def _stall_totals(stalls: list[dict]) -> dict:
     return {"stalls": len(stalls), **totals}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _round_rows(result: dict) -> list[dict]:
     rows = []
     for i, r in enumerate(result["rounds"]):
@@ -356,7 +345,7 @@ def main() -> int:
         result = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": git_commit(),
-            "cpu": cpu_name(),
+            "cpu": cpu_model(),
             "cores": len(__import__("os").sched_getaffinity(0)),
             "load_start": load_average(),
             "rounds": [],
