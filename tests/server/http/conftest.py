@@ -1,11 +1,15 @@
-"""Fixtures of the HTTP tests: one shared live server (real engine, tiny Llama) and the reference."""
+"""Fixtures of the HTTP tests: one shared live server (real engine, tiny Llama), the reference, and
+the clients users run (`text-generation`, `openai`, `huggingface_hub`) pointed at it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import openai
 import pytest
+import text_generation
 from http_server_support import LiveServer, Reference, ServerThread, five_adapters, start_server
+from huggingface_hub import InferenceClient
 
 from loraplex.server.demo_assets import TinyAssets
 
@@ -28,3 +32,19 @@ def live_server(server_thread: ServerThread, tiny_assets: TinyAssets) -> Iterato
 @pytest.fixture(scope="session")
 def reference(tiny_assets: TinyAssets) -> Reference:
     return Reference(tiny_assets, five_adapters(tiny_assets))
+
+
+@pytest.fixture(scope="session")
+def tgi(live_server: LiveServer) -> text_generation.Client:
+    """TGI's own client on the shared server."""
+    return text_generation.Client(live_server.url, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def oai(live_server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def hf(live_server: LiveServer) -> InferenceClient:
+    return InferenceClient(base_url=live_server.url)

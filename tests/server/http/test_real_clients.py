@@ -23,21 +23,6 @@ MAX_NEW = 6
 CHAT = [{"role": "user", "content": "Please write a short poem about the sea."}]
 
 
-@pytest.fixture(scope="module")
-def tgi(live_server: LiveServer) -> text_generation.Client:
-    return text_generation.Client(live_server.url, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def oai(live_server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def hf(live_server: LiveServer) -> InferenceClient:
-    return InferenceClient(base_url=live_server.url)
-
-
 # --- text-generation (TGI's client) ------------------------------------------------------------
 
 

@@ -22,21 +22,6 @@ ATOL = 1e-4
 CHAT = [{"role": "user", "content": "Score this prompt, token by token."}]
 
 
-@pytest.fixture(scope="module")
-def tgi(live_server: LiveServer) -> text_generation.Client:
-    return text_generation.Client(live_server.url, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def oai(live_server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def hf(live_server: LiveServer) -> InferenceClient:
-    return InferenceClient(base_url=live_server.url)
-
-
 def ids_of(reference: Reference, prompt: str) -> tuple[int, ...]:
     return tuple(reference.tokenizer(prompt)["input_ids"])
 
