@@ -1,0 +1,138 @@
+"""The API server's own pace for the operator's writes, on the local control plane, nothing
+else running: N LoraAdapters present, N status merge-PATCHes at a few concurrencies through
+(a) the operator's threaded `kubernetes` client (`Kube.patch_status`) and (b) the operator's
+async writer (`AsyncKube`, aiohttp), interleaved; the object's size; a `kubectl get lora`.
+
+    python bench/operator_apipace.py --n 1000 --concurrency 32,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from kubernetes import client
+
+from loraplex.localcluster.control_plane import LocalCluster
+from loraplex.localcluster.install import apply_crds
+from loraplex.operator.asynckube import AsyncKube
+from loraplex.operator.k8s import Kube
+
+GROUP, VERSION, PLURAL = "loraplex.dev", "v1alpha1", "loraadapters"
+
+
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def status(round_: int) -> dict[str, Any]:
+    """A status as a dead pod's pass writes it; each round differs from the last (a real write)."""
+    return {
+        "phase": "Ready",
+        "readyReplicas": 1 + round_ % 2,
+        "instances": [
+            {"pod": "tiny-llama-0", "state": "Ready" if round_ % 2 else "Pending", "attempts": round_},
+            {"pod": "tiny-llama-1", "state": "Ready", "loadedAt": "2026-12-02T04:00:00Z"},
+        ],
+    }
+
+
+async def patch_all(kube: Any, namespace: str, names: list[str], body: dict[str, Any], conc: int) -> float:
+    limit = asyncio.Semaphore(conc)
+
+    async def one(name: str) -> None:
+        async with limit:
+            await kube.patch_status(PLURAL, namespace, name, body)
+
+    started = time.monotonic()
+    await asyncio.gather(*(one(name) for name in names))
+    return time.monotonic() - started
+
+
+async def measure(cluster: LocalCluster, namespace: str, names: list[str], concurrencies: list[int]) -> list:
+    api = cluster.api_client()
+    threaded = Kube(api)
+    configuration = api.configuration
+    asynchronous = AsyncKube(configuration, concurrency=max(concurrencies))
+    rows, round_ = [], 0
+    try:
+        for conc in concurrencies:
+            for label, kube in (("threads", threaded), ("aiohttp", asynchronous), ("threads", threaded)):
+                round_ += 1
+                load = os.getloadavg()[0]
+                cpu = cpu_s()
+                took = await patch_all(kube, namespace, names, status(round_), conc)
+                rows.append(
+                    {
+                        "client": label,
+                        "concurrency": conc,
+                        "n": len(names),
+                        "seconds": round(took, 2),
+                        "per_s": round(len(names) / took),
+                        "client_cpu_ms_per_patch": round(1000 * (cpu_s() - cpu) / len(names), 2),
+                        "load_1m": round(load, 1),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        await asynchronous.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--concurrency", default="32,64")
+    args = parser.parse_args()
+    with LocalCluster.start() as cluster:
+        apply_crds(cluster)
+        namespace = f"pace-{uuid.uuid4().hex[:6]}"
+        cluster.kubectl("create", "namespace", namespace)
+        custom = client.CustomObjectsApi(cluster.api_client())
+        names = [f"a-{i:04d}" for i in range(args.n)]
+
+        def create(name: str) -> None:
+            body = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "LoraAdapter",
+                "metadata": {"name": name, "finalizers": ["loraplex.dev/unload"]},
+                "spec": {"baseModel": {"name": "tiny-llama"}, "source": {"uri": "file:///tmp/x"}},
+            }
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(create, names))
+        print(json.dumps({"creates_s": round(time.monotonic() - started, 2)}), flush=True)
+        rows = asyncio.run(measure(cluster, namespace, names, [int(c) for c in args.concurrency.split(",")]))
+        one = cluster.kubectl("get", "lora", "-n", namespace, names[0], "-o", "json").stdout
+        gets = []
+        for _ in range(3):
+            started = time.monotonic()
+            cluster.kubectl("get", "lora", "-n", namespace, "--no-headers")
+            gets.append(time.monotonic() - started)
+        listing = cluster.kubectl("get", "--raw", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}")
+        print(
+            json.dumps(
+                {
+                    "object_bytes": len(json.dumps(json.loads(one), separators=(",", ":"))),
+                    "managed_fields": len(json.loads(one)["metadata"].get("managedFields", [])),
+                    "list_bytes": len(listing.stdout),
+                    "kubectl_get_lora_s": [round(t, 2) for t in gets],
+                    "load_average": os.getloadavg(),
+                    "rows": len(rows),
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
