@@ -231,6 +231,11 @@ def burst(bench: Bench, operator: OperatorProcess, proxy: ProxyProcess, n: int) 
     idle_get_s = kubectl_get_idle(bench, proxy)
     loads = [t for url in pod_urls(bench.core, bench.namespace, SELECTOR).values() for t in loaded_at(url)]
     latency_after = apiserver_latency(bench.cluster.kubectl("get", "--raw", "/metrics").stdout)
+    one = json.loads(
+        bench.cluster.kubectl(
+            "get", "--raw", f"/apis/{GROUP}/{VERSION}/namespaces/{bench.namespace}/loraadapters/{names[0]}"
+        ).stdout
+    )
     result = {
         "n": n,
         "load_1m": round(os.getloadavg()[0], 1),
@@ -247,6 +252,8 @@ def burst(bench: Bench, operator: OperatorProcess, proxy: ProxyProcess, n: int) 
         **timer.summary(),
         "kubectl_get_operator_idle_s": idle_get_s,
         "pods_loaded_all_after_apply_s": round(max(loads) - applied_wall, 2) if loads else None,
+        "object_bytes": len(json.dumps(one, separators=(",", ":"))),
+        "managed_fields_bytes": len(json.dumps(one["metadata"].get("managedFields"), separators=(",", ":"))),
         "apiserver_latency_all_clients": latency_delta(latency_after, latency_before),
     }
     return result

@@ -108,7 +108,7 @@ def namespace_changed(name: str, memo: kopf.Memo, adapters_by_base: kopf.Index, 
 
 @kopf.on.event("pods", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
 def pod_changed(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
-    memo.wakers.wake((namespace, labels.get(BASE_MODEL_LABEL, "")))
+    memo.wakers.wake((namespace, labels.get(BASE_MODEL_LABEL, "")), urgent=True)
 
 
 @kopf.on.create(GROUP, VERSION, bmd_crd.PLURAL)
@@ -160,7 +160,7 @@ async def converge(
                 pass  # invalid spec: the change handler reported it; wait for a fix
             except Exception:  # one bad pass must not end the loop
                 log.exception("pass for %s/%s failed", *key)
-            await memo.wakers.sleep(key, recheck or memo.config.tick_s)
+            await memo.wakers.sleep(key, recheck or memo.config.tick_s, loop.debounce_s)
     finally:
         memo.daemon_states.pop(key, None)
         await state.cancel()
