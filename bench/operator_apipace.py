@@ -1,7 +1,8 @@
 """The API server's own pace for the operator's writes, on the local control plane, nothing
 else running: N LoraAdapters present, N status merge-PATCHes at a few concurrencies through
 (a) the operator's threaded `kubernetes` client (`Kube.patch_status`) and (b) the operator's
-async writer (`AsyncKube`, aiohttp), interleaved; the object's size; a `kubectl get lora`.
+async writer (`AsyncKube`, aiohttp), with the whole status and with only a changed count,
+interleaved; the object's size; a `kubectl get lora`.
 
     python bench/operator_apipace.py --n 1000 --concurrency 32,64
 """
@@ -23,9 +24,24 @@ from kubernetes import client
 from loraplex.localcluster.control_plane import LocalCluster
 from loraplex.localcluster.install import apply_crds
 from loraplex.operator.asynckube import AsyncKube
-from loraplex.operator.k8s import Kube
+from loraplex.operator.k8s import FIELD_MANAGER, Kube
 
 GROUP, VERSION, PLURAL = "loraplex.dev", "v1alpha1", "loraadapters"
+
+
+class ThreadedPatches:
+    """The status PATCH as the operator sent it before `AsyncKube`: the `kubernetes` client's
+    call, in the operator's worker threads."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self._kube, self._custom = Kube(api), client.CustomObjectsApi(api)
+
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        await self._kube._run(
+            lambda: self._custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, plural, name, {"status": status}, field_manager=FIELD_MANAGER
+            )
+        )
 
 
 def cpu_s() -> float:
@@ -59,17 +75,20 @@ async def patch_all(kube: Any, namespace: str, names: list[str], body: dict[str,
 
 async def measure(cluster: LocalCluster, namespace: str, names: list[str], concurrencies: list[int]) -> list:
     api = cluster.api_client()
-    threaded = Kube(api)
-    configuration = api.configuration
-    asynchronous = AsyncKube(configuration, concurrency=max(concurrencies))
+    threaded = ThreadedPatches(api)
+    asynchronous = AsyncKube(api.configuration, max(concurrencies), FIELD_MANAGER)
     rows, round_ = [], 0
     try:
         for conc in concurrencies:
-            for label, kube in (("threads", threaded), ("aiohttp", asynchronous), ("threads", threaded)):
+            clients = (("threads", threaded), ("aiohttp", asynchronous), ("aiohttp-small", asynchronous))
+            for label, kube in (*clients, ("threads", threaded)):
                 round_ += 1
                 load = os.getloadavg()[0]
                 cpu = cpu_s()
-                took = await patch_all(kube, namespace, names, status(round_), conc)
+                body = status(round_)
+                if label.endswith("small"):  # only what changed: the count, not the whole status
+                    body = {"readyReplicas": body["readyReplicas"]}
+                took = await patch_all(kube, namespace, names, body, conc)
                 rows.append(
                     {
                         "client": label,
@@ -113,7 +132,9 @@ def main() -> None:
             list(pool.map(create, names))
         print(json.dumps({"creates_s": round(time.monotonic() - started, 2)}), flush=True)
         rows = asyncio.run(measure(cluster, namespace, names, [int(c) for c in args.concurrency.split(",")]))
-        one = cluster.kubectl("get", "lora", "-n", namespace, names[0], "-o", "json").stdout
+        one = cluster.kubectl(
+            "get", "--raw", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{names[0]}"
+        ).stdout
         gets = []
         for _ in range(3):
             started = time.monotonic()
@@ -124,7 +145,8 @@ def main() -> None:
             json.dumps(
                 {
                     "object_bytes": len(json.dumps(json.loads(one), separators=(",", ":"))),
-                    "managed_fields": len(json.loads(one)["metadata"].get("managedFields", [])),
+                    "managed_fields_bytes": len(json.dumps(json.loads(one)["metadata"].get("managedFields"))),
+                    "managers": [m["manager"] for m in json.loads(one)["metadata"].get("managedFields", [])],
                     "list_bytes": len(listing.stdout),
                     "kubectl_get_lora_s": [round(t, 2) for t in gets],
                     "load_average": os.getloadavg(),
