@@ -293,7 +293,9 @@ def delete_all(bench: Bench, operator: OperatorProcess, prefix: str) -> dict[str
     }
 
 
-def pod_killed(bench: Bench, runner: PodRunner, names: list[str]) -> dict[str, Any]:
+def pod_killed(
+    bench: Bench, runner: PodRunner, operator: OperatorProcess, names: list[str]
+) -> dict[str, Any]:
     """Kill one server; time until the base, then every adapter, no longer counts it as Ready
     (the base polled alone every 0.1 s; adapters by LIST, each adapter marked the first time
     its status shows the pod not Ready; a LIST's end time bounds the latency)."""
@@ -310,12 +312,13 @@ def pod_killed(bench: Bench, runner: PodRunner, names: list[str]) -> dict[str, A
 
     urls = pod_urls(bench.core, bench.namespace, SELECTOR)
     watch = ContradictionWatch(bench, lambda: urls, names).__enter__()
+    cpu_before = operator.usage()["cpu_s"]
     started = time.monotonic()
     runner.kill(bench.namespace, pod)
     thread = threading.Thread(target=watch_base)
     thread.start()
     reflected: set[str] = set()
-    adapters_s, first_claims = None, None
+    adapters_s, first_claims, operator_cpu_s = None, None, None
     while time.monotonic() - started < 120:
         statuses = bench.statuses()
         listed = time.monotonic() - started  # the watch's copy: at most one event behind
@@ -329,6 +332,7 @@ def pod_killed(bench: Bench, runner: PodRunner, names: list[str]) -> dict[str, A
         first_claims = len(claiming) if first_claims is None else first_claims
         if reflected >= set(names):
             adapters_s = listed
+            operator_cpu_s = operator.usage()["cpu_s"] - cpu_before
             break
         time.sleep(0.05)
     stop.set()
@@ -343,6 +347,7 @@ def pod_killed(bench: Bench, runner: PodRunner, names: list[str]) -> dict[str, A
         "adapters": len(names),
         "base_reflects_s": round(base_s[0], 2) if base_s else None,
         "every_adapter_reflects_s": round(adapters_s, 2) if adapters_s is not None else None,
+        "operator_cpu_until_then_s": round(operator_cpu_s, 2) if operator_cpu_s is not None else None,
         "adapters_claiming_the_dead_pod_at_first_list": first_claims,
         "back_ready_s": round(back_s, 2) if back else None,
     }
@@ -418,6 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", help="folder for py-spy profiles of the operator (collapsed stacks; needs py-spy)"
     )
+    parser.add_argument(
+        "--pod-nice",
+        type=int,
+        default=0,
+        help="run the pods' processes at this nice value (the control plane keeps the CPU first)",
+    )
     parser.add_argument("--label", help="write docs/benchmarks/operator-<label>.json")
     parser.add_argument("--report", action="store_true", help="only write operator.md from the results")
     args = parser.parse_args(argv)
@@ -448,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         env = {"OMP_NUM_THREADS": "1", "LOG_FORMAT": "text", "LOG_LEVEL": "warning"}
         with (
             cluster.api_client() as api,
-            PodRunner(api, work / "pods", (namespace,), SELECTOR, extra_env=env) as runner,
+            PodRunner(
+                api, work / "pods", (namespace,), SELECTOR, extra_env=env, nice=args.pod_nice
+            ) as runner,
         ):
             operator.start()
             try:
@@ -465,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency": args.latency,
         "tick": args.tick,
         "restart_n": args.restart_n,
+        "pod_nice": args.pod_nice,
     }
     text = json.dumps(results, indent=2)
     print(text)
@@ -510,7 +524,7 @@ def run_all(cluster, api, namespace, workload, operator, proxy, runner, args) ->
         print(json.dumps(out["bursts"][-1]), flush=True)
         names = [f"b{n}-{i:04d}" for i in range(n)]
         profiler.start(operator.process.pid, f"kill-{n}")
-        out["pod_kills"].append(pod_killed(bench, runner, names))
+        out["pod_kills"].append(pod_killed(bench, runner, operator, names))
         profiler.stop()
         out["pod_killed"] = out["pod_kills"][-1]  # the largest: the summary's row
         print(json.dumps(out["pod_kills"][-1]), flush=True)
@@ -554,6 +568,8 @@ SUMMARY_ROWS = [  # (measure, size, getter, key, target)
     ("1000 at once: all Ready after the apply (s)", 1000, "burst", "ready_after_apply_s", "≤ 30"),
     ("1000 at once: operator requests per adapter", 1000, "burst", "requests_per_adapter", "≤ 3"),
     ("1000 at once: operator RSS (MB)", 1000, "burst", "rss_mb", "≤ 200"),
+    ("1000 at once: operator CPU (s)", 1000, "burst", "cpu_s", ""),
+    ("1000 at once: one adapter's size, bytes (its managedFields)", 1000, "burst", "object_bytes", ""),
     ("1000 at once: slowest `kubectl get lora` during it (s)", 1000, "burst", "kubectl_get_max_s", "< 1"),
     ("1000 present, operator idle: `kubectl get lora` (s)", 1000, "burst", "kubectl_get_operator_idle_s", "(API server)"),
     ("delete 1000 (s)", 1000, "deleted", "", "≤ 30"),
@@ -565,7 +581,8 @@ SUMMARY_ROWS = [  # (measure, size, getter, key, target)
 
 def summary(runs: dict[str, dict[str, Any]]) -> list[str]:
     """main's operator (before), this issue's first version, and now, against the targets."""
-    columns = [(label, runs[label]) for label in ("before", "first", "after-r1", "after") if label in runs]
+    labels = ("before", "first", "after-r1", "after", "round2-before", "round2")
+    columns = [(label, runs[label]) for label in labels if label in runs]
     if "after" not in runs:
         return []
     small = {"first": runs.get("first-100")}
@@ -578,6 +595,8 @@ def summary(runs: dict[str, dict[str, Any]]) -> list[str]:
         if getter == "killed":
             found = _killed(run, size, key)
             return _killed(small[label], size, key) if found == "-" and small.get(label) else found
+        if key == "object_bytes" and _burst(run, size, key) != "-":
+            return f"{_burst(run, size, key)} ({_burst(run, size, 'managed_fields_bytes')})"
         return _burst(run, size, key)
 
     table = []
@@ -610,6 +629,32 @@ SUMMARY_NOTES = [
 ]
 
 
+def pace_section() -> list[str]:
+    """The API server's own PATCH pace (`bench/operator_apipace.py --write`), if measured."""
+    path = DOCS / "operator_apipace.json"
+    if not path.exists():
+        return []
+    pace = json.loads(path.read_text())
+    return [
+        f"## The API server's own pace: {pace['date']}, commit {pace['commit']}",
+        "",
+        "`python bench/operator_apipace.py --n 1000 --concurrency 32,64 --write`: the local control",
+        "plane alone (no pods, no operator, no proxy), 1000 LoraAdapters, 1000 status merge-PATCHes",
+        "per row, rows interleaved. `threads` is the `kubernetes` client in the operator's worker",
+        "threads (how the operator wrote before `AsyncKube`), `aiohttp` is `AsyncKube` with the whole",
+        "status, `aiohttp-small` with only the changed count. Client CPU is the benchmark process's.",
+        f"Load average (1, 5, 15 min): {pace['load_average_start']} at the start,"
+        f" {pace['load_average_end']} at the end.",
+        "",
+        markdown_table(pace["rows"]),
+        "",
+        f"One adapter: {pace['object_bytes']} bytes, {pace['managed_fields_bytes']} of them managedFields"
+        f" (managers {', '.join(pace['managers'])}); the LIST of 1000: {pace['list_bytes']} bytes;"
+        f" `kubectl get lora` with nothing else running: {pace['kubectl_get_lora_s']} s.",
+        "",
+    ]
+
+
 def write_report() -> None:
     """docs/benchmarks/operator.md from every operator-*.json there (no number typed by hand)."""
     runs = [json.loads(path.read_text()) for path in sorted(DOCS.glob("operator-*.json"))]
@@ -627,6 +672,7 @@ def write_report() -> None:
         "",
     ]
     lines += summary({run["label"]: run for run in runs})
+    lines += pace_section()
     for run in runs:
         lines += [f"## {run['label']}: {run['date']}, commit {run['commit']}", ""]
         lines += [f"Operator interpreter `{run['python']}`; arguments {json.dumps(run.get('args', {}))}."]

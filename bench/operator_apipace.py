@@ -4,7 +4,7 @@ else running: N LoraAdapters present, N status merge-PATCHes at a few concurrenc
 async writer (`AsyncKube`, aiohttp), with the whole status and with only a changed count,
 interleaved; the object's size; a `kubectl get lora`.
 
-    python bench/operator_apipace.py --n 1000 --concurrency 32,64
+    python bench/operator_apipace.py --n 1000 --concurrency 32,64 --write   # + operator.py --report
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ import asyncio
 import json
 import os
 import resource
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
-from kubernetes import client
+from apiproxy import ProxyProcess
+from benchutil import git_commit
+from kubernetes import client, config
 
 from loraplex.localcluster.control_plane import LocalCluster
 from loraplex.localcluster.install import apply_crds
@@ -27,6 +31,7 @@ from loraplex.operator.asynckube import AsyncKube
 from loraplex.operator.k8s import FIELD_MANAGER, Kube
 
 GROUP, VERSION, PLURAL = "loraplex.dev", "v1alpha1", "loraadapters"
+RESULT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "operator_apipace.json"
 
 
 class ThreadedPatches:
@@ -73,8 +78,7 @@ async def patch_all(kube: Any, namespace: str, names: list[str], body: dict[str,
     return time.monotonic() - started
 
 
-async def measure(cluster: LocalCluster, namespace: str, names: list[str], concurrencies: list[int]) -> list:
-    api = cluster.api_client()
+async def measure(api: client.ApiClient, namespace: str, names: list[str], concurrencies: list[int]) -> list:
     threaded = ThreadedPatches(api)
     asynchronous = AsyncKube(api.configuration, max(concurrencies), FIELD_MANAGER)
     rows, round_ = [], 0
@@ -110,7 +114,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--concurrency", default="32,64")
+    parser.add_argument(
+        "--through-proxy", action="store_true", help="through bench/apiproxy.py's counting proxy"
+    )
+    parser.add_argument("--write", action="store_true", help=f"write {RESULT.name} (operator.md shows it)")
     args = parser.parse_args()
+    started_at = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": git_commit(),
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+    }
     with LocalCluster.start() as cluster:
         apply_crds(cluster)
         namespace = f"pace-{uuid.uuid4().hex[:6]}"
@@ -130,8 +143,21 @@ def main() -> None:
         started = time.monotonic()
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(create, names))
-        print(json.dumps({"creates_s": round(time.monotonic() - started, 2)}), flush=True)
-        rows = asyncio.run(measure(cluster, namespace, names, [int(c) for c in args.concurrency.split(",")]))
+        creates_s = round(time.monotonic() - started, 2)
+        print(json.dumps({"creates_s": creates_s}), flush=True)
+        concurrencies = [int(c) for c in args.concurrency.split(",")]
+        api = cluster.api_client()
+        proxy = None
+        if args.through_proxy:  # as the operator benchmark's operator talks to the API server
+            proxy = ProxyProcess(cluster.kubeconfig)
+            proxy.start()
+            path = proxy.kubeconfig(Path(tempfile.mkdtemp(prefix="apipace-")) / "kubeconfig")
+            api = config.new_client_from_config(config_file=str(path))
+        try:
+            rows = asyncio.run(measure(api, namespace, names, concurrencies))
+        finally:
+            if proxy is not None:
+                proxy.stop()
         one = cluster.kubectl(
             "get", "--raw", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{names[0]}"
         ).stdout
@@ -141,19 +167,24 @@ def main() -> None:
             cluster.kubectl("get", "lora", "-n", namespace, "--no-headers")
             gets.append(time.monotonic() - started)
         listing = cluster.kubectl("get", "--raw", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}")
-        print(
-            json.dumps(
-                {
-                    "object_bytes": len(json.dumps(json.loads(one), separators=(",", ":"))),
-                    "managed_fields_bytes": len(json.dumps(json.loads(one)["metadata"].get("managedFields"))),
-                    "managers": [m["manager"] for m in json.loads(one)["metadata"].get("managedFields", [])],
-                    "list_bytes": len(listing.stdout),
-                    "kubectl_get_lora_s": [round(t, 2) for t in gets],
-                    "load_average": os.getloadavg(),
-                    "rows": len(rows),
-                }
-            )
-        )
+        stored = json.loads(one)
+        result = {
+            **started_at,
+            "through_proxy": args.through_proxy,
+            "creates_s": creates_s,
+            "rows": rows,
+            "object_bytes": len(json.dumps(stored, separators=(",", ":"))),
+            "managed_fields_bytes": len(
+                json.dumps(stored["metadata"].get("managedFields"), separators=(",", ":"))
+            ),
+            "managers": [m["manager"] for m in stored["metadata"].get("managedFields", [])],
+            "list_bytes": len(listing.stdout),
+            "kubectl_get_lora_s": [round(t, 2) for t in gets],
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        }
+        print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
+        if args.write:
+            RESULT.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

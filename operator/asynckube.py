@@ -58,12 +58,8 @@ class AsyncKube:
             connector = aiohttp.TCPConnector(
                 ssl=ssl_context(self._configuration), limit=self._concurrency, keepalive_timeout=60
             )
-            proxy = self._configuration.proxy or None
             self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=60),
-                json_serialize=lambda body: json.dumps(body, separators=(",", ":")),
-                proxy=proxy,
+                connector=connector, timeout=aiohttp.ClientTimeout(total=60)
             )
         return self._session
 
@@ -81,9 +77,8 @@ class AsyncKube:
     async def _patch(self, url: str, content_type: str, body: Any) -> None:
         params = {"fieldManager": self._field_manager} if self._field_manager else None
         data = json.dumps(body, separators=(",", ":"))
-        async with self._open().patch(
-            url, data=data, headers=self._headers(content_type), params=params
-        ) as r:
+        headers, proxy = self._headers(content_type), self._configuration.proxy or None
+        async with self._open().patch(url, data=data, headers=headers, params=params, proxy=proxy) as r:
             text = await r.read()
             if r.status >= 400:
                 error = ApiException(status=r.status, reason=r.reason)
