@@ -626,6 +626,30 @@ SUMMARY_NOTES = [
     "adapters it is 0. Against the API server's own pace, 1000 at once went from 3.4× the time",
     "of the creates (first: 51.2 s after 15.2 s of creates) to 1.4× (34.7 s after 25.5 s); the",
     "operator now sends one finalizer PATCH and one status PATCH per adapter (2.1 requests each).",
+    "",
+    "Round 2 (the remaining targets): `round2` and `round2-before` ran one after the other, the",
+    "same benchmark (this branch's), `round2-before` with the operator of commit 7c4a01f put first",
+    "on the path by a wrapper interpreter. What changed: status and finalizer PATCHes on one aiohttp",
+    "pool (`operator/asynckube.py`), kopf's indexes without managedFields, no log line per",
+    "wake-only event, a wake that waits as long as the last observation took (up to 0.5 s). The",
+    "operator's CPU and RSS at 1000 fell (CPU by about a third); delete 1000 was faster in both",
+    "pairs measured (an earlier pair at 04:48–04:53, whose json the second overwrote: 16.3 vs",
+    "20.2 s, CPU 8.9 vs 13.8 s, RSS 181 vs 210 MB); the other rows moved within",
+    "the noise of the machine (load 3–6). A dead pod's 1000 status PATCHes took 13–15 s in both",
+    "versions (~80/s: the writer now logs `writer: N PATCHes in T s`) while the operator used",
+    "3.0–3.8 s of CPU",
+    "in those 13–15 s: it waits on the API server, which does 220–440 PATCHes/s (32 in flight)",
+    "with nothing else of the benchmark running (section below, and three more runs of it in the",
+    "same hour), so 1000 take 2.3–4.5 s on this machine: every",
+    "adapter's status within 2 s at 1000 needs a faster API server than this one, not a faster",
+    "client (a merge patch of only the changed count was no faster than the whole status). Nor",
+    "did running the pods at nice 10 (`--pod-nice 10`, a quick run: 13.1 s) or the counting proxy",
+    "(the pace through it is the same) explain it. `status_ready_not_held` is that PATCH lag,",
+    "counted per poll; it was higher for round2 in both pairs (1258 vs 829; 1153 vs 725), not",
+    "explained. `kubectl get lora` over 1000 adapters of 3.1 KB (half of it managedFields) takes",
+    "~1 s with the operator idle and 3–6 s while the API server writes: its CPU, not API Priority",
+    "and Fairness (both clients here are `system:masters`, exempt; on a cluster the operator's",
+    "service account and a user already fall in different priority levels), so no FlowSchema.",
 ]
 
 
@@ -676,6 +700,10 @@ def write_report() -> None:
     for run in runs:
         lines += [f"## {run['label']}: {run['date']}, commit {run['commit']}", ""]
         lines += [f"Operator interpreter `{run['python']}`; arguments {json.dumps(run.get('args', {}))}."]
+        if "operator_commit" in run:
+            lines += [
+                f"The operator's code: commit {run['operator_commit']} (the interpreter puts it first)."
+            ]
         if "load_average_start" in run:
             loads = f"{run['load_average_start']} at the start, {run.get('load_average_end')} at the end"
             lines += [f"Load average (1, 5, 15 min): {loads}."]
