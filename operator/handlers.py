@@ -59,7 +59,7 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
 
 
 # Indexes: the daemon reads them every cycle instead of listing from the API server. They keep
-# the bodies without what no pass reads (`indexed`: managedFields are most of an object's size).
+# the bodies without what no pass reads (`indexed`: managedFields are half of an adapter).
 @kopf.index("pods", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
 def server_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {(namespace, labels.get(BASE_MODEL_LABEL, "")): indexed(body)}
