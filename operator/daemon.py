@@ -43,28 +43,41 @@ from loraplex.operator.writer import StatusWriter
 
 log = logging.getLogger(__name__)
 DEBOUNCE_S = 0.05  # after a wake-up: let a burst of events land in one pass
+# ... or longer while the pods are slow to answer: a pass lists every pod's adapters (600 KB at
+# 1000 adapters, on pods busy loading), so the next one waits as long as that took, up to this
+MAX_DEBOUNCE_S = 0.5
 
 
 class Wakers:
-    """One event per base model; handlers and finished engine calls set it."""
+    """One event per base model; handlers and finished engine calls set it. A pod's change is
+    urgent (a dead pod reaches the base's status first); other wakes wait a debounce so that a
+    burst of events lands in one pass."""
 
     def __init__(self) -> None:
         self._events: dict[Key, asyncio.Event] = {}
+        self._urgent: set[Key] = set()
 
     def event(self, key: Key) -> asyncio.Event:
         return self._events.setdefault(key, asyncio.Event())
 
-    def wake(self, key: Key | None) -> None:
+    def wake(self, key: Key | None, urgent: bool = False) -> None:
         if key is not None:
+            if urgent:
+                self._urgent.add(key)
             self.event(key).set()
 
-    async def sleep(self, key: Key, seconds: float) -> None:
+    async def sleep(self, key: Key, seconds: float, debounce_s: float = DEBOUNCE_S) -> None:
+        """Until woken or `seconds`; then `debounce_s` more unless the wake is urgent (checked
+        every DEBOUNCE_S, so an urgent wake cuts a long debounce short)."""
         event = self.event(key)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=seconds)
         if event.is_set():
-            await asyncio.sleep(DEBOUNCE_S)
+            deadline = time.monotonic() + max(DEBOUNCE_S, debounce_s)
+            while key not in self._urgent and (left := deadline - time.monotonic()) > 0:
+                await asyncio.sleep(min(DEBOUNCE_S, left))
         event.clear()
+        self._urgent.discard(key)
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,12 @@ class BaseLoop:
         self.cache = DecideCache()
         self.secrets = SecretCache(config.tick_s)
         self.api_keys = SecretCache(config.tick_s)
+        self.observe_s = 0.0  # how long the last pass's observation took
+
+    @property
+    def debounce_s(self) -> float:
+        """How long a non-urgent wake waits before the next pass (see MAX_DEBOUNCE_S)."""
+        return min(MAX_DEBOUNCE_S, max(DEBOUNCE_S, self.observe_s))
 
     async def api_key(self) -> str | None:
         """The deployment's own key (the engine's admin calls need it), re-read once a tick."""
@@ -174,6 +193,7 @@ class BaseLoop:
         started, hits = time.monotonic(), self.cache.hits
         observed = await self.observe(engine)
         observed_at = time.monotonic()
+        self.observe_s = observed_at - started
         plan = self._written_over_stored(decide(observed, self.cache))
         decided_at = time.monotonic()
         live = {pod.name for pod in observed.pods}

@@ -53,16 +53,38 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     await memo.capabilities.get(memo.kube)  # looked up once before the first pass
 
 
-# Indexes: the daemon reads them every cycle instead of listing from the API server.
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    await memo.kube.close()
+
+
+# Indexes: the daemon reads them every cycle instead of listing from the API server. They keep
+# the bodies without what no pass reads (`indexed`: managedFields are half of an adapter).
 @kopf.index("pods", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
 def server_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, labels.get(BASE_MODEL_LABEL, "")): plain(body)}
+    return {(namespace, labels.get(BASE_MODEL_LABEL, "")): indexed(body)}
 
 
 @kopf.index(GROUP, VERSION, lora_crd.PLURAL)
 def adapters_by_base(body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
     key = base_key(body)
-    return {key: plain(body)} if key else None
+    return {key: indexed(body)} if key else None
+
+
+UNREAD_METADATA = frozenset({"managedFields", "selfLink"})
+UNREAD_ANNOTATIONS = frozenset({"kubectl.kubernetes.io/last-applied-configuration"})
+
+
+def indexed(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain snapshot of a body without the metadata no pass reads (the field managers, a
+    client-side apply's copy of the whole object)."""
+    snapshot = plain(body)
+    meta = {key: value for key, value in snapshot["metadata"].items() if key not in UNREAD_METADATA}
+    if UNREAD_ANNOTATIONS & set(meta.get("annotations") or ()):
+        meta["annotations"] = {
+            key: value for key, value in meta["annotations"].items() if key not in UNREAD_ANNOTATIONS
+        }
+    return {**snapshot, "metadata": meta}
 
 
 @kopf.index(GROUP, VERSION, bmd_crd.PLURAL)
@@ -86,7 +108,7 @@ def namespace_changed(name: str, memo: kopf.Memo, adapters_by_base: kopf.Index, 
 
 @kopf.on.event("pods", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
 def pod_changed(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
-    memo.wakers.wake((namespace, labels.get(BASE_MODEL_LABEL, "")))
+    memo.wakers.wake((namespace, labels.get(BASE_MODEL_LABEL, "")), urgent=True)
 
 
 @kopf.on.create(GROUP, VERSION, bmd_crd.PLURAL)
@@ -138,7 +160,7 @@ async def converge(
                 pass  # invalid spec: the change handler reported it; wait for a fix
             except Exception:  # one bad pass must not end the loop
                 log.exception("pass for %s/%s failed", *key)
-            await memo.wakers.sleep(key, recheck or memo.config.tick_s)
+            await memo.wakers.sleep(key, recheck or memo.config.tick_s, loop.debounce_s)
     finally:
         memo.daemon_states.pop(key, None)
         await state.cancel()

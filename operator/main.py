@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if not args.verbose:
+        logging.getLogger("kopf.objects").addFilter(quiet_event_handlers)
     kopf.run(
         standalone=True,
         liveness_endpoint=args.liveness,
@@ -59,6 +61,19 @@ def run(args: argparse.Namespace) -> int:
         clusterwide=not args.namespace,
     )
     return 0
+
+
+# Handlers that only wake a base run once per watch event: a thousand adapters' writes would
+# log a thousand "Handler 'adapter_event' succeeded." lines (JSON-formatted, on the loop).
+QUIET_HANDLERS = ("'adapter_event'", "'pod_changed'", "'namespace_changed'")
+
+
+def quiet_event_handlers(record: logging.LogRecord) -> bool:
+    """False for an info line saying a wake-only handler succeeded (failures still log)."""
+    if record.levelno > logging.INFO:
+        return True
+    message = record.getMessage()
+    return not (message.endswith(" succeeded.") and any(name in message for name in QUIET_HANDLERS))
 
 
 def _explain(args: argparse.Namespace) -> int:

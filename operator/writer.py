@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import Any
 
 from loraplex.operator import lora as lora_crd
@@ -20,6 +21,7 @@ from loraplex.operator.plan import MetaPatch, StatusPatch
 log = logging.getLogger(__name__)
 ObjectKey = tuple[str, str, str]  # (plural or "meta", namespace, name)
 CONCURRENCY = 32  # PATCHes in flight at once
+REPORT_AT = 100  # a run of this many writes or more is logged with its pace when it ends
 
 
 class StatusWriter:
@@ -34,6 +36,8 @@ class StatusWriter:
         self.written: dict[ObjectKey, tuple[Any, Any]] = {}
         self.in_flight: set[ObjectKey] = set()
         self._workers: list[asyncio.Task[None]] = []
+        self._run_started = 0.0  # when the writer last went from idle to busy
+        self._run_writes = 0
 
     def submit(self, patch: StatusPatch, first: bool = False) -> None:
         key = (patch.plural, patch.namespace, patch.name)
@@ -88,6 +92,8 @@ class StatusWriter:
             patch = self.pending.pop(key, None)
             if patch is None:
                 continue  # written already by an earlier entry of the same object
+            if not self.in_flight and not self._run_writes:
+                self._run_started = time.monotonic()
             self.in_flight.add(key)
             try:
                 await self._write(key, patch)
@@ -95,6 +101,15 @@ class StatusWriter:
                 self.written.pop(key, None)
             finally:
                 self.in_flight.discard(key)
+                self._run_writes += 1
+                if not self.in_flight and not self.pending:
+                    self._report_run()
+
+    def _report_run(self) -> None:
+        took, writes = time.monotonic() - self._run_started, self._run_writes
+        self._run_writes = 0
+        if writes >= REPORT_AT:
+            log.info("writer: %d PATCHes in %.2fs (%.0f/s)", writes, took, writes / max(took, 1e-6))
 
     async def _write(self, key: ObjectKey, patch: StatusPatch | MetaPatch) -> None:
         """Recorded as written before the call returns (a failure forgets it again)."""

@@ -57,13 +57,15 @@ class PodRunner:
         extra_env: Mapping[str, str] | None = None,
         probe_period_cap_s: float = 1.0,
         tie_to_parent: bool = True,
+        nice: int = 0,
     ) -> None:
         """`probe_period_cap_s` shortens probe periods (the semantics stay kubelet's) so local
-        pods turn Ready in about a second rather than a probe period."""
+        pods turn Ready in about a second rather than a probe period. `nice` lowers the pods'
+        CPU priority below the control plane's (on a real cluster they run on other nodes)."""
         self.api, self.core = api, client.CoreV1Api(api)
         self.state_dir, self.namespaces, self.selector = state_dir, namespaces, selector
         self.node_name, self.extra_env = node_name, dict(extra_env or {})
-        self.probe_period_cap_s, self.tie_to_parent = probe_period_cap_s, tie_to_parent
+        self.probe_period_cap_s, self.tie_to_parent, self.nice = probe_period_cap_s, tie_to_parent, nice
         self.workers: dict[Key, PodWorker] = {}
         # A loopback /16 of its own (all of 127/8 is local on Linux): runners in parallel
         # test sessions don't hand out the same pod IPs.
@@ -218,7 +220,13 @@ class PodRunner:
             if (probe := Probe.from_spec(container.get(field), ports, self.probe_period_cap_s))
         }
         worker = PodWorker(
-            pod, ip, self._plan(pod, ip, pod_dir), probes, self._publisher(*key), self.tie_to_parent
+            pod,
+            ip,
+            self._plan(pod, ip, pod_dir),
+            probes,
+            self._publisher(*key),
+            self.tie_to_parent,
+            self.nice,
         )
         self.workers[key] = worker
         worker.start()

@@ -128,8 +128,10 @@ class PodWorker(threading.Thread):
         probes: dict[str, Probe],
         publish: Callable[[dict[str, Any]], None],
         tie_to_parent: bool = True,
+        nice: int = 0,
     ) -> None:
         super().__init__(name=f"pod-{pod['metadata']['name']}", daemon=True)
+        self.nice = nice
         self.pod, self.ip, self.plan = pod, ip, plan
         self.pod_name = pod["metadata"]["name"]
         self.publish, self.tie_to_parent = publish, tie_to_parent
@@ -139,6 +141,13 @@ class PodWorker(threading.Thread):
         self.finished = threading.Event()
         self._published: dict[str, Any] | None = None
         self._transitions: dict[str, tuple[str, str]] = {}
+
+    def _preexec(self) -> None:
+        """In the child: its CPU priority, then tie it to this process's life."""
+        if self.nice:
+            os.nice(self.nice)
+        if self.tie_to_parent:
+            _die_with_parent()
 
     def kill_process(self) -> None:
         """SIGKILL the container's process (a crash, as tests and chaos drills cause it)."""
@@ -202,7 +211,7 @@ class PodWorker(threading.Thread):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own group: a stop kills what it forked too
-                preexec_fn=_die_with_parent if self.tie_to_parent else None,
+                preexec_fn=self._preexec if self.tie_to_parent or self.nice else None,
             )
         self.state.started_at, self.state.started_mono, self.state.waiting = now_rfc3339(), now, None
         for probe in self.state.probes.values():

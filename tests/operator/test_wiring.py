@@ -47,6 +47,20 @@ async def test_wake_cuts_the_sleep_short() -> None:
     assert time.monotonic() - started >= 0.04
 
 
+async def test_a_wake_waits_its_debounce_unless_a_pod_changed() -> None:
+    """A plain wake waits the debounce (the loop's last observation time); a pod's change cuts
+    it short, also when it arrives during the debounce."""
+    wakers, key = Wakers(), ("llm", "gemma")
+    wakers.wake(key)
+    sleeper = asyncio.create_task(wakers.sleep(key, 5.0, debounce_s=30.0))
+    await asyncio.sleep(0.2)
+    assert not sleeper.done()  # woken, still debouncing
+    wakers.wake(key, urgent=True)
+    await asyncio.wait_for(sleeper, timeout=5.0)
+    wakers.wake(key, urgent=True)
+    await asyncio.wait_for(wakers.sleep(key, 5.0, debounce_s=30.0), timeout=5.0)
+
+
 def test_operator_command_line_scopes() -> None:
     parser = argparse.ArgumentParser()
     main.add_arguments(parser)
