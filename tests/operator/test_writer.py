@@ -67,3 +67,37 @@ async def test_a_write_in_flight_is_not_repeated_and_the_loop_sees_it() -> None:
     writer.forget_except(set(), "loraadapters")  # a0 was deleted: its record goes
     assert writer.latest(("loraadapters", "llm", "a0"), {}) is None
     await writer.close()
+
+
+def ready_on(*pods: str) -> dict:
+    return {"readyReplicas": len(pods), "instances": [{"pod": pod, "state": "Ready"} for pod in pods]}
+
+
+async def test_retractions_go_before_new_ready_claims() -> None:
+    """A pod died while adapters loaded on its replacement: the statuses that stop calling the
+    dead pod Ready are written before the queued ones that add a Ready claim, and a retraction
+    of an adapter already queued with news moves it up (written once, with its latest status)."""
+    kube = RecordingKube()
+    writer = StatusWriter(kube, concurrency=1)  # type: ignore[arg-type]
+    for i in range(3):  # news: Ready on one more pod
+        writer.submit(
+            StatusPatch("loraadapters", "llm", f"new{i}", ready_on("p0", "p1"), seen=ready_on("p0"))
+        )
+    for i in range(2):  # retractions: p1 is gone
+        writer.submit(
+            StatusPatch("loraadapters", "llm", f"old{i}", ready_on("p0"), seen=ready_on("p0", "p1"))
+        )
+    # the same count on another pod is a retraction too (p1 no longer claimed)
+    writer.submit(
+        StatusPatch("loraadapters", "llm", "moved", ready_on("p0", "p2"), seen=ready_on("p0", "p1"))
+    )
+    # new1 is queued with news, then its latest status takes a claim back: it moves up
+    writer.submit(StatusPatch("loraadapters", "llm", "new1", ready_on(), seen=ready_on("p0")))
+    writer.submit(patch("basemodeldeployments", "gemma", "Degraded"), first=True)
+    await asyncio.sleep(0)
+    kube.gate.set()
+    await writer.idle()
+    names = [name for _, name, _ in kube.patches]
+    assert names == ["gemma", "old0", "old1", "moved", "new1", "new0", "new2"]
+    assert kube.patches[4][2] == ready_on()
+    await writer.close()
