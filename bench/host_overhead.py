@@ -25,6 +25,7 @@ minutes on a shared CPU); every timed decode step runs the real model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -181,35 +182,52 @@ def measure(engine, batch: int, context: int, steps: int, warmup: int, inline_te
     engine.runner.model.forward = _zero_forward(engine.runner.model)
     try:
         while len(started) < batch:
-            started.update(event.request_id for event in engine.step())
+            started.update(event.request_id for event in engine.step())  # prefill: per-request events
     finally:
         del engine.runner.model.forward
     complete = _text_completion(engine, inline_text)
+    # The step as `AsyncEngine` runs it: a steady decode step hands out its events as one batch
+    # object, which the fan-out thread expands (timed in `text`, with the detokenisation).
+    step = getattr(engine, "step_outputs", engine.step)
     for _ in range(warmup):
-        complete(engine.step(), engine.take_text_jobs())
+        complete(step(), engine.take_text_jobs())
     timers = Timers()
-    timers.wrap("schedule", engine.scheduler, "schedule")
-    timers.wrap("batch", engine, "_forward_batch")
-    timers.wrap("execute", engine.runner, "execute")
-    timers.wrap("model", engine.runner.model, "forward")
-    timers.wrap("logits", engine.runner.model, "compute_logits")
-    timers.wrap("postprocess", engine, "_postprocess")
-    timers.wrap("sample", engine, "sampler")
-    timers.wrap("commit", engine.scheduler, "update_after_step")
+    # The general path's parts and, where the engine has it, the steady decode path's.
+    for part, obj, attrs in (
+        ("schedule", engine.scheduler, ("schedule",)),
+        ("schedule", engine, ("_schedule_steady",)),
+        ("batch", engine, ("_forward_batch", "_decode_step")),
+        ("execute", engine.runner, ("execute", "execute_decode")),
+        ("model", engine.runner.model, ("forward",)),
+        ("logits", engine.runner.model, ("compute_logits",)),
+        ("postprocess", engine, ("_postprocess", "_postprocess_decode")),
+        ("sample", engine.sampler, ("sample_ids",)),
+        ("sample", engine, ("sampler",)),
+        ("commit", engine.scheduler, ("update_after_step",)),
+        ("commit_in_post", engine.scheduler, ("commit_decodes",)),  # the steady path commits in `post`
+    ):
+        for attr in attrs:
+            if hasattr(obj, attr):
+                timers.wrap(part, obj, attr)
     samples: dict[str, list[float]] = defaultdict(list)
+    # AsyncEngine's engine thread runs in inference mode throughout (the runner then does not
+    # enter it per step); this loop stands in for that thread.
+    thread_mode = torch.inference_mode() if hasattr(engine, "step_outputs") else contextlib.nullcontext()
     try:
-        for _ in range(steps):
-            timers.reset()
-            start = time.perf_counter()
-            events = engine.step()
-            total = time.perf_counter() - start
-            if len(events) != batch:
-                raise RuntimeError(f"a step decoded {len(events)} sequences, not {batch}")
-            start = time.perf_counter()
-            complete(events, engine.take_text_jobs())
-            samples["text"].append((time.perf_counter() - start) * 1e3)
-            for name, value in _parts(timers.seconds, total).items():
-                samples[name].append(value * 1e3)
+        with thread_mode:
+            for _ in range(steps):
+                timers.reset()
+                start = time.perf_counter()
+                events = step()
+                total = time.perf_counter() - start
+                num_rows = sum(getattr(e, "num_rows", 1) for e in events)  # a TokenBatch holds many
+                if num_rows != batch:
+                    raise RuntimeError(f"a step decoded {num_rows} sequences, not {batch}")
+                start = time.perf_counter()
+                complete(events, engine.take_text_jobs())
+                samples["text"].append((time.perf_counter() - start) * 1e3)
+                for name, value in _parts(timers.seconds, total).items():
+                    samples[name].append(value * 1e3)
     finally:
         timers.undo()
         for request in requests:
@@ -237,8 +255,8 @@ def _parts(s: dict[str, float], total: float) -> dict[str, float]:
         "fwd_batch": s["batch"],
         "prepare": s["execute"] - model,
         "sample": s["sample"],
-        "post": s["postprocess"] - s["sample"],
-        "commit": s["commit"],
+        "post": s["postprocess"] - s["sample"] - s["commit_in_post"],
+        "commit": s["commit"] + s["commit_in_post"],
     }
     named["other"] = total - model - sum(named.values())
     return {**named, "host": total - model, "model": model}

@@ -133,3 +133,38 @@ class Sequence:
         self.block_table = []
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1
+
+
+class GeneratedTokens:
+    """A live read-only view of a sequence's generated token ids (what follows its prompt), so
+    nothing is appended twice per token."""
+
+    __slots__ = ("_seq",)
+
+    def __init__(self, seq: Sequence) -> None:
+        self._seq = seq
+
+    def __len__(self) -> int:
+        return len(self._seq.token_ids) - self._seq.num_prompt_tokens
+
+    def __getitem__(self, key: int | slice):
+        start = self._seq.num_prompt_tokens
+        if isinstance(key, slice):
+            r = range(len(self))[key]
+            return (
+                self._seq.token_ids[start + r.start : start + r.stop : r.step]
+                if r.step > 0
+                else [self._seq.token_ids[start + i] for i in r]
+            )
+        return self._seq.token_ids[start + range(len(self))[key]]
+
+    def __iter__(self):
+        return iter(self._seq.token_ids[self._seq.num_prompt_tokens :])
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            list(self) == list(other) if isinstance(other, GeneratedTokens | list | tuple) else NotImplemented
+        )
+
+    def __repr__(self) -> str:
+        return f"GeneratedTokens({list(self)!r})"
