@@ -10,9 +10,19 @@ times every decode step by part:
   as a `ForwardBatch`); `prepare`: `ModelRunner.execute` minus the model (step metadata,
   input copies); `sample`: the sampler; `post`: the rest of `_postprocess` (stop checks,
   events; detokenisation too for `--inline-text`); `commit`: `Scheduler.update_after_step`;
+  on a steady decode step (the same sequences as the step before, `server/steady_decode.py`)
+  the same parts are `LLMEngine._schedule_steady`, `_decode_step`, `ModelRunner.execute_decode`,
+  `Sampler.sample_ids`, `_postprocess_decode` and `Scheduler.commit_decodes`;
   `other`: what is left of `step()` (slot updates, observers); `host`: all of it, i.e. the step
-  minus `model` (median; `host_min`: the least of the steps). `text`: the detokenisation the server's fan-out thread does after the step
-  (`LLMEngine.defer_text`, as `AsyncEngine` runs it), not part of `host`.
+  minus `model` (median; `host_min`: the least of the steps; `host_bare`: the median `host` of as
+  many more steps timed with no per-part timer, only the model's, since each timer costs a few
+  microseconds too). `text`: what the server's fan-out thread does after the step, not part of
+  `host`: the detokenisation (`LLMEngine.defer_text`) and, for a steady step, the expansion of its
+  one `TokenBatch` into per-request events.
+
+The step is timed as `AsyncEngine`'s engine thread runs it: `LLMEngine.step_outputs` (events,
+or a `TokenBatch`), text deferred, inside `torch.inference_mode()` (that thread stays in it).
+An engine without `step_outputs` (an older commit) is timed through `step()`, as before.
 
 Prefill runs with the model's forward replaced by zeros (the cache content does not change
 what a decode step's host side does, and long prefills of 64 x 2000 tokens would take
@@ -65,6 +75,7 @@ PARTS = (
     "other",
     "host",
     "host_min",
+    "host_bare",
     "model",
     "text",
 )
@@ -175,7 +186,7 @@ def _requests(batch: int, context: int, vocab: int, steps: int) -> list:
 
 def measure(engine, batch: int, context: int, steps: int, warmup: int, inline_text: bool) -> dict[str, float]:
     """Median ms per part over `steps` decode steps of `batch` sequences at ~`context` tokens."""
-    requests = _requests(batch, context, engine.runner.vocab_size, steps + warmup)
+    requests = _requests(batch, context, engine.runner.vocab_size, 2 * steps + warmup)
     for request in requests:
         engine.add_request(request)
     started: set[str] = set()
@@ -228,6 +239,8 @@ def measure(engine, batch: int, context: int, steps: int, warmup: int, inline_te
                 samples["text"].append((time.perf_counter() - start) * 1e3)
                 for name, value in _parts(timers.seconds, total).items():
                     samples[name].append(value * 1e3)
+            timers.undo()
+            samples["host_bare"] = _bare_host(engine, step, complete, steps, batch)
     finally:
         timers.undo()
         for request in requests:
@@ -235,6 +248,27 @@ def measure(engine, batch: int, context: int, steps: int, warmup: int, inline_te
         engine.take_text_jobs()
     medians = {name: statistics.median(values) for name, values in samples.items()}
     return medians | {"host_min": min(samples["host"])}
+
+
+def _bare_host(engine, step, complete, steps: int, batch: int) -> list[float]:
+    """`host` of `steps` more steps with only the model's own two methods timed (no per-part timers)."""
+    timers = Timers()
+    timers.wrap("model", engine.runner.model, "forward")
+    timers.wrap("logits", engine.runner.model, "compute_logits")
+    hosts = []
+    try:
+        for _ in range(steps):
+            timers.reset()
+            start = time.perf_counter()
+            events = step()
+            total = time.perf_counter() - start
+            if sum(getattr(e, "num_rows", 1) for e in events) != batch:
+                raise RuntimeError(f"a step did not decode all {batch} sequences")
+            complete(events, engine.take_text_jobs())
+            hosts.append((total - timers.seconds["model"] - timers.seconds["logits"]) * 1e3)
+    finally:
+        timers.undo()
+    return hosts
 
 
 def _text_completion(engine, inline_text: bool):

@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,9 +62,11 @@ class _Staging:
         return self.device[span[0] : span[1]]
 
 
-@dataclass(frozen=True)
-class StepInputs:
-    """What `ModelRunner.execute` feeds the model; `order[i]` is the i-th run chunk's batch index."""
+class StepInputs(NamedTuple):
+    """What `ModelRunner.execute` feeds the model; `order[i]` is the i-th run chunk's batch index.
+
+    A tuple: one per step, cheap to make.
+    """
 
     input_ids: torch.Tensor
     meta: ForwardMetadata
