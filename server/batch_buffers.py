@@ -278,6 +278,8 @@ class BatchBuffers:
             slot_mapping[j] = block_id * bs
         state.index = step.index
         state.max_ctx += 1
+        if step_tables is not None:  # on the CPU the "device" buffers are the staged ones: nothing to send
+            return self._decode_inputs(layout, state, state.ctx_padded, state.max_ctx)
         self.i64.used, self.i32.used = layout.used64, layout.used32
         return self._send_decode(layout, state, state.ctx_padded, state.max_ctx)
 
@@ -330,10 +332,18 @@ class BatchBuffers:
         tables_changed = self.tables.flush()
         self.i64.send()
         self.i32.send()
-        num_seqs = layout.host.num_seqs
         if tables_changed or layout.tables is None:
             rows = layout.views["rows"]
-            layout.tables = torch.index_select(self.tables.device, 0, rows, out=self.step_tables[:num_seqs])
+            layout.tables = torch.index_select(
+                self.tables.device, 0, rows, out=self.step_tables[: layout.host.num_seqs]
+            )
+        return self._decode_inputs(layout, state, ctx, max_ctx)
+
+    def _decode_inputs(
+        self, layout: _Layout, state: _DecodeState, ctx: np.ndarray, max_ctx: int
+    ) -> StepInputs:
+        """The decode step's inputs over the layout's views (its block tables up to date)."""
+        num_seqs = layout.host.num_seqs
         width = -(-max_ctx // self.block_size) if layout.host.narrow else self.tables.width
         block_tables = state.block_tables.get(width)  # views of `step_tables`, rewritten in place
         if block_tables is None:

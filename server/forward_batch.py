@@ -58,15 +58,14 @@ class ForwardBatch:
         return frozenset(c.lora_slot for c in self.chunks if c.lora_slot is not None)
 
 
-@dataclass(frozen=True)
-class DecodeStep:
+class DecodeStep(NamedTuple):
     """The next decode step of a steady batch: the same sequences, in the same order, one token each.
 
     `index` counts the steps of this batch (`layout` identifies it): a runner whose last step was
     `index - 1` of the same layout only writes the new token ids (`token_ids[i]` for row `i`) and the
     block-table entries in `grown` (row, new block id), and moves every other value on by one
     position. Any other runner state rebuilds the step from `chunks()`, the same step as a
-    `ForwardBatch`.
+    `ForwardBatch`. A tuple: one per step, cheap to make.
     """
 
     layout: object

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from loraplex.server.prompt_logprobs import PromptLogprobs
 from loraplex.server.request import FinishReason
@@ -136,8 +138,8 @@ class Sequence:
 
 
 class GeneratedTokens:
-    """A live read-only view of a sequence's generated token ids (what follows its prompt), so
-    nothing is appended twice per token."""
+    """A live read-only view of a sequence's generated token ids (what follows its prompt): the
+    sampler's penalties read it, and nothing appends each token twice."""
 
     __slots__ = ("_seq",)
 
@@ -147,24 +149,17 @@ class GeneratedTokens:
     def __len__(self) -> int:
         return len(self._seq.token_ids) - self._seq.num_prompt_tokens
 
-    def __getitem__(self, key: int | slice):
-        start = self._seq.num_prompt_tokens
+    def __getitem__(self, key: int | slice) -> Any:
         if isinstance(key, slice):
-            r = range(len(self))[key]
+            start, stop, step = key.indices(len(self))
+            offset = self._seq.num_prompt_tokens
             return (
-                self._seq.token_ids[start + r.start : start + r.stop : r.step]
-                if r.step > 0
-                else [self._seq.token_ids[start + i] for i in r]
+                self._seq.token_ids[offset + start : offset + stop : step] if step == 1 else list(self)[key]
             )
-        return self._seq.token_ids[start + range(len(self))[key]]
+        return self._seq.token_ids[self._seq.num_prompt_tokens + range(len(self))[key]]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return iter(self._seq.token_ids[self._seq.num_prompt_tokens :])
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            list(self) == list(other) if isinstance(other, GeneratedTokens | list | tuple) else NotImplemented
-        )
 
     def __repr__(self) -> str:
         return f"GeneratedTokens({list(self)!r})"
