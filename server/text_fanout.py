@@ -5,7 +5,8 @@ thread and goes on with the next step at once. Here, in order, each event of a r
 stop strings gets its text (the engine made it with `text=""` and a `TextJob`), then every
 event goes to its consumer's event loop. Requests with stop strings are detokenised on the
 engine thread (a stop string decides when the request ends), their events just pass through
-here, so every request's events keep their order.
+here, so every request's events keep their order. A steady decode step hands over its events
+as one `TokenBatch` (columns), which is expanded into per-request events here too.
 """
 
 from __future__ import annotations
