@@ -277,3 +277,16 @@ def test_generated_tokens_is_a_live_view_of_what_follows_the_prompt() -> None:
     )
     with pytest.raises(IndexError):
         view[3]
+
+
+def test_running_out_of_blocks_preempts_as_the_general_path_does(tiny_assets) -> None:
+    """With too few KV blocks for every request to finish together, a steady step that cannot grow
+    a row's table hands over to `Scheduler.schedule`, which preempts; tokens stay the same."""
+    results, preemptions = [], []
+    for steady in (False, True):
+        engine = make_engine(tiny_assets, steady, num_kv_blocks=24, enable_prefix_caching=False)
+        longer = {i: {"max_new_tokens": 30} for i in range(len(TEXTS))}  # ~10 blocks each
+        results.append(by_request(run(engine, requests(engine, longer), defer=True)[0]))
+        preemptions.append(engine.scheduler.num_preemptions)
+    assert results[1] == results[0]
+    assert preemptions[1] == preemptions[0] > 0
