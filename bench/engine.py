@@ -133,7 +133,7 @@ def _sync() -> None:
 
 
 class _TimedForward:
-    """Wraps ModelRunner.execute to time it (synchronised), applied from outside the engine."""
+    """Wraps ModelRunner.execute (or execute_decode) to time it (synchronised), applied from outside the engine."""
 
     def __init__(self, execute) -> None:
         self.execute, self.seconds = execute, 0.0
@@ -174,21 +174,27 @@ def measure_point(engine, point: Point, args: argparse.Namespace, floors: Floors
         started.update(event.request_id for event in engine.step())
     for _ in range(args.warmup_steps):
         engine.step()
-    timer = _TimedForward(engine.runner.execute)
-    engine.runner.execute = timer
+    # `execute_decode`: the engine's steady decode steps (the same sequences as the step before).
+    names = [name for name in ("execute", "execute_decode") if hasattr(engine.runner, name)]
+    timers = [_TimedForward(getattr(engine.runner, name)) for name in names]
+    for name, timer in zip(names, timers, strict=True):
+        setattr(engine.runner, name, timer)
     step_s, forward_s = [], []
     try:
         for _ in range(args.steps):
+            for timer in timers:
+                timer.seconds = 0.0
             _sync()
             start = time.perf_counter()
             events = engine.step()
             _sync()
             step_s.append(time.perf_counter() - start)
-            forward_s.append(timer.seconds)
+            forward_s.append(sum(timer.seconds for timer in timers))
             if len(events) != point.batch:
                 raise RuntimeError(f"{point}: a step decoded {len(events)} sequences, not {point.batch}")
     finally:
-        del engine.runner.execute  # back to the class method
+        for name in names:
+            delattr(engine.runner, name)  # back to the class methods
         for request in requests:
             engine.abort(request.request_id)
     return PointResult(

@@ -10,9 +10,19 @@ times every decode step by part:
   as a `ForwardBatch`); `prepare`: `ModelRunner.execute` minus the model (step metadata,
   input copies); `sample`: the sampler; `post`: the rest of `_postprocess` (stop checks,
   events; detokenisation too for `--inline-text`); `commit`: `Scheduler.update_after_step`;
+  on a steady decode step (the same sequences as the step before, `server/steady_decode.py`)
+  the same parts are `LLMEngine._schedule_steady`, `_decode_step`, `ModelRunner.execute_decode`,
+  `Sampler.sample_ids`, `_postprocess_decode` and `Scheduler.commit_decodes`;
   `other`: what is left of `step()` (slot updates, observers); `host`: all of it, i.e. the step
-  minus `model` (median; `host_min`: the least of the steps). `text`: the detokenisation the server's fan-out thread does after the step
-  (`LLMEngine.defer_text`, as `AsyncEngine` runs it), not part of `host`.
+  minus `model` (median; `host_min`: the least of the steps; `host_bare`: the median `host` of as
+  many more steps timed with no per-part timer, only the model's, since each timer costs a few
+  microseconds too). `text`: what the server's fan-out thread does after the step, not part of
+  `host`: the detokenisation (`LLMEngine.defer_text`) and, for a steady step, the expansion of its
+  one `TokenBatch` into per-request events.
+
+The step is timed as `AsyncEngine`'s engine thread runs it: `LLMEngine.step_outputs` (events,
+or a `TokenBatch`), text deferred, inside `torch.inference_mode()` (that thread stays in it).
+An engine without `step_outputs` (an older commit) is timed through `step()`, as before.
 
 Prefill runs with the model's forward replaced by zeros (the cache content does not change
 what a decode step's host side does, and long prefills of 64 x 2000 tokens would take
@@ -25,6 +35,7 @@ minutes on a shared CPU); every timed decode step runs the real model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -64,6 +75,7 @@ PARTS = (
     "other",
     "host",
     "host_min",
+    "host_bare",
     "model",
     "text",
 )
@@ -174,42 +186,61 @@ def _requests(batch: int, context: int, vocab: int, steps: int) -> list:
 
 def measure(engine, batch: int, context: int, steps: int, warmup: int, inline_text: bool) -> dict[str, float]:
     """Median ms per part over `steps` decode steps of `batch` sequences at ~`context` tokens."""
-    requests = _requests(batch, context, engine.runner.vocab_size, steps + warmup)
+    requests = _requests(batch, context, engine.runner.vocab_size, 2 * steps + warmup)
     for request in requests:
         engine.add_request(request)
     started: set[str] = set()
     engine.runner.model.forward = _zero_forward(engine.runner.model)
     try:
         while len(started) < batch:
-            started.update(event.request_id for event in engine.step())
+            started.update(event.request_id for event in engine.step())  # prefill: per-request events
     finally:
         del engine.runner.model.forward
     complete = _text_completion(engine, inline_text)
+    # The step as `AsyncEngine` runs it: a steady decode step hands out its events as one batch
+    # object, which the fan-out thread expands (timed in `text`, with the detokenisation).
+    step = getattr(engine, "step_outputs", engine.step)
     for _ in range(warmup):
-        complete(engine.step(), engine.take_text_jobs())
+        complete(step(), engine.take_text_jobs())
     timers = Timers()
-    timers.wrap("schedule", engine.scheduler, "schedule")
-    timers.wrap("batch", engine, "_forward_batch")
-    timers.wrap("execute", engine.runner, "execute")
-    timers.wrap("model", engine.runner.model, "forward")
-    timers.wrap("logits", engine.runner.model, "compute_logits")
-    timers.wrap("postprocess", engine, "_postprocess")
-    timers.wrap("sample", engine, "sampler")
-    timers.wrap("commit", engine.scheduler, "update_after_step")
+    # The general path's parts and, where the engine has it, the steady decode path's.
+    for part, obj, attrs in (
+        ("schedule", engine.scheduler, ("schedule",)),
+        ("schedule", engine, ("_schedule_steady",)),
+        ("batch", engine, ("_forward_batch", "_decode_step")),
+        ("execute", engine.runner, ("execute", "execute_decode")),
+        ("model", engine.runner.model, ("forward",)),
+        ("logits", engine.runner.model, ("compute_logits",)),
+        ("postprocess", engine, ("_postprocess", "_postprocess_decode")),
+        ("sample", engine.sampler, ("sample_ids",)),
+        ("sample", engine, ("sampler",)),
+        ("commit", engine.scheduler, ("update_after_step",)),
+        ("commit_in_post", engine.scheduler, ("commit_decodes",)),  # the steady path commits in `post`
+    ):
+        for attr in attrs:
+            if hasattr(obj, attr):
+                timers.wrap(part, obj, attr)
     samples: dict[str, list[float]] = defaultdict(list)
+    # AsyncEngine's engine thread runs in inference mode throughout (the runner then does not
+    # enter it per step); this loop stands in for that thread.
+    thread_mode = torch.inference_mode() if hasattr(engine, "step_outputs") else contextlib.nullcontext()
     try:
-        for _ in range(steps):
-            timers.reset()
-            start = time.perf_counter()
-            events = engine.step()
-            total = time.perf_counter() - start
-            if len(events) != batch:
-                raise RuntimeError(f"a step decoded {len(events)} sequences, not {batch}")
-            start = time.perf_counter()
-            complete(events, engine.take_text_jobs())
-            samples["text"].append((time.perf_counter() - start) * 1e3)
-            for name, value in _parts(timers.seconds, total).items():
-                samples[name].append(value * 1e3)
+        with thread_mode:
+            for _ in range(steps):
+                timers.reset()
+                start = time.perf_counter()
+                events = step()
+                total = time.perf_counter() - start
+                num_rows = sum(getattr(e, "num_rows", 1) for e in events)  # a TokenBatch holds many
+                if num_rows != batch:
+                    raise RuntimeError(f"a step decoded {num_rows} sequences, not {batch}")
+                start = time.perf_counter()
+                complete(events, engine.take_text_jobs())
+                samples["text"].append((time.perf_counter() - start) * 1e3)
+                for name, value in _parts(timers.seconds, total).items():
+                    samples[name].append(value * 1e3)
+            timers.undo()
+            samples["host_bare"] = _bare_host(engine, step, complete, steps, batch)
     finally:
         timers.undo()
         for request in requests:
@@ -217,6 +248,27 @@ def measure(engine, batch: int, context: int, steps: int, warmup: int, inline_te
         engine.take_text_jobs()
     medians = {name: statistics.median(values) for name, values in samples.items()}
     return medians | {"host_min": min(samples["host"])}
+
+
+def _bare_host(engine, step, complete, steps: int, batch: int) -> list[float]:
+    """`host` of `steps` more steps with only the model's own two methods timed (no per-part timers)."""
+    timers = Timers()
+    timers.wrap("model", engine.runner.model, "forward")
+    timers.wrap("logits", engine.runner.model, "compute_logits")
+    hosts = []
+    try:
+        for _ in range(steps):
+            timers.reset()
+            start = time.perf_counter()
+            events = step()
+            total = time.perf_counter() - start
+            if sum(getattr(e, "num_rows", 1) for e in events) != batch:
+                raise RuntimeError(f"a step did not decode all {batch} sequences")
+            complete(events, engine.take_text_jobs())
+            hosts.append((total - timers.seconds["model"] - timers.seconds["logits"]) * 1e3)
+    finally:
+        timers.undo()
+    return hosts
 
 
 def _text_completion(engine, inline_text: bool):
@@ -237,8 +289,8 @@ def _parts(s: dict[str, float], total: float) -> dict[str, float]:
         "fwd_batch": s["batch"],
         "prepare": s["execute"] - model,
         "sample": s["sample"],
-        "post": s["postprocess"] - s["sample"],
-        "commit": s["commit"],
+        "post": s["postprocess"] - s["sample"] - s["commit_in_post"],
+        "commit": s["commit"] + s["commit_in_post"],
     }
     named["other"] = total - model - sum(named.values())
     return {**named, "host": total - model, "model": model}

@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+import torch
+
 from loraplex.server.adapters.loader import LoaderConfig, SourceLoader
 from loraplex.server.adapters.lora_weights import LoraWeights
 from loraplex.server.adapters.manager import AdapterLoader, AdapterManager
@@ -37,7 +39,7 @@ from loraplex.server.engine_api import (
 )
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
 from loraplex.server.scheduler import ScheduledStep
-from loraplex.server.text_fanout import FanOut
+from loraplex.server.text_fanout import FanOut, StepOutput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -121,7 +123,10 @@ class AsyncEngine:
     def _run(self) -> None:
         lower_thread_priority()  # the event loop gets the CPU first (server/app_priority.py)
         try:
-            self._loop()
+            # Nothing on this thread needs autograd: in inference mode for good, a step does not
+            # enter and leave it (tens of microseconds once a forward pass has cooled the caches).
+            with torch.inference_mode():
+                self._loop()
         except BaseException as exc:  # the loop itself broke: say so on /health, end every stream
             log.exception("engine thread died")
             self._died = f"the engine thread died: {exc!r}"
@@ -148,12 +153,13 @@ class AsyncEngine:
             self.adapters.trim()
             self._stats = self._with_adapter_counters(engine.stats())
 
-    def _step(self) -> list[TokenEvent]:
+    def _step(self) -> list[StepOutput]:
         """One engine step. The engine isolates failures it can attribute to a request; anything
-        else (a bug in the step's bookkeeping) ends the requests in flight rather than hang them."""
+        else (a bug in the step's bookkeeping) ends the requests in flight rather than hang them.
+        A steady decode step's events come as one `TokenBatch`, expanded on the fan-out thread."""
         engine = self._engine
         try:
-            events = engine.step()
+            events = engine.step_outputs()
         except Exception as exc:
             log.exception("engine step failed")
             self._failed_steps += 1
@@ -208,7 +214,7 @@ class AsyncEngine:
         self._submit(command)
         return future
 
-    def _dispatch(self, events: list[TokenEvent]) -> None:
+    def _dispatch(self, events: list[StepOutput]) -> None:
         """Engine thread: hand the events (and their text still to make) to the fan-out thread."""
         self._fanout.submit(events, self._engine.take_text_jobs())
 

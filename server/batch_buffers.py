@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from loraplex.kernels.meta import LoraBatchMeta, max_tiles
 from loraplex.server.block_table_rows import BlockTableRows, TableRow
-from loraplex.server.forward_batch import SequenceChunk
+from loraplex.server.forward_batch import DecodeStep, ForwardBatch, SequenceChunk
 from loraplex.server.host_step import NO_ADAPTER, HostStep
 from loraplex.server.layers.metadata import AttentionGroup, ForwardMetadata, lora_meta_arrays
 
@@ -61,9 +62,11 @@ class _Staging:
         return self.device[span[0] : span[1]]
 
 
-@dataclass(frozen=True)
-class StepInputs:
-    """What `ModelRunner.execute` feeds the model; `order[i]` is the i-th run chunk's batch index."""
+class StepInputs(NamedTuple):
+    """What `ModelRunner.execute` feeds the model; `order[i]` is the i-th run chunk's batch index.
+
+    A tuple: one per step, cheap to make.
+    """
 
     input_ids: torch.Tensor
     meta: ForwardMetadata
@@ -106,6 +109,10 @@ class BatchBuffers:
         )
         self.step_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
         self._layout: _Layout | None = None
+        self._stale_rows: _DecodeState | None = None  # advanced by `build_decode`, rows not synced yet
+        self._ranks_version = 0  # `ranks_changed` calls: a steady decode state is for one version
+        # On the CPU the step's block table is written in place (no index_select after a new block).
+        self._host_step_tables = self.step_tables.numpy() if device.type == "cpu" else None
         self.workspace_per_token = lora_workspace_per_token if lora_backend == "triton" else 0
         self.workspace = torch.zeros(max_seqs * self.workspace_per_token, dtype=torch.float32, device=device)
 
@@ -128,6 +135,10 @@ class BatchBuffers:
         the per-step arrays at all.
         """
         layout = self._layout
+        if self._stale_rows is not None:
+            self._sync_rows()
+        if layout is not None and layout.decode is not None:
+            layout.decode.owner = None  # a `DecodeStep` cannot continue from this step
         if layout is not None and layout.decode is not None and not force_lora:
             steady = self._steady_decode(chunks, layout, layout.decode, host_ranks, pad_to)
             if steady is not None:
@@ -195,6 +206,92 @@ class BatchBuffers:
             return None
         return self._restage_decode(chunks, layout, state, ids, cached)
 
+    def ranks_changed(self) -> None:
+        """The adapter ranks (`host_ranks`) changed: the next `build_decode` builds its step anew."""
+        self._ranks_version += 1
+
+    def build_decode(
+        self,
+        step: DecodeStep,
+        slot_ranks: torch.Tensor,
+        host_ranks: np.ndarray,
+        pad_to: int = 0,
+        check: Callable[[ForwardBatch], None] | None = None,
+    ) -> StepInputs:
+        """Step inputs of a steady batch's decode step (see `DecodeStep`).
+
+        When the last step built here was this batch's previous one (same rows, same adapter
+        ranks, same padding), the token ids are written, every row's position, cache slot and
+        context length move on by one, and only the rows in `step.grown` get a block-table entry;
+        no array is built and no torch op runs. Otherwise the step is built from `step.chunks()`
+        like any other (after `check` of them). A caller that changes `host_ranks` says so with
+        `ranks_changed()`.
+        """
+        layout = self._layout
+        state = layout.decode if layout is not None else None
+        if (
+            state is not None
+            and state.owner is step.layout
+            and state.index == step.index - 1
+            and state.pad_to == pad_to
+            and state.ranks_version == self._ranks_version
+        ):
+            return self._advance_decode(step, layout, state)  # type: ignore[arg-type]
+        batch = step.chunks()
+        if check is not None:
+            check(batch)
+        inputs = self.build(batch.chunks, slot_ranks, host_ranks, pad_to)
+        state = self._layout.decode  # type: ignore[union-attr]
+        if state is not None:
+            state.owner, state.index, state.ranks_version = step.layout, step.index, self._ranks_version
+            state.bind(self._layout, self.i64.host, self.i32.host)  # type: ignore[arg-type]
+        return inputs
+
+    def _advance_decode(self, step: DecodeStep, layout: _Layout, state: _DecodeState) -> StepInputs:
+        n, bs, tables = len(state.seq_ids), self.block_size, self.tables
+        if step.num_seqs != n:
+            raise ValueError(f"a decode step of {step.num_seqs} rows for a batch of {n}")
+        self._stale_rows = state
+        tables.begin_step()
+        # Item by item through memoryviews: for a few dozen rows this costs less than the first
+        # numpy call after a forward pass has flushed the CPU's caches.
+        ids, positions, slot_mapping, ctx = state.views  # type: ignore[misc]
+        for j, token in enumerate(step.token_ids):
+            ids[j] = token
+            positions[j] += 1
+            slot_mapping[j] += 1
+            ctx[j] += 1
+        step_tables = self._host_step_tables
+        for j, block_id in step.grown:  # a row gains a block once per block_size steps
+            row, block = state.rows[j], positions[j] // bs
+            if row.num_blocks != block or block >= tables.width or not 0 <= block_id < self.num_kv_blocks:
+                raise ValueError(
+                    f"sequence {state.seq_ids[j]}: block {block_id} at entry {block} does not fit its row "
+                    f"({row.num_blocks} entries of {tables.width}, blocks 0..{self.num_kv_blocks - 1})"
+                )
+            tables.host[row.index, block] = block_id
+            row.num_blocks = block + 1
+            if step_tables is None:
+                tables.mark_dirty(row.index)
+            else:
+                step_tables[j, block] = block_id
+            slot_mapping[j] = block_id * bs
+        state.index = step.index
+        state.max_ctx += 1
+        if step_tables is not None:  # on the CPU the "device" buffers are the staged ones: nothing to send
+            return self._decode_inputs(layout, state, state.ctx_padded, state.max_ctx)
+        self.i64.used, self.i32.used = layout.used64, layout.used32
+        return self._send_decode(layout, state, state.ctx_padded, state.max_ctx)
+
+    def _sync_rows(self) -> None:
+        """Bring the rows `_advance_decode` moved on (without touching them) up to date."""
+        state, self._stale_rows = self._stale_rows, None
+        context_lens = state.ctx.tolist()  # type: ignore[union-attr]
+        step = self.tables.step
+        for row, context_len in zip(state.rows, context_lens, strict=True):  # type: ignore[union-attr]
+            row.context_len, row.last_step = context_len, step
+        state.next_cached = tuple(context_lens)  # type: ignore[union-attr]
+
     def _restage_decode(
         self,
         chunks: Sequence[SequenceChunk],
@@ -228,16 +325,25 @@ class BatchBuffers:
         for row, context_len in zip(state.rows, state.next_cached, strict=True):
             row.context_len, row.last_step = context_len, step
         self.i64.used, self.i32.used = layout.used64, layout.used32
-        return self._send_decode(layout, state, ctx, max(state.next_cached))
+        state.max_ctx = max(state.next_cached)
+        return self._send_decode(layout, state, ctx, state.max_ctx)
 
     def _send_decode(self, layout: _Layout, state: _DecodeState, ctx: np.ndarray, max_ctx: int) -> StepInputs:
         tables_changed = self.tables.flush()
         self.i64.send()
         self.i32.send()
-        num_seqs = layout.host.num_seqs
         if tables_changed or layout.tables is None:
             rows = layout.views["rows"]
-            layout.tables = torch.index_select(self.tables.device, 0, rows, out=self.step_tables[:num_seqs])
+            layout.tables = torch.index_select(
+                self.tables.device, 0, rows, out=self.step_tables[: layout.host.num_seqs]
+            )
+        return self._decode_inputs(layout, state, ctx, max_ctx)
+
+    def _decode_inputs(
+        self, layout: _Layout, state: _DecodeState, ctx: np.ndarray, max_ctx: int
+    ) -> StepInputs:
+        """The decode step's inputs over the layout's views (its block tables up to date)."""
+        num_seqs = layout.host.num_seqs
         width = -(-max_ctx // self.block_size) if layout.host.narrow else self.tables.width
         block_tables = state.block_tables.get(width)  # views of `step_tables`, rewritten in place
         if block_tables is None:
@@ -377,8 +483,29 @@ class _DecodeState:
     pad_to: int
     order: tuple[int, ...]
     query_starts: np.ndarray
+    max_ctx: int = 0  # the longest context of the last step built
     meta_fields: dict | None = None  # the first step's metadata fields, all but its attention groups
     block_tables: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # by width
+    owner: object = None  # the `DecodeStep.layout` whose step `index` this state last built
+    index: int = -1
+    # Views of the staged values of the real rows (`bind`), which `BatchBuffers._advance_decode` moves on.
+    ids: np.ndarray | None = None
+    positions: np.ndarray | None = None
+    slot_mapping: np.ndarray | None = None
+    ctx: np.ndarray | None = None
+    ctx_padded: np.ndarray | None = None
+    views: tuple[memoryview, ...] = ()  # ids, positions, slot_mapping, ctx
+    ranks_version: int = -1
+
+    def bind(self, layout: _Layout, h64: np.ndarray, h32: np.ndarray) -> None:
+        n, spans = len(self.seq_ids), layout.spans
+        self.ids = h64[spans["ids"][0] :][:n]
+        self.positions = h64[spans["positions"][0] :][:n]
+        self.slot_mapping = h64[spans["slot_mapping"][0] :][:n]
+        start, end = spans["context_lens"]
+        self.ctx_padded = h32[start:end]
+        self.ctx = self.ctx_padded[:n]
+        self.views = tuple(memoryview(a) for a in (self.ids, self.positions, self.slot_mapping, self.ctx))
 
     @classmethod
     def of(
@@ -393,6 +520,7 @@ class _DecodeState:
             pad_to=pad_to,
             order=tuple(range(len(chunks))),
             query_starts=host.query_starts[: host.num_decodes + 1].copy(),
+            max_ctx=int(host.context_lens[: host.num_real].max()),
         )
 
 

@@ -80,6 +80,10 @@ class BlockTableRows:
         row.num_blocks = needed
         self._dirty_lo, self._dirty_hi = min(self._dirty_lo, row.index), max(self._dirty_hi, row.index + 1)
 
+    def mark_dirty(self, index: int) -> None:
+        """Row `index` was written directly (`host`): the next `flush` copies it."""
+        self._dirty_lo, self._dirty_hi = min(self._dirty_lo, index), max(self._dirty_hi, index + 1)
+
     def _claim(self, seq_id: int) -> TableRow:
         old = self._rows.pop(seq_id, None)
         if old is not None:

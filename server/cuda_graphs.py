@@ -77,13 +77,23 @@ class DecodeGraphs:
     ) -> torch.Tensor:
         """Float32 logits [len(chunks), vocab] in batch order."""
         inputs = self.buffers.build(chunks, slot_ranks, host_ranks, pad_to=bucket)
+        return self.replay(inputs, bucket, len(chunks))
+
+    def bucket_of(self, num_seqs: int) -> int | None:
+        """The bucket of a decode-only step of `num_seqs` sequences (None: more than the largest)."""
+        if num_seqs > self.buckets[-1]:
+            return None
+        return next(b for b in self.buckets if b >= num_seqs)
+
+    def replay(self, inputs: StepInputs, bucket: int, num_chunks: int) -> torch.Tensor:
+        """Logits [num_chunks, vocab] of inputs built at `bucket` size: its graph's replay (eager without one)."""
         graph = self._graphs.get((bucket, inputs.meta.lora is not None))
         if graph is None:
             logits = self.forward(inputs)
         else:
             graph.graph.replay()
             logits = graph.logits
-        return logits[: len(chunks)] if inputs.logits_in_order else logits[inputs.meta.logits_indices]
+        return logits[:num_chunks] if inputs.logits_in_order else logits[inputs.meta.logits_indices]
 
     def capture_all(self, slot_ranks: torch.Tensor, host_ranks: np.ndarray) -> None:
         """Capture every bucket with and without LoRA (CUDA); largest first, so smaller ones reuse its pool."""

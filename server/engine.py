@@ -26,14 +26,15 @@ from loraplex.server.engine_api import (
     LoadAdapterSpec,
     UnknownAdapterError,
 )
-from loraplex.server.forward_batch import ForwardBatch, SequenceChunk
+from loraplex.server.forward_batch import DecodeStep, ForwardBatch, SequenceChunk
 from loraplex.server.model_runner import ModelRunner, RunnerConfig
 from loraplex.server.prompt_logprobs import PromptScoring
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
-from loraplex.server.sampler import RowFailure, SampledToken, Sampler, SamplingRow
+from loraplex.server.sampler import NON_FINITE, RowFailure, SampledToken, Sampler, SamplingRow, wants_logprobs
 from loraplex.server.scheduler import ScheduledStep, Scheduler, SchedulerConfig
-from loraplex.server.sequence import Sequence
-from loraplex.server.text_fanout import TextJob
+from loraplex.server.sequence import GeneratedTokens, Sequence
+from loraplex.server.steady_decode import SteadyBatch
+from loraplex.server.text_fanout import StepOutput, TextJob, TokenBatch, expand
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class _RequestState:
     request: GenerationRequest
     seq: Sequence
     output: OutputText
-    generated: list[int]  # its generated token ids (the sampling row's live view)
+    generated: GeneratedTokens  # its generated token ids (the sampling row's live view)
     sampling_row: SamplingRow  # the same object every step: the sampler reuses its plan while the batch stays
     length_limit: int  # tokens (prompt + generated) at which it ends with LENGTH
     has_stop_strings: bool
@@ -126,7 +127,7 @@ class _RequestState:
     def make(
         cls, request: GenerationRequest, seq: Sequence, output: OutputText, max_total: int
     ) -> _RequestState:
-        generated: list[int] = []
+        generated = GeneratedTokens(seq)
         row = SamplingRow(seq.seq_id, request.params, request.prompt_token_ids, generated)
         limit = min(len(request.prompt_token_ids) + request.params.max_new_tokens, max_total)
         return cls(request, seq, output, generated, row, limit, any(request.params.stop))
@@ -176,6 +177,7 @@ class LLMEngine:
         self.defer_text = False
         self._text_jobs: list[TextJob] = []
         self._scoring_seq_ids: set[int] = set()  # sequences whose prompt logprobs are not handed out yet
+        self._steady: SteadyBatch | None = None  # the running decode batch, while it repeats
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -248,6 +250,16 @@ class LLMEngine:
     # -- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
+        """One step's events (`step_outputs`, its batches expanded here, texts made)."""
+        return expand(self.step_outputs())
+
+    def step_outputs(self) -> list[StepOutput]:
+        """One step: its events, where a steady decode step hands out one `TokenBatch` for the rows
+        that simply go on (`AsyncEngine` expands it on its fan-out thread)."""
+        outputs = self._steady_step()
+        return self._step() if outputs is None else outputs
+
+    def _step(self) -> list[TokenEvent]:
         step = self.scheduler.schedule()
         if step.is_empty:
             return []
@@ -266,6 +278,118 @@ class LLMEngine:
         self.num_failed_steps_in_a_row = 0 if ran.chunks else self.num_failed_steps_in_a_row + 1
         failed = [self._fail(seq, error) for seq, _ in step.chunks if (error := failures.get(seq.seq_id))]
         return failed + self._postprocess(ran, logits)
+
+    # -- the steady decode step (see `steady_decode`) -------------------------------------------
+
+    def _steady_step(self) -> list[StepOutput] | None:
+        """The step as columns when it decodes the running sequences of the last one again; None:
+        nothing done, the step takes the general path (admissions, preemption, a failed batch...)."""
+        planned = self._schedule_steady()
+        if planned is None:
+            return None
+        batch, grown = planned
+        self.apply_slot_updates()
+        if self.step_observers:
+            plan = ScheduledStep([(seq, 1) for seq in batch.seqs])
+            for observe in self.step_observers:
+                observe(plan)
+        try:
+            logits = self.runner.execute_decode(self._decode_step(batch, grown))
+        except Exception:
+            log.warning("steady decode step failed, taking the general path", exc_info=True)
+            self._steady = None
+            return None
+        self.num_steps += 1
+        self.num_failed_steps_in_a_row = 0
+        return self._postprocess_decode(batch, logits)
+
+    def _schedule_steady(self) -> tuple[SteadyBatch, list[int]] | None:
+        """The steady batch if this step decodes it again, and its rows that got a new block."""
+        scheduler = self.scheduler
+        batch = self._steady
+        if batch is None or not scheduler.repeats_decodes(batch.version, batch.num_seqs):
+            batch = self._steady = self._new_steady()
+            if batch is None:
+                return None
+        grown = batch.grown_rows()
+        if not scheduler.extend_decodes(batch.seqs, grown):
+            return None
+        return batch, grown
+
+    def _decode_step(self, batch: SteadyBatch, grown: list[int]) -> DecodeStep:
+        seqs, bs = batch.seqs, self.block_manager.block_size
+        return DecodeStep(
+            batch,
+            batch.index,
+            batch.next_ids,
+            tuple((j, seqs[j].block_table[seqs[j].num_cached_tokens // bs]) for j in grown),
+            lambda: self._forward_batch(ScheduledStep([(seq, 1) for seq in seqs])),
+        )
+
+    def _new_steady(self) -> SteadyBatch | None:
+        """A steady batch of the running sequences, if the next step decodes exactly them."""
+        scheduler = self.scheduler
+        running = scheduler.running
+        if (
+            not running
+            or self._scoring_seq_ids
+            or not scheduler.repeats_decodes(scheduler.version, len(running))
+        ):
+            return None
+        states = []
+        for seq in running:
+            state = self._requests[seq.request_id]
+            if seq.num_uncomputed_tokens != 1 or wants_logprobs(state.request.params):
+                return None
+            states.append(state)
+        return SteadyBatch(
+            states, scheduler.version, self.block_manager.block_size, self.eos_token_ids, self.defer_text
+        )
+
+    def _postprocess_decode(self, batch: SteadyBatch, logits: torch.Tensor) -> list[StepOutput]:
+        """The steady step's tokens: appended column-wise, the special rows one by one.
+
+        The scheduler's commit of the step (`Scheduler.commit_decodes`) happens first, as in the
+        general path, folded into the same pass over the rows.
+        """
+        try:
+            tokens = self.sampler.sample_ids(logits, batch.rows)
+        except Exception:
+            log.warning("sampling failed, sampling %d rows one by one", batch.num_seqs, exc_info=True)
+            self._steady = None
+            self.scheduler.commit_decodes(batch.seqs, batch.full_rows())
+            rows = self._sample_rows(logits, list(batch.rows))
+            return [self._accept_or_fail(s, t) for s, t in zip(batch.states, rows, strict=True)]
+        special = batch.special_rows(tokens)
+        full = batch.full_rows()
+        batch.steps_to_limit -= 1
+        index, batch.index, batch.next_ids = batch.index, batch.index + 1, tokens
+        if not special:
+            self.scheduler.commit_decodes(batch.seqs, full, batch.appends, tokens)
+            return [self._token_batch(batch, tokens, index, {})]
+        self.scheduler.commit_decodes(batch.seqs, full)
+        events: dict[int, TokenEvent] = {}
+        for j, (append, token) in enumerate(zip(batch.appends, tokens, strict=True)):
+            if j in special:
+                state = batch.states[j]
+                events[j] = self._accept_or_fail(state, SampledToken(token) if token >= 0 else NON_FINITE)
+            else:
+                append(token)
+        if len(events) == len(tokens):
+            return list(events.values())
+        return [self._token_batch(batch, tokens, index, events)]
+
+    @staticmethod
+    def _token_batch(batch: SteadyBatch, tokens: list[int], index: int, special: dict) -> TokenBatch:
+        return TokenBatch(
+            batch.request_ids,
+            tokens,
+            batch.num_prompt_tokens,
+            batch.base_generated,
+            index,
+            batch.outputs,
+            special,
+        )
 
     def _execute(self, step: ScheduledStep) -> tuple[torch.Tensor, dict[int, str]]:
         """Logits of the step's chunks, and the errors of the chunks that could not run.
@@ -364,6 +488,9 @@ class LLMEngine:
             return self.sampler(logits, rows)
         except Exception:
             log.warning("sampling failed, sampling %d rows one by one", len(rows), exc_info=True)
+        return self._sample_rows(logits, rows)
+
+    def _sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken | RowFailure]:
         results: list[SampledToken | RowFailure] = []
         for i, row in enumerate(rows):
             try:
@@ -388,7 +515,6 @@ class LLMEngine:
     def _accept(self, state: _RequestState, token: SampledToken) -> TokenEvent:
         seq, params, token_id = state.seq, state.request.params, token.token_id
         seq.append_token(token_id)
-        state.generated.append(token_id)
         reason = None
         if token_id in params.stop_token_ids:
             reason = FinishReason.STOP

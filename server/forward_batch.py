@@ -6,6 +6,7 @@ The scheduler decides *which* tokens of *which* sequences run; the model runner 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -55,3 +56,24 @@ class ForwardBatch:
     @property
     def lora_slots(self) -> frozenset[int]:
         return frozenset(c.lora_slot for c in self.chunks if c.lora_slot is not None)
+
+
+class DecodeStep(NamedTuple):
+    """The next decode step of a steady batch: the same sequences, in the same order, one token each.
+
+    `index` counts the steps of this batch (`layout` identifies it): a runner whose last step was
+    `index - 1` of the same layout only writes the new token ids (`token_ids[i]` for row `i`) and the
+    block-table entries in `grown` (row, new block id), and moves every other value on by one
+    position. Any other runner state rebuilds the step from `chunks()`, the same step as a
+    `ForwardBatch`. A tuple: one per step, cheap to make.
+    """
+
+    layout: object
+    index: int
+    token_ids: list[int]  # row i's input token
+    grown: tuple[tuple[int, int], ...]
+    chunks: Callable[[], ForwardBatch]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.token_ids)

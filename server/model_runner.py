@@ -12,7 +12,7 @@ from loraplex.kernels.lora import kernel_backend
 from loraplex.server.adapters.lora_weights import LoraWeights
 from loraplex.server.batch_buffers import BatchBuffers, StepInputs
 from loraplex.server.cuda_graphs import DecodeGraphs, decode_buckets
-from loraplex.server.forward_batch import ForwardBatch, SequenceChunk
+from loraplex.server.forward_batch import DecodeStep, ForwardBatch, SequenceChunk
 from loraplex.server.kv_cache import KVCache, KVCacheSpec
 from loraplex.server.layers.attention import attention_backend
 from loraplex.server.model_loader import load_config, load_model, resolve_model_path
@@ -180,6 +180,30 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, meta.positions, self.kv_cache.layers, meta)
         return self.model.compute_logits(hidden if inputs.logits_in_order else hidden[meta.logits_indices])
 
+    def execute_decode(self, step: DecodeStep) -> torch.Tensor:
+        """`execute` for a steady batch's decode step (see `DecodeStep`): logits [rows, vocab], in row order.
+
+        The rows' LoRA slots are checked whenever the step is built from its chunks; they do not
+        change while the batch stays the same.
+        """
+        if torch.is_inference_mode_enabled():  # AsyncEngine's thread runs in inference mode throughout
+            return self._execute_decode(step)
+        with torch.inference_mode():
+            return self._execute_decode(step)
+
+    def _execute_decode(self, step: DecodeStep) -> torch.Tensor:
+        graphs = self.graphs
+        if graphs is not None and (bucket := graphs.bucket_of(step.num_seqs)) is not None:
+            inputs = self.buffers.build_decode(
+                step, self.slot_ranks, self._host_ranks, bucket, self._check_batch
+            )
+            return graphs.replay(inputs, bucket, step.num_seqs)
+        inputs = self.buffers.build_decode(step, self.slot_ranks, self._host_ranks, 0, self._check_batch)
+        meta = inputs.meta
+        # `forward` itself: the top-level module has no hooks, and `Module.__call__` costs ~10 us here.
+        hidden = self.model.forward(inputs.input_ids, meta.positions, self.kv_cache.layers, meta)
+        return self.model.compute_logits(hidden if inputs.logits_in_order else hidden[meta.logits_indices])
+
     @torch.inference_mode()
     def execute_scoring(
         self, batch: ForwardBatch, scoring: list[PromptScoring]
@@ -209,6 +233,7 @@ class ModelRunner:
             layer.set_lora(slot, shard, a.to(self.device, self.dtype), b.to(self.device, self.dtype))
         self.slot_ranks[slot] = weights.rank
         self._host_ranks[slot] = weights.rank
+        self.buffers.ranks_changed()
 
     def clear_lora(self, slot: int) -> None:
         self._check_slot(slot)
@@ -216,6 +241,7 @@ class ModelRunner:
             layer.clear_lora(slot)
         self.slot_ranks[slot] = 0
         self._host_ranks[slot] = 0
+        self.buffers.ranks_changed()
 
     def _check_batch(self, batch: ForwardBatch) -> None:
         """LoRA slots here; block tables as the buffers copy their new entries (O(changed) per step)."""

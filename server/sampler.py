@@ -19,6 +19,7 @@ temperature), like vLLM's default.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,12 +71,13 @@ class Sampler:
         self._generators: dict[int, torch.Generator] = {}
         self._penalties = PenaltyCounts()
         self._plan: _Plan | None = None
+        self._plan_rows: tuple[SamplingRow, ...] | None = None
 
     def free(self, seq_id: int) -> None:
         """Forget a finished sequence's generator and token counts."""
         self._generators.pop(seq_id, None)
         self._penalties.free(seq_id)
-        self._plan = None
+        self._plan = self._plan_rows = None
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken | RowFailure]:
         """`logits`: float `[len(rows), vocab]`, one row per request that needs a token."""
@@ -83,8 +85,17 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} for {len(rows)} requests")
         plan = self._plan_for(rows, logits.shape[-1], logits.device)
         logits = logits.float()
-        best, chosen = logits.max(dim=-1)
+        best, chosen = self._choose(logits, plan)
         ok = torch.isfinite(best)
+        if not plan.wants_logprobs:
+            return [SampledToken(t) if t >= 0 else NON_FINITE for t in torch.where(ok, chosen, -1).tolist()]
+        columns = [chosen.double(), ok.double(), *_logprob_columns(logits, chosen, plan.top_n)]
+        host = _pack(columns)
+        return [_report(values, row) for values, row in zip(host.tolist(), rows, strict=True)]
+
+    def _choose(self, logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's best logit (NaN/inf: a failed row) and its token: greedy, penalized or drawn."""
+        best, chosen = logits.max(dim=-1)
         scores = logits
         if plan.penalized:
             scores = self._penalties.apply(logits, plan)
@@ -92,14 +103,35 @@ class Sampler:
         if plan.sampled:
             chosen = chosen.clone()
             chosen[plan.sampled_index] = _draw(scores, plan)
-        if not plan.wants_logprobs:
-            return [SampledToken(t) if t >= 0 else _NON_FINITE for t in torch.where(ok, chosen, -1).tolist()]
-        columns = [chosen.double(), ok.double(), *_logprob_columns(logits, chosen, plan.top_n)]
-        host = _pack(columns)
-        return [_report(values, row) for values, row in zip(host.tolist(), rows, strict=True)]
+        return best, chosen
+
+    def sample_ids(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
+        """`__call__` as a column: int64 [len(rows)] token ids, -1 for a row with non-finite logits.
+
+        For batches that want no logprobs (ValueError otherwise): the steady decode path of the
+        engine, which makes no per-row object.
+        """
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits {tuple(logits.shape)} for {len(rows)} requests")
+        plan = self._plan_for(rows, logits.shape[-1], logits.device)
+        if plan.wants_logprobs:
+            raise ValueError("sample_ids is for batches without logprobs")
+        best, chosen = self._choose(logits if logits.dtype == torch.float32 else logits.float(), plan)
+        if chosen.device.type != "cpu":  # one device-to-host copy
+            return torch.where(torch.isfinite(best), chosen, -1).tolist()
+        # On the CPU the two columns are read as they are: no tensor op after the `max`. The sum
+        # of the best logits is finite exactly when every one is (float64 does not overflow here).
+        tokens: list[int] = chosen.tolist()
+        bests: list[float] = best.tolist()
+        if not math.isfinite(sum(bests)):
+            tokens = [t if math.isfinite(b) else -1 for t, b in zip(tokens, bests, strict=True)]
+        return tokens
 
     def _plan_for(self, rows: Sequence[SamplingRow], vocab: int, device: torch.device) -> _Plan:
         plan = self._plan
+        if plan is not None and rows is self._plan_rows and plan.vocab == vocab and plan.device == device:
+            return plan  # the very same (immutable) tuple of rows as last time
+        self._plan_rows = rows if isinstance(rows, tuple) else None
         if (
             plan is None
             or plan.vocab != vocab
@@ -121,7 +153,7 @@ class Sampler:
         return generator
 
 
-_NON_FINITE = RowFailure("the model produced non-finite logits (NaN or inf) for this request")
+NON_FINITE = RowFailure("the model produced non-finite logits (NaN or inf) for this request")
 
 
 @dataclass(frozen=True)
@@ -175,7 +207,7 @@ class _Plan:
             filters=Filters.of(drawn, vocab, device) if sampled else None,
             generators=generators,
             top_n=min(max((p.top_n_tokens for p in params), default=0), vocab),
-            wants_logprobs=any(_wants_logprobs(p) for p in params),
+            wants_logprobs=any(wants_logprobs(p) for p in params),
         )
 
 
@@ -292,7 +324,7 @@ def _column(values: list[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def _wants_logprobs(params: SamplingParams) -> bool:
+def wants_logprobs(params: SamplingParams) -> bool:
     return params.logprobs or params.top_n_tokens > 0
 
 
@@ -363,9 +395,9 @@ def _pack(columns: list[torch.Tensor]) -> torch.Tensor:
 def _report(values: list[float], row: SamplingRow) -> SampledToken | RowFailure:
     """One row of the host copy: `[token, ok, logprob, top ids..., top values...]`."""
     if not values[1]:
-        return _NON_FINITE
+        return NON_FINITE
     token_id = int(values[0])
-    if not _wants_logprobs(row.params):
+    if not wants_logprobs(row.params):
         return SampledToken(token_id)
     n = (len(values) - 3) // 2
     wanted = min(row.params.top_n_tokens, n)

@@ -15,6 +15,7 @@ is chosen to *drain* (no new admissions) until a slot frees up for it.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -70,6 +71,9 @@ class Scheduler:
         self.running: deque[Sequence] = deque()
         self._draining: AdapterRef | None = None  # resident adapter admitting nothing new
         self.num_preemptions = 0
+        # Changes whenever `running` may have changed (a step scheduled, a sequence finished): a
+        # caller that saw `running` at one version knows it is the same at that version.
+        self.version = 0
 
     @property
     def num_waiting(self) -> int:
@@ -89,6 +93,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledStep:
+        self.version += 1
         step = ScheduledStep()
         budget = self._schedule_running(step, self.config.max_batch_tokens)
         if step.preempted:  # memory is short: let the running ones finish first
@@ -158,6 +163,55 @@ class Scheduler:
             self._draining = min(users, key=lambda r: (users[r], r.name, r.generation))
         return False
 
+    def repeats_decodes(self, version: int, num_seqs: int) -> bool:
+        """Whether `schedule()` would plan one decode token for each running sequence, in order, and
+        nothing else, given that at `version` all `num_seqs` of them were decoding (`running` is
+        the same): the budget holds them and nobody waiting could be admitted."""
+        return (
+            version == self.version
+            and num_seqs <= self.config.max_batch_tokens
+            and (
+                not self.waiting
+                or num_seqs >= self.config.max_num_seqs
+                or num_seqs == self.config.max_batch_tokens
+            )
+        )
+
+    def extend_decodes(self, seqs: tuple[Sequence, ...], rows: list[int]) -> bool:
+        """The step of `repeats_decodes`: a new block for each of `seqs[rows]` (whose next token starts
+        one); False, nothing changed, when blocks are short (`schedule()` would preempt)."""
+        if not rows:
+            return True
+        block_manager = self.block_manager
+        if block_manager.num_free_blocks < len(rows):
+            return False
+        for j in rows:
+            block_manager.may_append(seqs[j], 1)
+        return True
+
+    def commit_decodes(
+        self,
+        seqs: tuple[Sequence, ...],
+        full_rows: list[int],
+        appends: tuple[Callable[[int], None], ...] = (),
+        tokens: list[int] | None = None,
+    ) -> None:
+        """`update_after_step` of a decode step of `seqs`; `full_rows`: those whose last block just filled up.
+
+        With `appends` and `tokens`, `appends[i](tokens[i])` too, in the same pass (the engine's
+        new tokens; the prefix cache below only hashes positions before them).
+        """
+        if tokens is None:
+            for seq in seqs:
+                seq.num_cached_tokens += 1
+        else:
+            for seq, append, token in zip(seqs, appends, tokens, strict=True):
+                seq.num_cached_tokens += 1
+                append(token)
+        if self.block_manager.enable_prefix_caching:
+            for j in full_rows:
+                self.block_manager.commit(seqs[j])
+
     def update_after_step(self, step: ScheduledStep) -> None:
         """The model ran `step`: its tokens now have K/V in the cache."""
         for seq, num_new in step.chunks:
@@ -166,6 +220,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Take `seq` out (finished, aborted), freeing its blocks and its slot."""
+        self.version += 1
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self._release(seq)

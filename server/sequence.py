@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from loraplex.server.prompt_logprobs import PromptLogprobs
 from loraplex.server.request import FinishReason
@@ -133,3 +135,31 @@ class Sequence:
         self.block_table = []
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1
+
+
+class GeneratedTokens:
+    """A live read-only view of a sequence's generated token ids (what follows its prompt): the
+    sampler's penalties read it, and nothing appends each token twice."""
+
+    __slots__ = ("_seq",)
+
+    def __init__(self, seq: Sequence) -> None:
+        self._seq = seq
+
+    def __len__(self) -> int:
+        return len(self._seq.token_ids) - self._seq.num_prompt_tokens
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            offset = self._seq.num_prompt_tokens
+            return (
+                self._seq.token_ids[offset + start : offset + stop : step] if step == 1 else list(self)[key]
+            )
+        return self._seq.token_ids[self._seq.num_prompt_tokens + range(len(self))[key]]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._seq.token_ids[self._seq.num_prompt_tokens :])
+
+    def __repr__(self) -> str:
+        return f"GeneratedTokens({list(self)!r})"
