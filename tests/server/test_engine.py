@@ -162,6 +162,34 @@ def test_mixed_batch_matches_peft_per_adapter(kind, tiny_assets, reference, prom
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_steady_decode_steps_match_peft_per_adapter(kind, tiny_assets, reference, prompts) -> None:
+    """Without logprobs a running batch takes the columnar steady step (`server/steady_decode.py`)
+    from its second decode step on: its greedy tokens are transformers + peft's as well, every
+    adapter and the base mixed in one batch."""
+    adapters = (None, *tiny_assets.adapters[kind])
+    engine = make_engine(tiny_assets, kind, max_loras=len(adapters))
+    batch = [(f"s{i}", prompts[i % len(prompts)], adapter) for i, adapter in enumerate(adapters * 2)]
+    for rid, prompt, adapter in batch:
+        engine.add_request(request(rid, prompt, adapter, logprobs=False))
+    steady_steps = 0
+    steady_step = engine._steady_step
+
+    def counted():
+        nonlocal steady_steps
+        outputs = steady_step()
+        steady_steps += outputs is not None
+        return outputs
+
+    engine._steady_step = counted  # type: ignore[method-assign]
+    events = run(engine)
+    for rid, prompt, adapter in batch:
+        assert tokens(events[rid]) == reference.generate(kind, adapter, prompt)[0], rid
+        assert events[rid][-1].finish_reason is FinishReason.LENGTH
+    assert steady_steps >= NUM_NEW - 3  # the prefill step and the first decode step are general
+    assert engine.block_manager.usage == 0.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_requests_joining_mid_decode_match_running_alone(kind, tiny_assets, reference, prompts) -> None:
     engine = make_engine(tiny_assets, kind, max_batch_tokens=8)
     engine.add_request(request("first", prompts[1], "b8"))
