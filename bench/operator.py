@@ -655,10 +655,14 @@ SUMMARY_NOTES = [
     "putting statuses that take a Ready claim back before finalizer patches and new claims), the",
     "machine otherwise idle (load average 1.0 at the start; the benchmark itself brings it to",
     "2-4). It is the one run of this table without other engineers' jobs on the CPU; the targets",
-    "are judged on it. Still not met there: a dead pod's 1000 adapter statuses (7.7 s; the writes",
-    "ran at ~130/s beside the restarted pod reloading 1000 adapters, the API server's own pace is",
-    "220-440/s), the contradictions that lag makes visible to the pod polls (185), and `kubectl",
-    "get lora` during the burst (2.9 s; 0.78 s with the operator idle).",
+    "are judged on it. Still not met there: a dead pod's 1000 adapter statuses (7.7 s), the",
+    "contradictions that lag makes visible to the pod polls (185), and `kubectl get lora` during",
+    "the burst (2.9 s; 0.78 s with the operator idle). On the idle machine the API server alone",
+    "takes 1000 status PATCHes in 1.5-2.1 s (484-665/s; pace section below: the round-2 figures",
+    "of 220-440/s were measured at load 4). In the dead pod's window the writes ran at ~130/s: a",
+    "per-process CPU sample (1 s) showed both cores busy, the restarted pod's server 0.7-0.9 of a",
+    "core (start-up, then reloading), the API server 0.65-0.8, the operator 0.2-0.4, the",
+    "counting proxy and the benchmark 0.2; running the pods at nice 10 gave the same 129/s.",
 ]
 
 
