@@ -16,27 +16,37 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 Counter = collections.Counter
 
 
-class KubectlTimer:
-    """`kubectl get lora -n NS` every 2 s in a thread (the target: under 1 s throughout)."""
+class _Poller:
+    """A daemon thread running `_loop` from `__enter__` until `__exit__` sets `_stop`."""
 
-    def __init__(self, kubectl: Callable[..., Any], namespace: str) -> None:
-        self._kubectl, self._namespace = kubectl, namespace
+    def __init__(self) -> None:
         self._stop = threading.Event()
-        self.times: list[float] = []
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> KubectlTimer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *_: Any) -> None:
         self._stop.set()
         self._thread.join()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class KubectlTimer(_Poller):
+    """`kubectl get lora -n NS` every 2 s in a thread (the target: under 1 s throughout)."""
+
+    def __init__(self, kubectl: Callable[..., Any], namespace: str) -> None:
+        self._kubectl, self._namespace = kubectl, namespace
+        self.times: list[float] = []
+        super().__init__()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -66,43 +76,35 @@ def pod_urls(core: Any, namespace: str, selector: str) -> dict[str, str]:
     return urls
 
 
-def held(url: str) -> set[str] | None:
-    """The adapters a pod reports Ready, None when it does not answer."""
+def _adapters(url: str, timeout: float) -> list[dict[str, Any]] | None:
+    """A pod's `GET /v1/adapters` entries, None when it does not answer."""
     try:
-        with urllib.request.urlopen(f"{url}/v1/adapters", timeout=5) as response:
-            data = json.load(response)["data"]
+        with urllib.request.urlopen(f"{url}/v1/adapters", timeout=timeout) as response:
+            return json.load(response)["data"]
     except (OSError, ValueError, KeyError):
         return None
-    return {item["name"] for item in data if item.get("state") == "ready"}
+
+
+def held(url: str) -> set[str] | None:
+    """The adapters a pod reports Ready, None when it does not answer."""
+    data = _adapters(url, timeout=5)
+    return None if data is None else {item["name"] for item in data if item.get("state") == "ready"}
 
 
 def loaded_at(url: str) -> list[float]:
-    try:
-        with urllib.request.urlopen(f"{url}/v1/adapters", timeout=10) as response:
-            return [item["loaded_at"] for item in json.load(response)["data"] if item.get("loaded_at")]
-    except (OSError, ValueError, KeyError):
-        return []
+    return [item["loaded_at"] for item in _adapters(url, timeout=10) or () if item.get("loaded_at")]
 
 
-class ContradictionWatch:
+class ContradictionWatch(_Poller):
     """Polls the pods and status in a thread: pods (a), then a LIST of statuses (b), then pods
     again (c). A contradiction is an adapter whose status (b) says Ready on a pod that answered
     both (a) and (c) without holding it: no race of the sampling can produce one."""
 
     def __init__(self, bench: Any, urls: Callable[[], dict[str, str]], names: list[str]) -> None:
         self._bench, self._urls, self._names = bench, urls, set(names)
-        self._stop = threading.Event()
         self.rounds = 0
         self.contradictions: Counter[str] = Counter()  # "adapter@pod" -> rounds seen
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> ContradictionWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__init__()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
