@@ -7,17 +7,15 @@ from typing import Any
 
 import pytest
 import torch
+from engine_support import add_tiny_adapters
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from loraplex.server.adapters.peft_format import load_peft_adapter
-from loraplex.server.adapters.registry import AdapterEntry
 from loraplex.server.demo_training import build_trained_assets
 from loraplex.server.engine import EngineConfig, LLMEngine
 from loraplex.server.engine_api import InvalidRequestError, UnknownAdapterError
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
 from loraplex.server.sampling_params import SamplingParams
-from loraplex.server.sequence import AdapterRef
 
 KINDS = ("llama", "gemma2")
 ADAPTERS = (None, "a4", "b8", "c16")
@@ -97,10 +95,7 @@ def make_engine(assets, kind: str, **overrides: Any) -> LLMEngine:
     settings: dict[str, Any] = {"max_loras": 2, "block_size": 4, "num_kv_blocks": 256, "max_lora_rank": 16}
     config = EngineConfig(model_path=str(assets.models[kind]), **(settings | overrides))
     engine = LLMEngine.from_config(config)
-    for name, path in assets.adapters[kind].items():
-        weights = load_peft_adapter(path, name, engine.runner.hf_config, config.max_lora_rank)
-        engine.add_adapter(AdapterEntry(AdapterRef(name, 0), weights, source=str(path)))
-    return engine
+    return add_tiny_adapters(engine, assets, kind)
 
 
 def request(rid: str, prompt: tuple[int, ...], adapter: str | None, **params: Any) -> GenerationRequest:

@@ -11,14 +11,12 @@ from typing import Any
 
 import pytest
 import torch
+from engine_support import add_tiny_adapters
 from transformers import AutoTokenizer
 
-from loraplex.server.adapters.peft_format import load_peft_adapter
-from loraplex.server.adapters.registry import AdapterEntry
 from loraplex.server.engine import EngineConfig, LLMEngine
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
 from loraplex.server.sampling_params import SamplingParams
-from loraplex.server.sequence import AdapterRef
 
 TEXTS = ("def add(a, b):", "The quick brown fox", "Hello", "import torch\nclass Model:")
 ADAPTERS = (None, "a4", "b8", "c16")
@@ -37,10 +35,7 @@ def make_engine(assets) -> LLMEngine:
         model_path=str(assets.models["llama"]), max_loras=4, block_size=4, num_kv_blocks=256, max_lora_rank=16
     )
     engine = LLMEngine.from_config(config)
-    for name, path in assets.adapters["llama"].items():
-        weights = load_peft_adapter(path, name, engine.runner.hf_config, config.max_lora_rank)
-        engine.add_adapter(AdapterEntry(AdapterRef(name, 0), weights, source=str(path)))
-    return engine
+    return add_tiny_adapters(engine, assets, "llama")
 
 
 def add_requests(engine: LLMEngine, prompts: list[tuple[int, ...]], skip: str | None = None) -> None:

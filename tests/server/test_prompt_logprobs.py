@@ -11,18 +11,16 @@ from typing import Any
 
 import pytest
 import torch
+from engine_support import add_tiny_adapters
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loraplex.server.adapters.peft_format import load_peft_adapter
-from loraplex.server.adapters.registry import AdapterEntry
 from loraplex.server.engine import EngineConfig, LLMEngine
 from loraplex.server.forward_batch import SequenceChunk
 from loraplex.server.model_runner import _chunk_starts
 from loraplex.server.prompt_logprobs import PromptLogprobs
 from loraplex.server.request import GenerationRequest, PromptTokenLogprob, TokenEvent
 from loraplex.server.sampling_params import SamplingParams
-from loraplex.server.sequence import AdapterRef
 
 TEXTS = (
     "The quick brown fox jumps over the lazy dog and keeps running",
@@ -62,10 +60,7 @@ def make_engine(assets: Any, kind: str, **overrides: Any) -> LLMEngine:
     settings: dict[str, Any] = {"max_loras": 2, "block_size": 4, "num_kv_blocks": 256, "max_lora_rank": 16}
     config = EngineConfig(model_path=str(assets.models[kind]), **(settings | overrides))
     engine = LLMEngine.from_config(config)
-    for name, path in assets.adapters[kind].items():
-        weights = load_peft_adapter(path, name, engine.runner.hf_config, config.max_lora_rank)
-        engine.add_adapter(AdapterEntry(AdapterRef(name, 0), weights, source=str(path)))
-    return engine
+    return add_tiny_adapters(engine, assets, kind)
 
 
 def request(

@@ -14,15 +14,14 @@ from typing import Any
 
 import pytest
 import torch
+from engine_support import add_tiny_adapters
 from transformers import AutoTokenizer
 
-from loraplex.server.adapters.peft_format import load_peft_adapter
-from loraplex.server.adapters.registry import AdapterEntry
 from loraplex.server.engine import EngineConfig, LLMEngine
 from loraplex.server.model_runner import ModelRunner
 from loraplex.server.request import FinishReason, GenerationRequest, TokenEvent
 from loraplex.server.sampling_params import SamplingParams
-from loraplex.server.sequence import AdapterRef, GeneratedTokens, Sequence
+from loraplex.server.sequence import GeneratedTokens, Sequence
 from loraplex.server.text_fanout import TokenBatch, complete
 
 TEXTS = (
@@ -51,9 +50,7 @@ def make_engine(assets, steady: bool, **overrides: Any) -> LLMEngine:
     config = EngineConfig(**fields)
     runner = ModelRunner(dataclasses.replace(config.runner_config(), static_decode=static))
     engine = LLMEngine(config, runner, AutoTokenizer.from_pretrained(str(runner.model_path)))
-    for name, path in assets.adapters["llama"].items():
-        weights = load_peft_adapter(path, name, runner.hf_config, config.max_lora_rank)
-        engine.add_adapter(AdapterEntry(AdapterRef(name, 0), weights, source=str(path)))
+    add_tiny_adapters(engine, assets, "llama")
     if not steady:
         engine._steady_step = lambda: None  # type: ignore[method-assign]
     return engine
