@@ -255,6 +255,7 @@ def burst(bench: Bench, operator: OperatorProcess, proxy: ProxyProcess, n: int) 
         "object_bytes": len(json.dumps(one, separators=(",", ":"))),
         "managed_fields_bytes": len(json.dumps(one["metadata"].get("managedFields"), separators=(",", ":"))),
         "apiserver_latency_all_clients": latency_delta(latency_after, latency_before),
+        "object_example": one,
     }
     return result
 
@@ -692,6 +693,28 @@ def pace_section() -> list[str]:
     ]
 
 
+def bound_section() -> list[str]:
+    """What the local API server alone allows (`bench/operator_apibound.py --write`), if measured."""
+    path = DOCS / "operator_apibound.json"
+    if not path.exists():
+        return []
+    bound = json.loads(path.read_text())
+    return [
+        f"## What the local API server alone allows: {bound['date']}, commit {bound['commit']}",
+        "",
+        "`python bench/operator_apibound.py --write`: the local control plane alone (no pods, no operator,",
+        f"no proxy; {bound['cpus']} CPUs), 1000 LoraAdapters with the status the operator writes for an adapter",
+        f"Ready on two pods ({bound['object_bytes']} bytes, {bound['managed_fields_bytes']} of them managedFields).",
+        "`kubectl get lora` of those 1000 runs in a loop during each phase (none in the `no kubectl`",
+        "rows, whose CPU per write is the writes' alone). Phases interleaved.",
+        f"Load average (1, 5, 15 min): {bound['load_average_start']} at the start,"
+        f" {bound['load_average_end']} at the end.",
+        "",
+        markdown_table(bound["rows"]),
+        "",
+    ]
+
+
 def write_report() -> None:
     """docs/benchmarks/operator.md from every operator-*.json there (no number typed by hand)."""
     runs = [json.loads(path.read_text()) for path in sorted(DOCS.glob("operator-*.json"))]
@@ -710,6 +733,7 @@ def write_report() -> None:
     ]
     lines += summary({run["label"]: run for run in runs})
     lines += pace_section()
+    lines += bound_section()
     for run in runs:
         lines += [f"## {run['label']}: {run['date']}, commit {run['commit']}", ""]
         lines += [f"Operator interpreter `{run['python']}`; arguments {json.dumps(run.get('args', {}))}."]
