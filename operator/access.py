@@ -32,7 +32,7 @@ from loraplex.operator.bmd import BaseModelDeployment
 from loraplex.operator.common import Condition, SecretKeyRef
 from loraplex.operator.conditions import condition
 from loraplex.operator.k8s import Kube
-from loraplex.operator.lora import LoraAdapterSpec
+from loraplex.operator.lora import spec_of
 from loraplex.operator.render.access import ACCESS_KEY, access_secret_name, build_access_secret
 
 SALT_BYTES = 16
@@ -65,14 +65,14 @@ def salt_of(document: str | None) -> bytes | None:
 
 def key_refs(verdicts: Sequence[Verdict], bodies: Sequence[Mapping[str, Any]]) -> tuple[KeyRefs, list[str]]:
     """Protected adapters' key references, and the served names of the open (unprotected) ones."""
-    specs = {(body["metadata"]["namespace"], body["metadata"]["name"]): body.get("spec") for body in bodies}
+    by_key = {(body["metadata"]["namespace"], body["metadata"]["name"]): body for body in bodies}
     protected: KeyRefs = {}
     open_names: list[str] = []
     for verdict in verdicts:
         if verdict.adapter is None:
             continue
         try:
-            access = LoraAdapterSpec.model_validate(specs[(verdict.namespace, verdict.name)] or {}).access
+            access = spec_of(by_key[(verdict.namespace, verdict.name)]).access
         except ValidationError:
             continue  # cannot happen for an accepted verdict; never open it by accident
         if access is None:

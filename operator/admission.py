@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from loraplex.operator.bmd import BaseModelDeployment, NamespacesFrom
 from loraplex.operator.common import GROUP, LabelSelector
 from loraplex.operator.desired import DesiredAdapter, desired_adapter
-from loraplex.operator.lora import LoraAdapterSpec
+from loraplex.operator.lora import spec_of
 
 # Set on first acceptance; the adapter stays attached to this base even if spec.baseModel is
 # edited on an API server that does not enforce the CEL immutability rule.
@@ -104,7 +104,7 @@ def _judge(
         return Verdict(namespace, name, False, reason, message, generation=generation)
 
     try:
-        spec = LoraAdapterSpec.model_validate(body.get("spec") or {})
+        spec = spec_of(body)
     except ValidationError as error:
         return refuse("InvalidSpec", str(error))
     requested = (spec.base_model.namespace or namespace, spec.base_model.name)

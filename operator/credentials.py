@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from loraplex.operator.admission import Verdict
-from loraplex.operator.lora import LoraAdapterSpec
+from loraplex.operator.lora import spec_of
 from loraplex.operator.render.credentials import SCHEME_KEYS, credential_file, source_scheme
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class CredentialRef:
 def _source_ref(body: Mapping[str, Any]) -> tuple[str, str] | None:
     """(secret name, scheme) of an adapter whose source names a credentials Secret it can use."""
     try:
-        source = LoraAdapterSpec.model_validate(body.get("spec") or {}).source
+        source = spec_of(body).source
     except ValidationError:
         return None
     scheme = source_scheme(source.uri)

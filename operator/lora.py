@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from loraplex.operator.common import (
     DNS_LABEL,
@@ -69,6 +70,31 @@ class LoraAdapterSpec(K8sModel):
         description="Unload: deletion waits until every pod unloaded it. Orphan: never blocks.",
     )
     access: AccessSpec | None = None
+
+
+_EMPTY: Mapping[str, Any] = {}
+_PARSED: dict[int, tuple[Mapping[str, Any], LoraAdapterSpec | ValidationError]] = {}
+_PARSED_MAX = 16384  # specs kept (a few KB each): past this the memo starts over
+
+
+def spec_of(body: Mapping[str, Any]) -> LoraAdapterSpec:
+    """The body's spec, validated (raises ValidationError). A pass reads every adapter's spec in
+    several places, 1000 adapters a pass: each spec mapping is validated once. The memo is keyed
+    by the mapping's identity and holds it (so the id is not reused): the operator's bodies are
+    snapshots that a watch event replaces and nothing edits in place."""
+    raw = body.get("spec") or _EMPTY
+    hit = _PARSED.get(id(raw))
+    if hit is None or hit[0] is not raw:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        try:
+            parsed: LoraAdapterSpec | ValidationError = LoraAdapterSpec.model_validate(raw)
+        except ValidationError as error:
+            parsed = error
+        hit = _PARSED[id(raw)] = (raw, parsed)
+    if isinstance(hit[1], ValidationError):
+        raise hit[1]
+    return hit[1]
 
 
 class LoraPhase(StrEnum):

@@ -20,7 +20,7 @@ from loraplex.operator.children import INFERENCE_POOL, KEDA, Capabilities
 from loraplex.operator.common import SecretKeyRef
 from loraplex.operator.engine_client import EngineClient, EngineClientError
 from loraplex.operator.k8s import Kube
-from loraplex.operator.lora import LoraAdapterSpec
+from loraplex.operator.lora import spec_of
 from loraplex.operator.plan import Key, PodAdapter
 from loraplex.operator.pods import PodObservation, observe_pod
 from loraplex.operator.reconcile import Attempt
@@ -83,7 +83,7 @@ def secret_refs(bodies: Sequence[Mapping[str, Any]]) -> set[SecretRef]:
     refs: set[SecretRef] = set()
     for body in bodies:
         try:
-            access = LoraAdapterSpec.model_validate(body.get("spec") or {}).access
+            access = spec_of(body).access
         except ValidationError:
             continue
         for ref in access.api_key_secret_refs if access else ():
