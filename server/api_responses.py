@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Open(BaseModel):
@@ -231,5 +231,11 @@ class AdapterOut(_Open):
 
 
 class AdapterList(BaseModel):
+    """`data`: every adapter, or with `?since=` those changed since that revision."""
+
     object: str
     data: list[AdapterOut]
+    instance: str = Field(description="This server process; a `since` naming another gets the full list.")
+    revision: int = Field(description="Send `since=<instance>:<revision>` to get what changes after this.")
+    full: bool = Field(description="`data` is every adapter (no `since`, or one that cannot be answered).")
+    removed: list[str] = Field(description="With `since`: adapters unloaded since then.")

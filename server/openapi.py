@@ -32,6 +32,7 @@ class Route:
     event: type[BaseModel] | None = None  # the `data:` of each Server-Sent Event, when it may stream
     list_response: bool = False  # the JSON answer is a list of `response`
     content_type: str = "application/json"
+    query: tuple[tuple[str, str], ...] = ()  # optional string query parameters: (name, description)
 
 
 ROUTES: tuple[Route, ...] = (
@@ -51,7 +52,8 @@ ROUTES: tuple[Route, ...] = (
           response=r.ModelList),
     Route("get", "/v1/models/{model}", "One model card", "openai", response=r.ModelCard),
     Route("get", "/v1/adapters", "Adapters and their state (what the operator reads)", "admin",
-          response=r.AdapterList),
+          response=r.AdapterList, query=(("since", "`<instance>:<revision>` of an earlier answer: only "
+                                                   "the adapters changed since, and the names removed"),)),
     Route("get", "/v1/adapters/{name}", "One adapter", "admin", response=r.AdapterOut),
     Route("post", "/v1/load_lora_adapter", "Load (hot) an adapter (vLLM-compatible)", "admin",
           s.LoadLoraAdapterRequest),
@@ -114,17 +116,21 @@ def _operation(route: Route) -> dict[str, Any]:
         responses[status] = {"description": description, "content": {"application/json": {"schema": error}}}
     operation: dict[str, Any] = {"summary": route.summary, "tags": [route.tag], "responses": responses}
     names = re.findall(r"\{(\w+)\}", route.path)
-    if names:
-        operation["parameters"] = [
-            {
-                "name": n,
-                "in": "path",
-                "required": True,
-                "description": _PATH_PARAMETERS[n],
-                "schema": {"type": "string"},
-            }
-            for n in names
-        ]
+    parameters = [
+        {
+            "name": n,
+            "in": "path",
+            "required": True,
+            "description": _PATH_PARAMETERS[n],
+            "schema": {"type": "string"},
+        }
+        for n in names
+    ] + [
+        {"name": n, "in": "query", "required": False, "description": d, "schema": {"type": "string"}}
+        for n, d in route.query
+    ]
+    if parameters:
+        operation["parameters"] = parameters
     if route.body is not None:
         operation["requestBody"] = {
             "required": True,

@@ -7,7 +7,6 @@ not-found are 4xx, failures on our side 5xx.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from aiohttp import web
@@ -15,31 +14,23 @@ from aiohttp import web
 from loraplex.server.api_schemas import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from loraplex.server.engine_api import AdapterInfo, EngineError, LoadAdapterSpec
 from loraplex.server.routes.context import ServerContext, get_context
-from loraplex.server.routes.errors import read_json
+from loraplex.server.routes.errors import ApiError, read_json
+from loraplex.server.routes.listing import Cursor
 
 
 def adapter_json(info: AdapterInfo) -> dict[str, Any]:
-    """All AdapterInfo fields, snake_case, tuples as lists."""
-    return {f.name: _plain(getattr(info, f.name)) for f in dataclasses.fields(info)}
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def with_usage(ctx: ServerContext, info: AdapterInfo) -> AdapterInfo:
-    """The adapter's token totals as the HTTP layer counted them."""
-    totals = ctx.metrics.tokens_by_adapter.get(info.name)
-    if totals is None:
-        return info
-    return dataclasses.replace(info, prompt_tokens=totals.prompt, generated_tokens=totals.generated)
+    """All AdapterInfo fields in their order, snake_case, tuples as lists."""
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in vars(info).items()}
 
 
 def adapter_report(ctx: ServerContext, info: AdapterInfo) -> dict[str, Any]:
-    """What `/v1/adapters` says of one adapter. An adapter the mounted keys file does not name
-    yet answers 401 to everyone, so it is reported `loading`, not `ready`: the operator must not
-    call it Ready before clients can reach it."""
-    report = adapter_json(with_usage(ctx, info))
+    """What `/v1/adapters` says of one adapter, with its token totals as the HTTP layer counted
+    them. An adapter the mounted keys file does not name yet answers 401 to everyone, so it is
+    reported `loading`, not `ready`: the operator must not call it Ready before clients can
+    reach it."""
+    report = adapter_json(info)
+    if (totals := ctx.metrics.tokens_by_adapter.get(info.name)) is not None:
+        report["prompt_tokens"], report["generated_tokens"] = totals.prompt, totals.generated
     report["access"] = ctx.access.access_of(info.name)
     if report["access"] == "pending" and report["state"] == "ready":
         report["state"] = "loading"
@@ -47,9 +38,15 @@ def adapter_report(ctx: ServerContext, info: AdapterInfo) -> dict[str, Any]:
 
 
 async def list_adapters(http: web.Request) -> web.Response:
+    """Every adapter, or with `?since=<instance>:<revision>` (from an earlier answer) only those
+    changed since and the names removed (`routes/listing.py`)."""
     ctx = get_context(http)
+    try:
+        since = Cursor.parse(http.query["since"]) if "since" in http.query else None
+    except ValueError as error:
+        raise ApiError(422, str(error), "validation", param="since") from error
     adapters = [adapter_report(ctx, info) for info in ctx.engine.list_adapters()]
-    return web.json_response({"object": "list", "data": adapters})
+    return web.json_response(ctx.listing.answer(adapters, since).to_json())
 
 
 async def get_adapter(http: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ from loraplex.server.auth import AccessControl
 from loraplex.server.engine_api import Engine, LoadAdapterSpec
 from loraplex.server.metrics import Metrics
 from loraplex.server.routes.blocking import MAX_BODY_BYTES, BlockingPool
+from loraplex.server.routes.listing import AdapterListing
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class ServerContext:
     started_at: float = field(default_factory=time.time)
     blocking: BlockingPool = field(default_factory=BlockingPool)  # tokenising, templates, large JSON
     body_limit: int = MAX_BODY_BYTES  # bytes; create_app ties it to max_input_tokens
+    listing: AdapterListing = field(default_factory=AdapterListing)  # GET /v1/adapters?since=
 
 
 CONTEXT = web.AppKey("loraplex_context", ServerContext)

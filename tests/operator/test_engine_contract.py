@@ -106,3 +106,38 @@ async def test_refusal_reaches_status_with_the_engines_text(server, engine_pass)
     assert status.phase == LoraPhase.FAILED
     (failure,) = [c for c in status.conditions if c.type not in {"Loaded", "Ready"}]
     assert "rank" in failure.message and "16" in failure.message and failure.message.endswith("(pods: pod-a)")
+
+
+async def test_listing_by_deltas_equals_a_whole_list(server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After its first list the client asks only for changes (`?since=`): the view it keeps of the
+    pod equals what a fresh client's whole list says, through loads, tokens and unloads; a pod
+    that restarted (another instance) answers with its whole list."""
+    url, _, dirs = server
+    asked: list[tuple[int, str]] = []
+    real_request = EngineClient._request
+
+    async def recording(self, method, target, *args, **kwargs):  # type: ignore[no-untyped-def]
+        asked.append((id(self), target))
+        return await real_request(self, method, target, *args, **kwargs)
+
+    monkeypatch.setattr(EngineClient, "_request", recording)
+
+    async def whole() -> dict[str, Any]:
+        async with EngineClient(api_key=KEY) as fresh:
+            return {report.name: report for report in await fresh.list_adapters(url)}
+
+    async with EngineClient(api_key=KEY) as engine:
+        assert await engine.list_adapters(url) == []
+        for name, source in (("a", dirs["a4"]), ("b", dirs["b8"])):
+            await engine.load_adapter(url, DesiredAdapter(name=name, source=str(source)))
+        listed = {report.name: report for report in await engine.list_adapters(url)}
+        assert listed == await whole() and set(listed) == {"a", "b"}
+        assert await engine.unload_adapter(url, "a") is True
+        listed = {report.name: report for report in await engine.list_adapters(url)}
+        assert listed == await whole() and set(listed) == {"b"}
+        mine = [t for who, t in asked if who == id(engine) and t.startswith(f"{url}/v1/adapters")]
+        assert len(mine) == 3 and "?since=" not in mine[0] and all("?since=" in t for t in mine[1:])
+        kept = engine._listings[url]
+        kept.instance = "a-process-before-a-restart"
+        assert {report.name for report in await engine.list_adapters(url)} == {"b"}
+        assert engine._listings[url].instance != "a-process-before-a-restart"

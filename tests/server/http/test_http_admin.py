@@ -160,3 +160,36 @@ def test_adapter_still_loading_is_503_and_server_not_ready(server_thread: Server
     finally:
         gate.set()
         server_thread.run(engine.shutdown(timeout_s=2.0))
+
+
+def test_list_since_answers_what_changed(live_server: LiveServer, tiny_assets) -> None:
+    """`?since=` from an earlier answer: the adapters changed since (a load, tokens served) and
+    the names unloaded; another instance's cursor gets the full list; a malformed one 422."""
+    url = f"{live_server.url}/v1/adapters"
+    status, _, first = call("GET", url)
+    assert status == 200 and first["full"] is True and first["removed"] == []
+    since = f"{first['instance']}:{first['revision']}"
+    assert call("GET", f"{url}?since={since}")[2]["data"] == []
+    body = {"lora_name": "delta", "lora_path": str(tiny_assets.adapters["llama"]["b8"])}
+    assert call("POST", f"{live_server.url}/v1/load_lora_adapter", body)[0] == 200
+    try:
+        assert _generate(live_server, "b8")[0] == 200
+        status, _, changed = call("GET", f"{url}?since={since}")
+        assert status == 200 and changed["full"] is False
+        by_name = {a["name"]: a for a in changed["data"]}
+        assert {"delta", "b8"} <= set(by_name)
+        assert set(by_name["delta"]) == FIELDS and by_name["b8"]["generated_tokens"] > 0
+        before = {a["name"]: a for a in first["data"]}
+        now = {a["name"]: a for a in call("GET", url)[2]["data"]}
+        for name, report in now.items():  # left out: unchanged; sent: changed, as it is now
+            assert report == (by_name[name] if name in by_name else before[name])
+            assert name not in by_name or before.get(name) != report
+        since = f"{changed['instance']}:{changed['revision']}"
+    finally:
+        assert call("POST", f"{live_server.url}/v1/unload_lora_adapter", {"lora_name": "delta"})[0] == 200
+    status, _, gone = call("GET", f"{url}?since={since}")
+    assert (gone["data"], gone["removed"]) == ([], ["delta"])
+    status, _, other = call("GET", f"{url}?since=another-process:{gone['revision']}")
+    assert other["full"] is True and {a["name"] for a in other["data"]} >= {"b8", "c16"}
+    status, _, out = call("GET", f"{url}?since=nonsense")
+    assert status == 422 and "since" in out["error"]
