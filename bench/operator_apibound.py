@@ -23,7 +23,6 @@ import functools
 import json
 import os
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from typing import Any
 
 from benchutil import git_commit
 from kubernetes import client
+from operator_probes import _Poller
 
 from loraplex.localcluster.control_plane import LocalCluster
 from loraplex.localcluster.install import apply_crds
@@ -97,24 +97,16 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class GetLoop:
-    """`kubectl get lora` one after another in a thread while a phase runs."""
+class GetLoop(_Poller):
+    """`kubectl get lora` one after another in a thread while a phase runs (none: `get` None)."""
 
     def __init__(self, get: Callable[[], float] | None) -> None:
-        self._get, self._stop, self.seconds = get, threading.Event(), []
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._get, self.seconds = get, []
+        super().__init__()
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         while self._get is not None and not self._stop.is_set():
             self.seconds.append(round(self._get(), 2))
-
-    def __enter__(self) -> GetLoop:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 async def patch_all(
