@@ -314,12 +314,13 @@ def pod_killed(
     urls = pod_urls(bench.core, bench.namespace, SELECTOR)
     watch = ContradictionWatch(bench, lambda: urls, names).__enter__()
     cpu_before = operator.usage()["cpu_s"]
+    latency_before = apiserver_latency(bench.cluster.kubectl("get", "--raw", "/metrics").stdout)
     started = time.monotonic()
     runner.kill(bench.namespace, pod)
     thread = threading.Thread(target=watch_base)
     thread.start()
     reflected: set[str] = set()
-    adapters_s, first_claims, operator_cpu_s = None, None, None
+    adapters_s, first_claims, operator_cpu_s, latency = None, None, None, {}
     while time.monotonic() - started < 120:
         statuses = bench.statuses()
         listed = time.monotonic() - started  # the watch's copy: at most one event behind
@@ -334,6 +335,9 @@ def pod_killed(
         if reflected >= set(names):
             adapters_s = listed
             operator_cpu_s = operator.usage()["cpu_s"] - cpu_before
+            latency = latency_delta(
+                apiserver_latency(bench.cluster.kubectl("get", "--raw", "/metrics").stdout), latency_before
+            )
             break
         time.sleep(0.05)
     stop.set()
@@ -350,6 +354,7 @@ def pod_killed(
         "every_adapter_reflects_s": round(adapters_s, 2) if adapters_s is not None else None,
         "operator_cpu_until_then_s": round(operator_cpu_s, 2) if operator_cpu_s is not None else None,
         "adapters_claiming_the_dead_pod_at_first_list": first_claims,
+        "apiserver_latency_until_then": latency,
         "back_ready_s": round(back_s, 2) if back else None,
     }
 

@@ -135,17 +135,22 @@ class ContradictionWatch(_Poller):
 
 
 def apiserver_latency(text: str) -> Counter[tuple[str, str, str]]:
-    """(verb, resource, "sum"|"count") from `apiserver_request_duration_seconds`."""
+    """(verb, resource, "sum"|"count") from `apiserver_request_duration_seconds`, and the API
+    server's own calls to etcd as ("etcd <operation>", type, ...) from `etcd_request_duration_seconds`."""
     out: Counter[tuple[str, str, str]] = Counter()
     for line in text.splitlines():
-        match = re.match(r"apiserver_request_duration_seconds_(sum|count)\{(.*)\} (\S+)", line)
+        match = re.match(r"(apiserver|etcd)_request_duration_seconds_(sum|count)\{(.*)\} (\S+)", line)
         if not match:
             continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-        resource = labels.get("resource", "") + (
-            f"/{labels['subresource']}" if labels.get("subresource") else ""
-        )
-        out[(labels.get("verb", ""), resource, match.group(1))] += float(match.group(3))
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(3)))
+        if match.group(1) == "etcd":
+            key = (f"etcd {labels.get('operation', '')}", labels.get("type", ""))
+        else:
+            resource = labels.get("resource", "") + (
+                f"/{labels['subresource']}" if labels.get("subresource") else ""
+            )
+            key = (labels.get("verb", ""), resource)
+        out[(*key, match.group(2))] += float(match.group(4))
     return out
 
 
