@@ -72,12 +72,15 @@ class Sampler:
         self._penalties = PenaltyCounts()
         self._plan: _Plan | None = None
         self._plan_rows: tuple[SamplingRow, ...] | None = None
+        # (rows, vocab) when `_plan_rows` are all greedy (no penalties, no logprobs): `sample_ids`
+        # then needs no plan at all.
+        self._greedy_shape: tuple[int, int] | None = None
 
     def free(self, seq_id: int) -> None:
         """Forget a finished sequence's generator and token counts."""
         self._generators.pop(seq_id, None)
         self._penalties.free(seq_id)
-        self._plan = self._plan_rows = None
+        self._plan = self._plan_rows = self._greedy_shape = None
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken | RowFailure]:
         """`logits`: float `[len(rows), vocab]`, one row per request that needs a token."""
@@ -109,29 +112,29 @@ class Sampler:
         """`__call__` as a column: int64 [len(rows)] token ids, -1 for a row with non-finite logits.
 
         For batches that want no logprobs (ValueError otherwise): the steady decode path of the
-        engine, which makes no per-row object.
+        engine, which makes no per-row object. The engine's steady batch passes the same tuple of
+        greedy rows every step: on the CPU that is one `max` and the reading of its two columns,
+        with no plan lookup.
         """
+        if rows is self._plan_rows and logits.shape == self._greedy_shape and logits.is_cpu:
+            return _greedy_ids(logits)
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} for {len(rows)} requests")
         plan = self._plan_for(rows, logits.shape[-1], logits.device)
         if plan.wants_logprobs:
             raise ValueError("sample_ids is for batches without logprobs")
+        if logits.is_cpu and plan.greedy:
+            return _greedy_ids(logits)
         best, chosen = self._choose(logits if logits.dtype == torch.float32 else logits.float(), plan)
         if chosen.device.type != "cpu":  # one device-to-host copy
             return torch.where(torch.isfinite(best), chosen, -1).tolist()
-        # On the CPU the two columns are read as they are: no tensor op after the `max`. The sum
-        # of the best logits is finite exactly when every one is (float64 does not overflow here).
-        tokens: list[int] = chosen.tolist()
-        bests: list[float] = best.tolist()
-        if not math.isfinite(sum(bests)):
-            tokens = [t if math.isfinite(b) else -1 for t, b in zip(tokens, bests, strict=True)]
-        return tokens
+        return _ids_of(chosen.tolist(), best.tolist())
 
     def _plan_for(self, rows: Sequence[SamplingRow], vocab: int, device: torch.device) -> _Plan:
         plan = self._plan
         if plan is not None and rows is self._plan_rows and plan.vocab == vocab and plan.device == device:
             return plan  # the very same (immutable) tuple of rows as last time
-        self._plan_rows = rows if isinstance(rows, tuple) else None
+        self._plan_rows, self._greedy_shape = (rows if isinstance(rows, tuple) else None), None
         if (
             plan is None
             or plan.vocab != vocab
@@ -140,6 +143,8 @@ class Sampler:
             or not all(map(operator.is_, plan.rows, rows))
         ):
             plan = self._plan = _Plan.build(list(rows), vocab, device, self._generator)
+        # A greedy plan has nothing on the device: `sample_ids` needs only the logits' shape.
+        self._greedy_shape = (len(rows), vocab) if plan.greedy and self._plan_rows is not None else None
         return plan
 
     def _generator(self, row: SamplingRow, device: torch.device) -> torch.Generator | None:
@@ -151,6 +156,25 @@ class Sampler:
             generator.manual_seed(row.params.seed)
             self._generators[row.seq_id] = generator
         return generator
+
+
+def _greedy_ids(logits: torch.Tensor) -> list[int]:
+    """Each CPU row's argmax, -1 where its logits are not usable (NaN, +inf, nothing finite).
+
+    One `max` (it propagates NaN, so its values double as the check) and its two columns read as
+    they are: no tensor op after it. The dtype needs no conversion (float32's is exact and
+    monotonic: the same token, the same finiteness).
+    """
+    best, chosen = logits.max(dim=-1)
+    return _ids_of(chosen.tolist(), best.tolist())
+
+
+def _ids_of(tokens: list[int], bests: list[float]) -> list[int]:
+    """`tokens`, -1 where the row's best logit is not finite. The sum of the best logits is finite
+    exactly when every one is (float64 does not overflow on float32 values)."""
+    if math.isfinite(sum(bests)):
+        return tokens
+    return [t if math.isfinite(b) else -1 for t, b in zip(tokens, bests, strict=True)]
 
 
 NON_FINITE = RowFailure("the model produced non-finite logits (NaN or inf) for this request")
@@ -173,6 +197,7 @@ class _Plan:
     generators: tuple[tuple[int, torch.Generator], ...]  # (position among the sampled rows, generator)
     top_n: int
     wants_logprobs: bool
+    greedy: bool  # no row penalized, sampled or asking for logprobs
 
     @classmethod
     def build(
@@ -183,6 +208,7 @@ class _Plan:
         generator_of: Callable[[SamplingRow, torch.device], torch.Generator | None],
     ) -> _Plan:
         params = [r.params for r in rows]
+        logprobs = any(wants_logprobs(p) for p in params)
         penalized = [i for i, p in enumerate(params) if p.has_penalties]
         sampled = [i for i, p in enumerate(params) if not p.is_greedy]
         picked = [params[i] for i in penalized]
@@ -207,7 +233,8 @@ class _Plan:
             filters=Filters.of(drawn, vocab, device) if sampled else None,
             generators=generators,
             top_n=min(max((p.top_n_tokens for p in params), default=0), vocab),
-            wants_logprobs=any(wants_logprobs(p) for p in params),
+            wants_logprobs=logprobs,
+            greedy=not penalized and not sampled and not logprobs,
         )
 
 
