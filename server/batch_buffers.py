@@ -342,15 +342,25 @@ class BatchBuffers:
     def _decode_inputs(
         self, layout: _Layout, state: _DecodeState, ctx: np.ndarray, max_ctx: int
     ) -> StepInputs:
-        """The decode step's inputs over the layout's views (its block tables up to date)."""
-        num_seqs = layout.host.num_seqs
+        """The decode step's inputs over the layout's views (its block tables up to date).
+
+        Made once per decode state; every later step hands out the same objects, moved on in
+        place: the attention group's longest context and block-table width (see
+        `AttentionGroup.move_on`). Every tensor they hold is a view of the persistent buffers.
+        """
         width = -(-max_ctx // self.block_size) if layout.host.narrow else self.tables.width
-        block_tables = state.block_tables.get(width)  # views of `step_tables`, rewritten in place
-        if block_tables is None:
-            block_tables = state.block_tables[width] = layout.tables[:, :width]
+        inputs = state.inputs
+        if inputs is not None:
+            if width == state.width:
+                state.group.move_on(max_ctx)  # type: ignore[union-attr]
+            else:
+                state.width = width
+                state.group.move_on(max_ctx, self._block_tables(layout, state, width))  # type: ignore[union-attr]
+            return inputs
+        num_seqs = layout.host.num_seqs
         views = layout.views
-        group = AttentionGroup(
-            block_tables=block_tables,
+        group = state.group = AttentionGroup(
+            block_tables=self._block_tables(layout, state, width),
             context_lens=views["context_lens"],
             query_starts=views["decode_starts"],
             num_seqs=num_seqs,
@@ -358,11 +368,21 @@ class BatchBuffers:
             max_context_len=max(max_ctx, 1),
             token_start=0,
             num_tokens=num_seqs,
-            host_context_lens=ctx,
+            host_context_lens=ctx,  # the staged context lengths, rewritten in place
             host_query_starts=state.query_starts,
         )
+        state.width = width
         meta = ForwardMetadata(**state.meta_fields, attention_groups=(group,))
-        return StepInputs(views["ids"], meta, state.order, num_seqs, num_seqs == len(state.seq_ids))
+        inputs = StepInputs(views["ids"], meta, state.order, num_seqs, num_seqs == len(state.seq_ids))
+        state.inputs = inputs
+        return inputs
+
+    @staticmethod
+    def _block_tables(layout: _Layout, state: _DecodeState, width: int) -> torch.Tensor:
+        block_tables = state.block_tables.get(width)  # views of `step_tables`, rewritten in place
+        if block_tables is None:
+            block_tables = state.block_tables[width] = layout.tables[:, :width]  # type: ignore[index]
+        return block_tables
 
     def _host_arrays(self, chunks: Sequence[SequenceChunk], pad_to: int) -> HostStep:
         self.tables.begin_step()
@@ -496,6 +516,11 @@ class _DecodeState:
     ctx_padded: np.ndarray | None = None
     views: tuple[memoryview, ...] = ()  # ids, positions, slot_mapping, ctx
     ranks_version: int = -1
+    # The step inputs every step of this state hands out (`BatchBuffers._decode_inputs`), its one
+    # attention group and that group's block-table width.
+    inputs: StepInputs | None = None
+    group: AttentionGroup | None = None
+    width: int = 0
 
     def bind(self, layout: _Layout, h64: np.ndarray, h32: np.ndarray) -> None:
         n, spans = len(self.seq_ids), layout.spans
