@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -72,15 +72,15 @@ class Sampler:
         self._penalties = PenaltyCounts()
         self._plan: _Plan | None = None
         self._plan_rows: tuple[SamplingRow, ...] | None = None
-        # (rows, vocab) when `_plan_rows` are all greedy (no penalties, no logprobs): `sample_ids`
-        # then needs no plan at all.
-        self._greedy_shape: tuple[int, int] | None = None
+        # When `_plan_rows` are all greedy (no penalties, no logprobs) on the CPU: `sample_ids` then
+        # needs no plan at all, only the `max` into these columns.
+        self._greedy: _GreedyColumns | None = None
 
     def free(self, seq_id: int) -> None:
         """Forget a finished sequence's generator and token counts."""
         self._generators.pop(seq_id, None)
         self._penalties.free(seq_id)
-        self._plan = self._plan_rows = self._greedy_shape = None
+        self._plan = self._plan_rows = self._greedy = None
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken | RowFailure]:
         """`logits`: float `[len(rows), vocab]`, one row per request that needs a token."""
@@ -113,11 +113,19 @@ class Sampler:
 
         For batches that want no logprobs (ValueError otherwise): the steady decode path of the
         engine, which makes no per-row object. The engine's steady batch passes the same tuple of
-        greedy rows every step: on the CPU that is one `max` and the reading of its two columns,
-        with no plan lookup.
+        greedy rows every step: on the CPU that is one `max` into persistent columns, read through
+        memoryviews, with no plan lookup and no tensor made.
         """
-        if rows is self._plan_rows and logits.shape == self._greedy_shape and logits.is_cpu:
-            return _greedy_ids(logits)
+        greedy = self._greedy
+        if (
+            greedy is not None
+            and rows is self._plan_rows
+            and logits.shape == greedy.shape
+            and logits.dtype is _FLOAT32
+            and logits.is_cpu
+        ):
+            torch.max(logits, 1, False, out=greedy.out)
+            return _ids_of(greedy.ids.tolist(), greedy.bests)
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} for {len(rows)} requests")
         plan = self._plan_for(rows, logits.shape[-1], logits.device)
@@ -134,7 +142,7 @@ class Sampler:
         plan = self._plan
         if plan is not None and rows is self._plan_rows and plan.vocab == vocab and plan.device == device:
             return plan  # the very same (immutable) tuple of rows as last time
-        self._plan_rows, self._greedy_shape = (rows if isinstance(rows, tuple) else None), None
+        self._plan_rows, self._greedy = (rows if isinstance(rows, tuple) else None), None
         if (
             plan is None
             or plan.vocab != vocab
@@ -143,8 +151,8 @@ class Sampler:
             or not all(map(operator.is_, plan.rows, rows))
         ):
             plan = self._plan = _Plan.build(list(rows), vocab, device, self._generator)
-        # A greedy plan has nothing on the device: `sample_ids` needs only the logits' shape.
-        self._greedy_shape = (len(rows), vocab) if plan.greedy and self._plan_rows is not None else None
+        if plan.greedy and self._plan_rows is not None and device.type == "cpu":
+            self._greedy = _GreedyColumns(len(rows), vocab)
         return plan
 
     def _generator(self, row: SamplingRow, device: torch.device) -> torch.Generator | None:
@@ -158,6 +166,25 @@ class Sampler:
         return generator
 
 
+_FLOAT32 = torch.float32
+
+
+class _GreedyColumns:
+    """A greedy CPU batch's `max` output, made once per batch membership: the values (float32)
+    and indices of `shape[0]` rows, and memoryviews that read them without a tensor op."""
+
+    __slots__ = ("bests", "ids", "out", "shape")
+
+    def __init__(self, num_rows: int, vocab: int) -> None:
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            best = torch.zeros(num_rows, dtype=_FLOAT32)
+            ids = torch.zeros(num_rows, dtype=torch.int64)
+        self.shape = (num_rows, vocab)
+        self.out = (best, ids)
+        self.bests = memoryview(best.numpy())
+        self.ids = memoryview(ids.numpy())
+
+
 def _greedy_ids(logits: torch.Tensor) -> list[int]:
     """Each CPU row's argmax, -1 where its logits are not usable (NaN, +inf, nothing finite).
 
@@ -169,7 +196,7 @@ def _greedy_ids(logits: torch.Tensor) -> list[int]:
     return _ids_of(chosen.tolist(), best.tolist())
 
 
-def _ids_of(tokens: list[int], bests: list[float]) -> list[int]:
+def _ids_of(tokens: list[int], bests: Iterable[float]) -> list[int]:
     """`tokens`, -1 where the row's best logit is not finite. The sum of the best logits is finite
     exactly when every one is (float64 does not overflow on float32 values)."""
     if math.isfinite(sum(bests)):
