@@ -64,6 +64,8 @@ class SteadyBatch:
             self._by_phase[seq.num_cached_tokens % block_size].append(j)
         self.index = 0  # the next step's
         self.next_ids: list[int] = [seq.token_ids[-1] for seq in seqs]
+        # The step as a `ForwardBatch` (`DecodeStep.chunks`), set by the engine that makes the batch.
+        self.forward_batch: Callable[[], Any] | None = None
 
     @property
     def num_seqs(self) -> int:
