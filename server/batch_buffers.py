@@ -112,7 +112,8 @@ class BatchBuffers:
         self._stale_rows: _DecodeState | None = None  # advanced by `build_decode`, rows not synced yet
         self._ranks_version = 0  # `ranks_changed` calls: a steady decode state is for one version
         # On the CPU the step's block table is written in place (no index_select after a new block).
-        self._host_step_tables = self.step_tables.numpy() if device.type == "cpu" else None
+        # (Through a memoryview: a new block is one entry, and a numpy call costs more.)
+        self._host_step_tables = memoryview(self.step_tables.numpy()) if device.type == "cpu" else None
         self.workspace_per_token = lora_workspace_per_token if lora_backend == "triton" else 0
         self.workspace = torch.zeros(max_seqs * self.workspace_per_token, dtype=torch.float32, device=device)
 
@@ -269,7 +270,7 @@ class BatchBuffers:
                     f"sequence {state.seq_ids[j]}: block {block_id} at entry {block} does not fit its row "
                     f"({row.num_blocks} entries of {tables.width}, blocks 0..{self.num_kv_blocks - 1})"
                 )
-            tables.host[row.index, block] = block_id
+            tables.host_view[row.index, block] = block_id
             row.num_blocks = block + 1
             if step_tables is None:
                 tables.mark_dirty(row.index)
@@ -277,9 +278,13 @@ class BatchBuffers:
                 step_tables[j, block] = block_id
             slot_mapping[j] = block_id * bs
         state.index = step.index
-        state.max_ctx += 1
+        max_ctx = state.max_ctx = state.max_ctx + 1
         if step_tables is not None:  # on the CPU the "device" buffers are the staged ones: nothing to send
-            return self._decode_inputs(layout, state, state.ctx_padded, state.max_ctx)
+            # `_decode_inputs` when the block tables keep their width (no row's context starts a block):
+            if state.inputs is not None and (max_ctx - 1) % bs:
+                state.group.move_on(max_ctx)  # type: ignore[union-attr]
+                return state.inputs
+            return self._decode_inputs(layout, state, state.ctx_padded, max_ctx)
         self.i64.used, self.i32.used = layout.used64, layout.used32
         return self._send_decode(layout, state, state.ctx_padded, state.max_ctx)
 
