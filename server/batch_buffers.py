@@ -280,7 +280,7 @@ class BatchBuffers:
         state.index = step.index
         max_ctx = state.max_ctx = state.max_ctx + 1
         if step_tables is not None:  # on the CPU the "device" buffers are the staged ones: nothing to send
-            # `_decode_inputs` when the block tables keep their width (no row's context starts a block):
+            # `_decode_inputs` when the block tables keep their width (the longest context starts no block):
             if state.inputs is not None and (max_ctx - 1) % bs:
                 state.group.move_on(max_ctx)  # type: ignore[union-attr]
                 return state.inputs
@@ -496,7 +496,7 @@ class _Layout:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class _DecodeState:
     """A decode-only layout's sequences (run order = batch order) and what its steps reuse."""
 

@@ -27,6 +27,26 @@ from typing import Any
 class SteadyBatch:
     """Columns of a decode-only batch (`states`: the engine's request states, in batch order)."""
 
+    __slots__ = (
+        "_by_phase",
+        "always_special",
+        "appends",
+        "base_generated",
+        "block_size",
+        "forward_batch",
+        "index",
+        "next_ids",
+        "num_prompt_tokens",
+        "outputs",
+        "request_ids",
+        "rows",
+        "seqs",
+        "states",
+        "steps_to_limit",
+        "stop_ids",
+        "version",
+    )
+
     def __init__(
         self,
         states: Iterable[Any],
