@@ -112,7 +112,8 @@ class BatchBuffers:
         self._stale_rows: _DecodeState | None = None  # advanced by `build_decode`, rows not synced yet
         self._ranks_version = 0  # `ranks_changed` calls: a steady decode state is for one version
         # On the CPU the step's block table is written in place (no index_select after a new block).
-        self._host_step_tables = self.step_tables.numpy() if device.type == "cpu" else None
+        # (Through a memoryview: a new block is one entry, and a numpy call costs more.)
+        self._host_step_tables = memoryview(self.step_tables.numpy()) if device.type == "cpu" else None
         self.workspace_per_token = lora_workspace_per_token if lora_backend == "triton" else 0
         self.workspace = torch.zeros(max_seqs * self.workspace_per_token, dtype=torch.float32, device=device)
 
@@ -269,7 +270,7 @@ class BatchBuffers:
                     f"sequence {state.seq_ids[j]}: block {block_id} at entry {block} does not fit its row "
                     f"({row.num_blocks} entries of {tables.width}, blocks 0..{self.num_kv_blocks - 1})"
                 )
-            tables.host[row.index, block] = block_id
+            tables.host_view[row.index, block] = block_id
             row.num_blocks = block + 1
             if step_tables is None:
                 tables.mark_dirty(row.index)
@@ -277,9 +278,13 @@ class BatchBuffers:
                 step_tables[j, block] = block_id
             slot_mapping[j] = block_id * bs
         state.index = step.index
-        state.max_ctx += 1
+        max_ctx = state.max_ctx = state.max_ctx + 1
         if step_tables is not None:  # on the CPU the "device" buffers are the staged ones: nothing to send
-            return self._decode_inputs(layout, state, state.ctx_padded, state.max_ctx)
+            # `_decode_inputs` when the block tables keep their width (the longest context starts no block):
+            if state.inputs is not None and (max_ctx - 1) % bs:
+                state.group.move_on(max_ctx)  # type: ignore[union-attr]
+                return state.inputs
+            return self._decode_inputs(layout, state, state.ctx_padded, max_ctx)
         self.i64.used, self.i32.used = layout.used64, layout.used32
         return self._send_decode(layout, state, state.ctx_padded, state.max_ctx)
 
@@ -342,15 +347,25 @@ class BatchBuffers:
     def _decode_inputs(
         self, layout: _Layout, state: _DecodeState, ctx: np.ndarray, max_ctx: int
     ) -> StepInputs:
-        """The decode step's inputs over the layout's views (its block tables up to date)."""
-        num_seqs = layout.host.num_seqs
+        """The decode step's inputs over the layout's views (its block tables up to date).
+
+        Made once per decode state; every later step hands out the same objects, moved on in
+        place: the attention group's longest context and block-table width (see
+        `AttentionGroup.move_on`). Every tensor they hold is a view of the persistent buffers.
+        """
         width = -(-max_ctx // self.block_size) if layout.host.narrow else self.tables.width
-        block_tables = state.block_tables.get(width)  # views of `step_tables`, rewritten in place
-        if block_tables is None:
-            block_tables = state.block_tables[width] = layout.tables[:, :width]
+        inputs = state.inputs
+        if inputs is not None:
+            if width == state.width:
+                state.group.move_on(max_ctx)  # type: ignore[union-attr]
+            else:
+                state.width = width
+                state.group.move_on(max_ctx, self._block_tables(layout, state, width))  # type: ignore[union-attr]
+            return inputs
+        num_seqs = layout.host.num_seqs
         views = layout.views
-        group = AttentionGroup(
-            block_tables=block_tables,
+        group = state.group = AttentionGroup(
+            block_tables=self._block_tables(layout, state, width),
             context_lens=views["context_lens"],
             query_starts=views["decode_starts"],
             num_seqs=num_seqs,
@@ -358,11 +373,21 @@ class BatchBuffers:
             max_context_len=max(max_ctx, 1),
             token_start=0,
             num_tokens=num_seqs,
-            host_context_lens=ctx,
+            host_context_lens=ctx,  # the staged context lengths, rewritten in place
             host_query_starts=state.query_starts,
         )
+        state.width = width
         meta = ForwardMetadata(**state.meta_fields, attention_groups=(group,))
-        return StepInputs(views["ids"], meta, state.order, num_seqs, num_seqs == len(state.seq_ids))
+        inputs = StepInputs(views["ids"], meta, state.order, num_seqs, num_seqs == len(state.seq_ids))
+        state.inputs = inputs
+        return inputs
+
+    @staticmethod
+    def _block_tables(layout: _Layout, state: _DecodeState, width: int) -> torch.Tensor:
+        block_tables = state.block_tables.get(width)  # views of `step_tables`, rewritten in place
+        if block_tables is None:
+            block_tables = state.block_tables[width] = layout.tables[:, :width]  # type: ignore[index]
+        return block_tables
 
     def _host_arrays(self, chunks: Sequence[SequenceChunk], pad_to: int) -> HostStep:
         self.tables.begin_step()
@@ -471,7 +496,7 @@ class _Layout:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class _DecodeState:
     """A decode-only layout's sequences (run order = batch order) and what its steps reuse."""
 
@@ -496,6 +521,11 @@ class _DecodeState:
     ctx_padded: np.ndarray | None = None
     views: tuple[memoryview, ...] = ()  # ids, positions, slot_mapping, ctx
     ranks_version: int = -1
+    # The step inputs every step of this state hands out (`BatchBuffers._decode_inputs`), its one
+    # attention group and that group's block-table width.
+    inputs: StepInputs | None = None
+    group: AttentionGroup | None = None
+    width: int = 0
 
     def bind(self, layout: _Layout, h64: np.ndarray, h32: np.ndarray) -> None:
         n, spans = len(self.seq_ids), layout.spans

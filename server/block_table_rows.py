@@ -30,6 +30,7 @@ class BlockTableRows:
         self.width = width
         self.host_tensor = torch.zeros(num_rows, width, dtype=torch.int32, pin_memory=pin)
         self.host = self.host_tensor.numpy()
+        self.host_view = memoryview(self.host)  # `host` entry by entry, without a numpy call
         self.device = self.host_tensor if device.type == "cpu" else self.host_tensor.to(device)
         self._rows: dict[int, TableRow] = {}
         self._free = list(range(num_rows - 1, -1, -1))

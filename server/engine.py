@@ -6,6 +6,7 @@ here is called from that thread only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -288,7 +289,8 @@ class LLMEngine:
         if planned is None:
             return None
         batch, grown = planned
-        self.apply_slot_updates()
+        if self.registry.has_slot_updates:
+            self.apply_slot_updates()
         if self.step_observers:
             plan = ScheduledStep([(seq, 1) for seq in batch.seqs])
             for observe in self.step_observers:
@@ -312,19 +314,21 @@ class LLMEngine:
             if batch is None:
                 return None
         grown = batch.grown_rows()
-        if not scheduler.extend_decodes(batch.seqs, grown):
+        if grown and not scheduler.extend_decodes(batch.seqs, grown):
             return None
         return batch, grown
 
     def _decode_step(self, batch: SteadyBatch, grown: list[int]) -> DecodeStep:
-        seqs, bs = batch.seqs, self.block_manager.block_size
-        return DecodeStep(
-            batch,
-            batch.index,
-            batch.next_ids,
-            tuple((j, seqs[j].block_table[seqs[j].num_cached_tokens // bs]) for j in grown),
-            lambda: self._forward_batch(ScheduledStep([(seq, 1) for seq in seqs])),
-        )
+        if grown:
+            seqs, bs = batch.seqs, batch.block_size
+            blocks = tuple((j, seqs[j].block_table[seqs[j].num_cached_tokens // bs]) for j in grown)
+        else:
+            blocks = ()
+        return DecodeStep(batch, batch.index, batch.next_ids, blocks, batch.forward_batch)
+
+    def _steady_forward_batch(self, seqs: tuple[Sequence, ...]) -> ForwardBatch:
+        """A steady batch's step as a `ForwardBatch` (`DecodeStep.chunks`, when the runner rebuilds it)."""
+        return self._forward_batch(ScheduledStep([(seq, 1) for seq in seqs]))
 
     def _new_steady(self) -> SteadyBatch | None:
         """A steady batch of the running sequences, if the next step decodes exactly them."""
@@ -342,9 +346,11 @@ class LLMEngine:
             if seq.num_uncomputed_tokens != 1 or wants_logprobs(state.request.params):
                 return None
             states.append(state)
-        return SteadyBatch(
+        batch = SteadyBatch(
             states, scheduler.version, self.block_manager.block_size, self.eos_token_ids, self.defer_text
         )
+        batch.forward_batch = functools.partial(self._steady_forward_batch, batch.seqs)
+        return batch
 
     def _postprocess_decode(self, batch: SteadyBatch, logits: torch.Tensor) -> list[StepOutput]:
         """The steady step's tokens: appended column-wise, the special rows one by one.

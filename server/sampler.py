@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -72,12 +72,15 @@ class Sampler:
         self._penalties = PenaltyCounts()
         self._plan: _Plan | None = None
         self._plan_rows: tuple[SamplingRow, ...] | None = None
+        # When `_plan_rows` are all greedy (no penalties, no logprobs) on the CPU: `sample_ids` then
+        # needs no plan at all, only the `max` into these columns.
+        self._greedy: _GreedyColumns | None = None
 
     def free(self, seq_id: int) -> None:
         """Forget a finished sequence's generator and token counts."""
         self._generators.pop(seq_id, None)
         self._penalties.free(seq_id)
-        self._plan = self._plan_rows = None
+        self._plan = self._plan_rows = self._greedy = None
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken | RowFailure]:
         """`logits`: float `[len(rows), vocab]`, one row per request that needs a token."""
@@ -109,29 +112,37 @@ class Sampler:
         """`__call__` as a column: int64 [len(rows)] token ids, -1 for a row with non-finite logits.
 
         For batches that want no logprobs (ValueError otherwise): the steady decode path of the
-        engine, which makes no per-row object.
+        engine, which makes no per-row object. The engine's steady batch passes the same tuple of
+        greedy rows every step: on the CPU that is one `max` into persistent columns, read through
+        memoryviews, with no plan lookup and no tensor made.
         """
+        greedy = self._greedy
+        if (
+            greedy is not None
+            and rows is self._plan_rows
+            and logits.shape == greedy.shape
+            and logits.dtype is _FLOAT32
+            and logits.is_cpu
+        ):
+            torch.max(logits, 1, False, out=greedy.out)
+            return _ids_of(greedy.ids.tolist(), greedy.bests)
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} for {len(rows)} requests")
         plan = self._plan_for(rows, logits.shape[-1], logits.device)
         if plan.wants_logprobs:
             raise ValueError("sample_ids is for batches without logprobs")
+        if logits.is_cpu and plan.greedy:
+            return _greedy_ids(logits)
         best, chosen = self._choose(logits if logits.dtype == torch.float32 else logits.float(), plan)
         if chosen.device.type != "cpu":  # one device-to-host copy
             return torch.where(torch.isfinite(best), chosen, -1).tolist()
-        # On the CPU the two columns are read as they are: no tensor op after the `max`. The sum
-        # of the best logits is finite exactly when every one is (float64 does not overflow here).
-        tokens: list[int] = chosen.tolist()
-        bests: list[float] = best.tolist()
-        if not math.isfinite(sum(bests)):
-            tokens = [t if math.isfinite(b) else -1 for t, b in zip(tokens, bests, strict=True)]
-        return tokens
+        return _ids_of(chosen.tolist(), best.tolist())
 
     def _plan_for(self, rows: Sequence[SamplingRow], vocab: int, device: torch.device) -> _Plan:
         plan = self._plan
         if plan is not None and rows is self._plan_rows and plan.vocab == vocab and plan.device == device:
             return plan  # the very same (immutable) tuple of rows as last time
-        self._plan_rows = rows if isinstance(rows, tuple) else None
+        self._plan_rows, self._greedy = (rows if isinstance(rows, tuple) else None), None
         if (
             plan is None
             or plan.vocab != vocab
@@ -140,6 +151,8 @@ class Sampler:
             or not all(map(operator.is_, plan.rows, rows))
         ):
             plan = self._plan = _Plan.build(list(rows), vocab, device, self._generator)
+        if plan.greedy and self._plan_rows is not None and device.type == "cpu":
+            self._greedy = _GreedyColumns(len(rows), vocab)
         return plan
 
     def _generator(self, row: SamplingRow, device: torch.device) -> torch.Generator | None:
@@ -151,6 +164,44 @@ class Sampler:
             generator.manual_seed(row.params.seed)
             self._generators[row.seq_id] = generator
         return generator
+
+
+_FLOAT32 = torch.float32
+
+
+class _GreedyColumns:
+    """A greedy CPU batch's `max` output, made once per batch membership: the values (float32)
+    and indices of `shape[0]` rows, and memoryviews that read them without a tensor op."""
+
+    __slots__ = ("bests", "ids", "out", "shape")
+
+    def __init__(self, num_rows: int, vocab: int) -> None:
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            best = torch.zeros(num_rows, dtype=_FLOAT32)
+            ids = torch.zeros(num_rows, dtype=torch.int64)
+        self.shape = (num_rows, vocab)
+        self.out = (best, ids)
+        self.bests = memoryview(best.numpy())
+        self.ids = memoryview(ids.numpy())
+
+
+def _greedy_ids(logits: torch.Tensor) -> list[int]:
+    """Each CPU row's argmax, -1 where its logits are not usable (NaN, +inf, nothing finite).
+
+    One `max` (it propagates NaN, so its values double as the check) and its two columns read as
+    they are: no tensor op after it. The dtype needs no conversion (float32's is exact and
+    monotonic: the same token, the same finiteness).
+    """
+    best, chosen = logits.max(dim=-1)
+    return _ids_of(chosen.tolist(), best.tolist())
+
+
+def _ids_of(tokens: list[int], bests: Iterable[float]) -> list[int]:
+    """`tokens`, -1 where the row's best logit is not finite. The sum of the best logits is finite
+    exactly when every one is (float64 does not overflow on float32 values)."""
+    if math.isfinite(sum(bests)):
+        return tokens
+    return [t if math.isfinite(b) else -1 for t, b in zip(tokens, bests, strict=True)]
 
 
 NON_FINITE = RowFailure("the model produced non-finite logits (NaN or inf) for this request")
@@ -173,6 +224,7 @@ class _Plan:
     generators: tuple[tuple[int, torch.Generator], ...]  # (position among the sampled rows, generator)
     top_n: int
     wants_logprobs: bool
+    greedy: bool  # no row penalized, sampled or asking for logprobs
 
     @classmethod
     def build(
@@ -183,6 +235,7 @@ class _Plan:
         generator_of: Callable[[SamplingRow, torch.device], torch.Generator | None],
     ) -> _Plan:
         params = [r.params for r in rows]
+        logprobs = any(wants_logprobs(p) for p in params)
         penalized = [i for i, p in enumerate(params) if p.has_penalties]
         sampled = [i for i, p in enumerate(params) if not p.is_greedy]
         picked = [params[i] for i in penalized]
@@ -207,7 +260,8 @@ class _Plan:
             filters=Filters.of(drawn, vocab, device) if sampled else None,
             generators=generators,
             top_n=min(max((p.top_n_tokens for p in params), default=0), vocab),
-            wants_logprobs=any(wants_logprobs(p) for p in params),
+            wants_logprobs=logprobs,
+            greedy=not penalized and not sampled and not logprobs,
         )
 
 

@@ -39,6 +39,28 @@ class Sequence:
     Preemption by recompute simply resets it to 0 and drops the block table.
     """
 
+    # Slots: a decode step touches every running sequence (a compact object, attributes by offset);
+    # `__weakref__`: the metrics keep a weak set of the sequences they have seen.
+    __slots__ = (
+        "__weakref__",
+        "adapter",
+        "arrival",
+        "block_table",
+        "finish_reason",
+        "lora_slot",
+        "num_cached_tokens",
+        "num_preemptions",
+        "num_prefix_hit_tokens",
+        "num_prompt_tokens",
+        "params",
+        "prompt_leader",
+        "prompt_logprobs",
+        "request_id",
+        "seq_id",
+        "status",
+        "token_ids",
+    )
+
     def __init__(
         self,
         request_id: str,

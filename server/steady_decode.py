@@ -27,6 +27,26 @@ from typing import Any
 class SteadyBatch:
     """Columns of a decode-only batch (`states`: the engine's request states, in batch order)."""
 
+    __slots__ = (
+        "_by_phase",
+        "always_special",
+        "appends",
+        "base_generated",
+        "block_size",
+        "forward_batch",
+        "index",
+        "next_ids",
+        "num_prompt_tokens",
+        "outputs",
+        "request_ids",
+        "rows",
+        "seqs",
+        "states",
+        "steps_to_limit",
+        "stop_ids",
+        "version",
+    )
+
     def __init__(
         self,
         states: Iterable[Any],
@@ -64,6 +84,8 @@ class SteadyBatch:
             self._by_phase[seq.num_cached_tokens % block_size].append(j)
         self.index = 0  # the next step's
         self.next_ids: list[int] = [seq.token_ids[-1] for seq in seqs]
+        # The step as a `ForwardBatch` (`DecodeStep.chunks`), set by the engine that makes the batch.
+        self.forward_batch: Callable[[], Any] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -202,6 +202,11 @@ class AdapterRegistry:
             s.ref: s.num_users for s in self._slots if s.ref is not None and not self._versions[s.ref].pinned
         }
 
+    @property
+    def has_slot_updates(self) -> bool:
+        """Whether `take_slot_updates` has anything to hand out (a cheap check, once per step)."""
+        return bool(self._pending)
+
     def take_slot_updates(self) -> list[SlotUpdate]:
         """Slot copies/clears decided since the last call, for the engine to apply."""
         updates = [SlotUpdate(slot, weights) for slot, weights in sorted(self._pending.items())]

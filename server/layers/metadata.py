@@ -19,11 +19,14 @@ from loraplex.kernels.meta import TOKEN_BLOCK, LoraBatchMeta, max_tiles
 from loraplex.server.forward_batch import ForwardBatch
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class AttentionGroup:
     """Sequences whose attention runs as one kernel launch: all decodes, or all prefill chunks.
 
     Their tokens are `token_start .. token_start + num_tokens` of the step, sequence by sequence.
+    A steady decode batch keeps one group for all its steps (`server/batch_buffers.py`): its
+    tensors are views of persistent buffers rewritten in place, and `move_on` sets what else
+    changes, so a group is valid for the step it was handed out with, until the next one.
     """
 
     block_tables: torch.Tensor  # int32 [B, width] block of positions i*block_size.. (padding: 0)
@@ -37,6 +40,15 @@ class AttentionGroup:
     host_context_lens: np.ndarray  # the same as numpy (the torch path loops over prefill sequences)
     host_query_starts: np.ndarray
     _lazy: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def move_on(self, max_context_len: int, block_tables: torch.Tensor | None = None) -> None:
+        """The next step of a steady decode group: its longest context (and a new block-table
+        width); what the torch path built from the last step's values is dropped."""
+        self.max_context_len = max_context_len
+        if block_tables is not None:
+            self.block_tables = block_tables
+        if self._lazy:
+            self._lazy.clear()
 
     @property
     def token_slice(self) -> slice:

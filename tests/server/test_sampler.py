@@ -132,6 +132,46 @@ def test_a_row_without_any_finite_logit_fails() -> None:
     assert [t.token_id for t in out[1:]] == [2, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_ids_of_greedy_rows_equal_the_call_step_after_step(dtype: torch.dtype) -> None:
+    """The steady batch's greedy fast path (the same tuple of rows each call) gives the tokens of
+    `__call__`, -1 for a row with NaN, +inf or nothing finite, in any call of the sequence."""
+    rows = (row(0), row(1), row(2))
+    sampler, reference = Sampler(), Sampler()
+    variants = [BATCH.clone() for _ in range(5)]
+    variants[1][1, 3] = float("nan")
+    variants[2][2, 0] = float("inf")
+    variants[3][0] = float("-inf")
+    variants[4][0, 1] = variants[4][2, 4] = float("nan")
+    for logits in [*variants, BATCH]:
+        logits = logits.to(dtype)
+        expected = [t.token_id if isinstance(t, SampledToken) else -1 for t in reference(logits, list(rows))]
+        assert sampler.sample_ids(logits, rows) == expected
+
+
+def test_sample_ids_fast_path_follows_the_rows() -> None:
+    """A new tuple of rows (sampled, penalized, or after a failed plan) never reuses the greedy path."""
+    logits = BATCH.clone()
+    sampler = Sampler()
+    greedy = (row(0), row(1), row(2))
+    assert sampler.sample_ids(logits, greedy) == [1, 2, 0]
+    assert sampler.sample_ids(logits, greedy) == [1, 2, 0]
+    penalized = (row(0, out=(1,), repetition_penalty=100.0), row(1), row(2))
+    assert sampler.sample_ids(logits, penalized) == [2, 2, 0]
+    assert sampler.sample_ids(logits, penalized) == [2, 2, 0]  # the same tuple again: still penalized
+    assert sampler.sample_ids(logits[:2], greedy[:2]) == [1, 2]
+    with pytest.raises(ValueError):
+        sampler.sample_ids(logits[:2], greedy)  # the shape is checked on the fast path too
+    logprobs = (row(0, logprobs=True), row(1), row(2))
+    with pytest.raises(ValueError, match="logprobs"):
+        sampler.sample_ids(logits, logprobs)
+    with pytest.raises(ValueError, match="logprobs"):
+        sampler.sample_ids(logits, logprobs)
+    sampler.sample_ids(logits, greedy)
+    sampler.free(0)
+    assert sampler.sample_ids(logits, greedy) == [1, 2, 0]
+
+
 def test_minus_inf_logits_are_masked_tokens_not_failures() -> None:
     logits = BATCH.clone()
     logits[0, 1] = float("-inf")

@@ -170,6 +170,32 @@ def test_static_buffer_steady_steps_equal_eager_ones(tiny_assets) -> None:
     assert len(replays) >= 10 and set(replays) <= {1, 2, 4, 8}
 
 
+def test_steady_steps_hand_out_one_set_of_step_inputs(tiny_assets) -> None:
+    """While the batch stays the same, each step's inputs are the last step's objects moved on in
+    place (after the first, built from its chunks): the same `StepInputs` and attention group, the
+    group's longest context one more, its block tables as wide as that context needs."""
+    engine = make_engine(tiny_assets, True)
+    seen: list[tuple[object, object, int, int]] = []
+    build_decode = engine.runner.buffers.build_decode
+
+    def recording(*args, **kwargs):
+        inputs = build_decode(*args, **kwargs)
+        group = inputs.meta.attention_groups[0]
+        seen.append((inputs, group, group.max_context_len, group.block_tables.shape[1]))
+        return inputs
+
+    engine.runner.buffers.build_decode = recording  # type: ignore[method-assign]
+    for request in requests(engine, {i: {"max_new_tokens": 20} for i in range(3)})[:3]:
+        engine.add_request(request)
+    while len(seen) < 12:
+        engine.step()
+    _, _, first_len, _ = seen[0]
+    assert [n for *_, n, _ in seen] == list(range(first_len, first_len + len(seen)))
+    inputs, group, *_ = seen[1]
+    assert all(s[0] is inputs and s[1] is group for s in seen[1:])
+    assert [width for *_, width in seen] == [-(-n // 4) for *_, n, _ in seen]  # block_size 4
+
+
 def poisoned_run(assets, steady: bool, victim: str, how: str) -> dict[str, list[TokenEvent]]:
     engine = make_engine(assets, steady)
     pending = requests(engine)
