@@ -587,7 +587,7 @@ SUMMARY_ROWS = [  # (measure, size, getter, key, target)
 
 def summary(runs: dict[str, dict[str, Any]]) -> list[str]:
     """main's operator (before), this issue's first version, and now, against the targets."""
-    labels = ("before", "first", "after-r1", "after", "round2-before", "round2", "idle")
+    labels = ("before", "first", "after-r1", "after", "round2-before", "round2", "idle", "s4-before", "s4")
     columns = [(label, runs[label]) for label in labels if label in runs]
     if "after" not in runs:
         return []
