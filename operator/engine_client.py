@@ -190,7 +190,8 @@ class EngineClient:
             reports = {report.name: report for report in answer.data}
             full_at = now
         else:
-            reports = {name: report for name, report in kept.reports.items() if name not in answer.removed}
+            removed = set(answer.removed)
+            reports = {name: report for name, report in kept.reports.items() if name not in removed}
             reports.update((report.name, report) for report in answer.data)
             full_at = kept.full_at
         if answer.instance is not None and answer.revision is not None:
