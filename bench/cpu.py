@@ -35,6 +35,7 @@ import baselines  # bench/ is sys.path[0] when run as a script
 import random_checkpoint
 import torch
 from benchutil import cpu_model, git_commit, load_average, load_note, markdown_table
+from lora_bytes import projection_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "bench" / "configs" / "smollm-135m-config.json"
@@ -153,17 +154,7 @@ def ratios(tok_s: dict[str, list[float]]) -> list[dict]:
 def lora_bytes_per_step() -> tuple[float, float]:
     """MB of A and B that a decode step reads with every adapter distinct, and MB of base weights."""
     c = json.loads(CONFIG.read_text())
-    hidden, inter, head_dim = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-    q, kv = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
-    shapes = [
-        (hidden, q),
-        (hidden, kv),
-        (hidden, kv),
-        (q, hidden),
-        (hidden, inter),
-        (hidden, inter),
-        (inter, hidden),
-    ]
+    shapes, hidden = projection_shapes(c), c["hidden_size"]
     per_layer = sum(RANK * (i + o) for i, o in shapes)
     base = sum(i * o for i, o in shapes) * c["num_hidden_layers"] + c["vocab_size"] * hidden
     return ADAPTERS * per_layer * c["num_hidden_layers"] * 4 / 1e6, base * 4 / 1e6
