@@ -4,6 +4,7 @@ must end with every model answering on every endpoint the wait returned, on the 
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -36,11 +37,9 @@ def test_the_demo_wait_returns_only_when_everything_serves_ten_times_in_a_row(
         return local_cluster.kubectl(*args).stdout
 
     def pod_uids() -> set[str]:
-        return set(
-            kubectl(
-                "get", "pods", "-n", namespace, "-l", PODS, "-o", "jsonpath={.items[*].metadata.uid}"
-            ).split()
-        )
+        """The live pods (a replaced pod can still be listed, terminating, when the new ones serve)."""
+        pods = json.loads(kubectl("get", "pods", "-n", namespace, "-l", PODS, "-o", "json"))["items"]
+        return {pod["metadata"]["uid"] for pod in pods if not pod["metadata"].get("deletionTimestamp")}
 
     operator_args = ["run", "--standalone", "--namespace", namespace, "-m", "loraplex.operator.handlers"]
     pods_env = {"OMP_NUM_THREADS": "1", "LOG_FORMAT": "text", "LOG_LEVEL": "warning"}
